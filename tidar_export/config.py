@@ -1,0 +1,98 @@
+"""Model configuration: one dataclass, a comment on every field, and named presets.
+
+The same config describes the plain AR transformer and its TiDAR use: TiDAR adds no
+parameters, only `block_size` and `mask_token_id` (TIDAR.md section 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from tidar_export.errors import TiDARError
+
+# The architectures the reference model implements; keys are HF `model_type` values.
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class TiDARConfig:
+    arch: str = "qwen2"  # HF model_type: "llama" | "qwen2" | "qwen3" (selects biases / q-k norm)
+    vocab_size: int = 256  # rows of the embedding and of the LM head
+    hidden_size: int = 64  # model width d_model
+    intermediate_size: int = 128  # SwiGLU hidden width
+    num_layers: int = 2  # decoder blocks
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention); divides num_heads
+    head_dim: int = 16  # per-head width; Qwen3 sets it explicitly, others use hidden/heads
+    rope_theta: float = 10000.0  # RoPE base frequency, taken from the checkpoint
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    max_position_embeddings: int = 2048  # longest position the checkpoint was trained for
+    attention_bias: bool = True  # biases on q/k/v projections (Qwen2: yes; Llama/Qwen3: usually no)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    tie_word_embeddings: bool = False  # LM head shares the embedding matrix
+    block_size: int = 4  # TiDAR draft length b (can be changed at decode time)
+    mask_token_id: int = 0  # the TiDAR mask token M; must be < vocab_size
+    bos_token_id: int | None = None  # prepended by the tokenizer, if any (informational)
+    eos_token_id: int | None = None  # default stop token for generation, if any
+
+    def __post_init__(self) -> None:
+        if self.arch not in SUPPORTED_ARCHS:
+            raise TiDARError(
+                f"unsupported architecture {self.arch!r}: supported are {', '.join(SUPPORTED_ARCHS)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise TiDARError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise TiDARError(f"head_dim={self.head_dim} must be even for RoPE")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise TiDARError(
+                f"mask token id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})"
+            )
+        if self.block_size < 1:
+            raise TiDARError(f"block size must be >= 1, got {self.block_size}")
+
+    def replace(self, **changes) -> "TiDARConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        d, h, kv, hd, f = (self.hidden_size, self.num_heads, self.num_kv_heads,
+                           self.head_dim, self.intermediate_size)
+        attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+        if self.attention_bias:
+            attn += h * hd + 2 * kv * hd
+        if self.qk_norm:
+            attn += 2 * hd
+        layer = attn + 3 * d * f + 2 * d
+        emb = self.vocab_size * d
+        return self.num_layers * layer + d + emb * (1 if self.tie_word_embeddings else 2)
+
+
+PRESETS: dict[str, TiDARConfig] = {
+    # Tiny model for tests: fast on CPU, exercises GQA, biases and RoPE.
+    "tiny": TiDARConfig(),
+    # Qwen2.5-1.5B shapes (the paper's TiDAR 1.5B base); random weights, for sizing/benchmarks.
+    "qwen2.5-1.5b": TiDARConfig(
+        arch="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+        num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=32768, attention_bias=True, qk_norm=False,
+        tie_word_embeddings=True, block_size=16, mask_token_id=151643, eos_token_id=151643,
+    ),
+    # Qwen3-8B shapes (the paper's TiDAR 8B base).
+    "qwen3-8b": TiDARConfig(
+        arch="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=40960, attention_bias=False, qk_norm=True,
+        tie_word_embeddings=False, block_size=16, mask_token_id=151643, eos_token_id=151645,
+    ),
+}
+
+
+def preset(name: str) -> TiDARConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise TiDARError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None

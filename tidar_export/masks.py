@@ -1,0 +1,133 @@
+"""The single source of truth for TiDAR's attention masks and position ids (TIDAR.md 2-4, 8).
+
+Convention everywhere: a boolean matrix `allow[q, k]`, True where query q may attend to key k.
+The in-step patterns below are constants of (block size, proposal set); only the part that
+covers the KV cache depends on the committed length L, and `with_cache` adds it.
+
+Layouts (b = block size, `M` = mask token):
+- training:  [x_0 .. x_{S-1} | M x S], positions [0..S-1, 0..S-1]
+- prefill:   [p_0 .. p_{P-1} | M x b], positions [0..P-1, P..P+b-1]
+- step:      [d_0 .. d_{b-1} | block_r1 | block_r2 | ...], each block b masks;
+             draft i at L+i, block r slot t at L+r+t
+- AR:        causal over the new tokens (after the cache)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tidar_export.errors import TiDARError
+
+
+def normalize_proposals(block_size: int, proposals: Sequence[int] | None) -> tuple[int, ...]:
+    """The acceptance levels r that get a pre-drafted block, sorted.
+
+    None means all of 1..b (the paper's default). Block 1 must be present: after a step that
+    accepts only the anchor (k = 1) it is the only block that can draft the next step, and
+    without it decoding would fall back to one token per step for good (TIDAR.md 8 leaves this
+    open; this project requires it).
+    """
+    b = block_size
+    if proposals is None:
+        return tuple(range(1, b + 1))
+    rs = tuple(sorted(set(int(r) for r in proposals)))
+    if not rs or rs[0] < 1 or rs[-1] > b:
+        raise TiDARError(f"proposal levels must lie in 1..{b}, got {list(proposals)}")
+    if rs[0] != 1:
+        raise TiDARError(f"the proposal set must contain block 1 (got {list(rs)}); see docs/DECISIONS.md")
+    return rs
+
+
+def step_len(block_size: int, proposals: Sequence[int] | None = None) -> int:
+    """q_len of one decode step: b drafts plus b mask slots per proposal block."""
+    return block_size + block_size * len(normalize_proposals(block_size, proposals))
+
+
+def causal_mask(n: int) -> torch.Tensor:
+    """[n, n] lower-triangular: token i sees tokens 0..i (plain AR)."""
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def train_mask(seq_len: int, block_size: int) -> torch.Tensor:
+    """[2S, 2S] training mask over [clean x S | mask x S] (TIDAR.md 2)."""
+    S, b = seq_len, block_size
+    i = torch.arange(S)
+    m = torch.zeros(2 * S, 2 * S, dtype=torch.bool)
+    m[:S, :S] = i[None, :] <= i[:, None]  # clean i -> clean i' iff i' <= i
+    block = i // b
+    m[S:, :S] = i[None, :] < (b * block)[:, None]  # mask j -> clean i' iff i' < b*floor(j/b)
+    m[S:, S:] = block[None, :] == block[:, None]  # mask j -> mask j' iff same block
+    return m  # clean -> mask stays False
+
+
+def train_positions(seq_len: int) -> torch.Tensor:
+    """[2S] positions [0..S-1, 0..S-1]: mask slot j sits at position j and predicts x_j."""
+    i = torch.arange(seq_len)
+    return torch.cat([i, i])
+
+
+def prefill_mask(prompt_len: int, block_size: int) -> torch.Tensor:
+    """[P+b, P+b]: prompt causal; the b masks see the whole prompt and each other."""
+    P, b = prompt_len, block_size
+    m = torch.zeros(P + b, P + b, dtype=torch.bool)
+    m[:P, :P] = causal_mask(P)
+    m[P:, :] = True
+    return m
+
+
+def prefill_positions(prompt_len: int, block_size: int) -> torch.Tensor:
+    """[P+b] positions 0..P+b-1: mask slot t at P+t predicts position P+t."""
+    return torch.arange(prompt_len + block_size)
+
+
+def step_mask(block_size: int, proposals: Sequence[int] | None = None) -> torch.Tensor:
+    """[q, q] in-step part of the decode-step mask (TIDAR.md 4), q = step_len(b, proposals).
+
+    Draft i sees d_0..d_i. Block r sees d_0..d_{r-1} and all of block r, never another block.
+    Drafts never see mask tokens.
+    """
+    b = block_size
+    rs = normalize_proposals(b, proposals)
+    q = b + b * len(rs)
+    m = torch.zeros(q, q, dtype=torch.bool)
+    m[:b, :b] = causal_mask(b)
+    for n, r in enumerate(rs):
+        s = b + n * b
+        m[s : s + b, :r] = True  # the r drafts assumed accepted
+        m[s : s + b, s : s + b] = True  # bidirectional inside its own block
+    return m
+
+
+def step_offsets(block_size: int, proposals: Sequence[int] | None = None) -> torch.Tensor:
+    """[q] position offsets from L: draft i -> i, block r slot t -> r + t."""
+    b = block_size
+    rs = normalize_proposals(b, proposals)
+    t = torch.arange(b)
+    return torch.cat([t] + [r + t for r in rs])
+
+
+def block_row(block_size: int, proposals: Sequence[int] | None, r: int) -> int:
+    """Row index of slot 0 of proposal block r inside the step."""
+    rs = normalize_proposals(block_size, proposals)
+    return block_size + block_size * rs.index(r)
+
+
+def with_cache(in_step: torch.Tensor, cache_len: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Full mask over a preallocated cache of `max_len` slots, [B, 1, q, max_len].
+
+    The step's keys are written at slots L..L+q-1 (TIDAR.md 5), so key slot s is visible to
+    query i iff s < L (committed cache) or (L <= s < L+q and in_step[i, s-L]). Slots at or past
+    L+q hold stale keys of earlier steps and are hidden. `cache_len` is [B] (per-row L).
+    Written with tensor ops only, so that it traces to ONNX with `in_step` as a constant.
+    """
+    q = in_step.shape[0]
+    slot = torch.arange(max_len, device=cache_len.device)
+    rel = slot[None, :] - cache_len[:, None]  # [B, S]: slot relative to L
+    in_cache = rel < 0
+    in_window = (rel >= 0) & (rel < q)
+    idx = rel.clamp(0, q - 1)  # [B, S]
+    step_part = in_step.to(cache_len.device)[:, idx]  # [q, B, S]
+    allow = in_cache[:, None, :] | (in_window[:, None, :] & step_part.permute(1, 0, 2))
+    return allow[:, None, :, :]  # [B, 1, q, S]

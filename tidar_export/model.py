@@ -1,0 +1,167 @@
+"""Reference PyTorch model for the Llama / Qwen2 / Qwen3 family, TiDAR-ready.
+
+Module names mirror Hugging Face's (`model.layers.0.self_attn.q_proj`, ...) so that
+checkpoints load by name. Written for torch.onnx's dynamo exporter: the KV cache is a flat
+list of tensors (no cache objects), and the attention mask is built from tensor ops.
+
+One forward serves every pass. The caller gives the new tokens, their position ids, the
+in-step mask pattern (`tidar_export.masks`) and, for cached passes, the preallocated cache and
+each row's committed length L. The new keys/values are written at slots L..L+T-1 (TIDAR.md 5)
+and the updated cache is returned; nothing else of the cache changes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tidar_export.config import TiDARConfig
+from tidar_export.masks import with_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin [B, 1, T, head_dim] for the half-split ("rotate_half") RoPE layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, hd]
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TiDARConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(d, h * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, kv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, kv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, hd]
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, hd]
+        v = v.transpose(1, 2)  # [B, KV, T, hd]
+        if past_k is not None:
+            # Write this pass's K/V at slots L..L+T-1 of the preallocated cache [B, KV, S, hd].
+            slots = cache_len[:, None] + torch.arange(T, device=x.device)  # [B, T]
+            index = slots[:, None, :, None].expand(B, cfg.num_kv_heads, T, cfg.head_dim)
+            k = past_k.scatter(2, index, k)
+            v = past_v.scatter(2, index, v)
+        rep = cfg.num_heads // cfg.num_kv_heads
+        S = k.shape[2]
+        kx = k[:, :, None].expand(B, cfg.num_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.num_heads, S, cfg.head_dim)
+        vx = v[:, :, None].expand(B, cfg.num_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.num_heads, S, cfg.head_dim)
+        out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=allow)  # [B, H, T, hd]
+        out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
+        return self.o_proj(out), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TiDARConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TiDARConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allow, past_k, past_v, cache_len)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: TiDARConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class TiDARModel(nn.Module):
+    """Decoder-only transformer; `forward` runs any TiDAR or AR pass over a flat KV cache."""
+
+    def __init__(self, cfg: TiDARConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None):
+        """Preallocated flat cache: (keys, values), each a list of [B, KV, max_len, hd] per layer."""
+        cfg = self.cfg
+        p = self.lm_head.weight
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        mk = lambda: torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device)  # noqa: E731
+        return [mk() for _ in range(cfg.num_layers)], [mk() for _ in range(cfg.num_layers)]
+
+    def hidden(self, input_ids, position_ids, in_step_mask, past_keys=None, past_values=None, cache_len=None):
+        """Final hidden states [B, T, d] and the updated cache lists.
+
+        input_ids, position_ids: [B, T]. in_step_mask: [T, T] bool (True = may attend).
+        past_keys/values: None (no cache: attend within the T tokens only) or lists of
+        [B, KV, S, hd]; cache_len: [B] int64, each row's committed length L.
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if past_keys is None:
+            allow = in_step_mask[None, None]
+            past_keys = past_values = [None] * self.cfg.num_layers
+        else:
+            allow = with_cache(in_step_mask, cache_len, past_keys[0].shape[2])
+        keys, values = [], []
+        for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
+            x, k, v = layer(x, cos, sin, allow, pk, pv, cache_len)
+            keys.append(k)
+            values.append(v)
+        return self.model.norm(x), keys, values
+
+    def forward(self, input_ids, position_ids, in_step_mask, past_keys=None, past_values=None, cache_len=None):
+        """Logits [B, T, V] and the updated cache lists (see `hidden`)."""
+        h, keys, values = self.hidden(input_ids, position_ids, in_step_mask, past_keys, past_values, cache_len)
+        return self.lm_head(h), keys, values
