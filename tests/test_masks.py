@@ -118,3 +118,19 @@ def test_with_cache_rules(b):
                 else:
                     want = False  # stale slots of rejected drafts / earlier steps
                 assert bool(full[row, 0, i, s]) == want, (row, i, s)
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_cache_then_step_matches_with_cache(b):
+    """The [cache | step] layout hides the same keys as the in-place layout."""
+    in_step = masks.step_mask(b)
+    q, S = in_step.shape[0], 30
+    lens = torch.tensor([0, 4, S - q])
+    concat = masks.cache_then_step(in_step, lens, S)
+    inplace = masks.with_cache(in_step, lens, S)
+    assert concat.shape == (3, 1, q, S + q)
+    for row, L in enumerate(lens.tolist()):
+        # key slot s < L is the same key in both layouts; the step's key j sits at S + j vs L + j
+        assert torch.equal(concat[row, 0, :, :L], inplace[row, 0, :, :L])
+        assert not concat[row, 0, :, L:S].any()
+        assert torch.equal(concat[row, 0, :, S:], inplace[row, 0, :, L : L + q])

@@ -131,3 +131,17 @@ def with_cache(in_step: torch.Tensor, cache_len: torch.Tensor, max_len: int) -> 
     step_part = in_step.to(cache_len.device)[:, idx]  # [q, B, S]
     allow = in_cache[:, None, :] | (in_window[:, None, :] & step_part.permute(1, 0, 2))
     return allow[:, None, :, :]  # [B, 1, q, S]
+
+
+def cache_then_step(in_step: torch.Tensor, cache_len: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Mask over [cache slots | this step's keys], [B, 1, q, max_len + q].
+
+    For graphs that attend over the past cache concatenated with the step's own keys and hand
+    the new keys back to the caller (who writes them at L): cache slot s is visible iff s < L;
+    the step's keys follow the static `in_step` pattern. Same rules as `with_cache`.
+    """
+    q = in_step.shape[0]
+    slot = torch.arange(max_len, device=cache_len.device)
+    in_cache = (slot[None, :] < cache_len[:, None])[:, None, None, :].expand(-1, 1, q, max_len)
+    step = in_step.to(cache_len.device)[None, None].expand(cache_len.shape[0], 1, q, q)
+    return torch.cat([in_cache, step], dim=-1)

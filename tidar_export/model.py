@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tidar_export.config import TiDARConfig
-from tidar_export.masks import with_cache
+from tidar_export.masks import cache_then_step, with_cache
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +60,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len):
+    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len, kv_write):
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)
@@ -71,19 +71,23 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, hd]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, hd]
         v = v.transpose(1, 2)  # [B, KV, T, hd]
-        if past_k is not None:
+        new_k, new_v = k, v
+        if past_k is not None and kv_write == "scatter":
             # Write this pass's K/V at slots L..L+T-1 of the preallocated cache [B, KV, S, hd].
             slots = cache_len[:, None] + torch.arange(T, device=x.device)  # [B, T]
             index = slots[:, None, :, None].expand(B, cfg.num_kv_heads, T, cfg.head_dim)
-            k = past_k.scatter(2, index, k)
-            v = past_v.scatter(2, index, v)
+            k = new_k = past_k.scatter(2, index, k)
+            v = new_v = past_v.scatter(2, index, v)
+        elif past_k is not None:  # "concat": attend over [cache | new], return only the new K/V
+            k = torch.cat([past_k, k], dim=2)  # [B, KV, S + T, hd]
+            v = torch.cat([past_v, v], dim=2)
         rep = cfg.num_heads // cfg.num_kv_heads
         S = k.shape[2]
         kx = k[:, :, None].expand(B, cfg.num_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.num_heads, S, cfg.head_dim)
         vx = v[:, :, None].expand(B, cfg.num_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.num_heads, S, cfg.head_dim)
         out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=allow)  # [B, H, T, hd]
         out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
-        return self.o_proj(out), k, v
+        return self.o_proj(out), new_k, new_v
 
 
 class MLP(nn.Module):
@@ -106,8 +110,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allow, past_k, past_v, cache_len)
+    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len, kv_write):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allow, past_k, past_v, cache_len, kv_write)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -140,28 +144,36 @@ class TiDARModel(nn.Module):
         mk = lambda: torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device)  # noqa: E731
         return [mk() for _ in range(cfg.num_layers)], [mk() for _ in range(cfg.num_layers)]
 
-    def hidden(self, input_ids, position_ids, in_step_mask, past_keys=None, past_values=None, cache_len=None):
-        """Final hidden states [B, T, d] and the updated cache lists.
+    def hidden(self, input_ids, position_ids, in_step_mask, past_keys=None, past_values=None,
+               cache_len=None, kv_write: str = "scatter"):
+        """Final hidden states [B, T, d] and per-layer key/value lists.
 
         input_ids, position_ids: [B, T]. in_step_mask: [T, T] bool (True = may attend).
         past_keys/values: None (no cache: attend within the T tokens only) or lists of
         [B, KV, S, hd]; cache_len: [B] int64, each row's committed length L.
+        kv_write: "scatter" returns the whole cache with the new K/V written at L..L+T-1;
+        "concat" leaves the cache alone, attends over [cache | new] and returns only the new
+        K/V [B, KV, T, hd] for the caller to write at L (what the ONNX graphs do).
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         if past_keys is None:
             allow = in_step_mask[None, None]
             past_keys = past_values = [None] * self.cfg.num_layers
-        else:
+        elif kv_write == "scatter":
             allow = with_cache(in_step_mask, cache_len, past_keys[0].shape[2])
+        else:
+            allow = cache_then_step(in_step_mask, cache_len, past_keys[0].shape[2])
         keys, values = [], []
         for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
-            x, k, v = layer(x, cos, sin, allow, pk, pv, cache_len)
+            x, k, v = layer(x, cos, sin, allow, pk, pv, cache_len, kv_write)
             keys.append(k)
             values.append(v)
         return self.model.norm(x), keys, values
 
-    def forward(self, input_ids, position_ids, in_step_mask, past_keys=None, past_values=None, cache_len=None):
-        """Logits [B, T, V] and the updated cache lists (see `hidden`)."""
-        h, keys, values = self.hidden(input_ids, position_ids, in_step_mask, past_keys, past_values, cache_len)
+    def forward(self, input_ids, position_ids, in_step_mask, past_keys=None, past_values=None,
+                cache_len=None, kv_write: str = "scatter"):
+        """Logits [B, T, V] and the key/value lists (see `hidden`)."""
+        h, keys, values = self.hidden(input_ids, position_ids, in_step_mask, past_keys, past_values,
+                                      cache_len, kv_write)
         return self.lm_head(h), keys, values
