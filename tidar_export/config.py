@@ -54,6 +54,11 @@ class TiDARConfig:
         if self.block_size < 1:
             raise TiDARError(f"block size must be >= 1, got {self.block_size}")
 
+    @property
+    def o_proj_bias(self) -> bool:
+        """Llama and Qwen3 put `attention_bias` on o_proj too; Qwen2 biases only q/k/v."""
+        return self.attention_bias and self.arch != "qwen2"
+
     def replace(self, **changes) -> "TiDARConfig":
         return dataclasses.replace(self, **changes)
 
@@ -63,7 +68,7 @@ class TiDARConfig:
                            self.head_dim, self.intermediate_size)
         attn = d * h * hd + 2 * d * kv * hd + h * hd * d
         if self.attention_bias:
-            attn += h * hd + 2 * kv * hd
+            attn += h * hd + 2 * kv * hd + (d if self.o_proj_bias else 0)
         if self.qk_norm:
             attn += 2 * hd
         layer = attn + 3 * d * f + 2 * d

@@ -55,7 +55,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, h * hd, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(d, kv * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(d, kv * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        self.o_proj = nn.Linear(h * hd, d, bias=cfg.o_proj_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
