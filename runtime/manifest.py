@@ -1,0 +1,127 @@
+"""The manifest: the contract between build time and run time (DESIGN.md).
+
+Every artifact directory has a `manifest.json` beside its graphs/engines. A runtime, in Python
+or C++, reads only the manifest and the artifact files, never the torch model. The schema is
+versioned: `MANIFEST_VERSION` bumps on any change a reader must know about, and a reader
+refuses a version it does not understand (one-line error).
+
+Shape entries are ints (static) or names of dimensions (dynamic or per-artifact constants,
+resolved in `dims`), e.g. ["batch", "kv_heads", "max_seq_len", "head_dim"].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tidar_runtime.errors import TiDARError
+
+MANIFEST_FORMAT = "tidar-manifest"
+MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class TensorSpec:
+    name: str  # binding name, e.g. "past_key_values.0.key"
+    dtype: str  # numpy-style dtype name: "int64", "float32", "float16", "bfloat16", "bool"
+    shape: list[int | str]  # ints are static; strings name a dimension (see Manifest.dims)
+
+
+@dataclass
+class GraphSpec:
+    kind: str  # "prefill" | "step" | "ar_step"
+    file: str  # ONNX file, relative to the artifact directory
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    engine: str | None = None  # TensorRT engine file, once built
+    engine_info: dict = field(default_factory=dict)  # TensorRT version, compute capability, flags
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+@dataclass
+class Manifest:
+    model: dict  # model config: arch, vocab_size, num_layers, num_heads, num_kv_heads, head_dim, rope_theta, ...
+    block_size: int  # b: draft rows of the step graph
+    proposals: list[int]  # acceptance levels r with a pre-drafted block (contains 1)
+    mask_token_id: int  # the TiDAR mask token
+    max_seq_len: int  # KV cache slots per row
+    max_batch: int  # rows of the step graphs
+    precision: str  # "fp32" | "fp16" | "bf16" | "int8" | "fp8"
+    target: str  # "ort" | "trt-10.3" | "trt-10.15"
+    kv_update: str  # "slice": graphs output the new K/V [B, KV, T, hd], the runtime writes them at L
+    graphs: dict[str, GraphSpec]  # by kind
+    dims: dict[str, int | None]  # named dims: value when fixed for this artifact, None when dynamic
+    tokenizer: dict = field(default_factory=dict)  # {"file": "tokenizer.json", "eos_token_id": ...}
+    versions: dict = field(default_factory=dict)  # exporter, torch, onnx, opset, tensorrt ...
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+
+    @property
+    def step_len(self) -> int:
+        return self.block_size * (1 + len(self.proposals))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    def save(self, artifact_dir: str | os.PathLike) -> Path:
+        """Write manifest.json atomically (temp file, then rename)."""
+        path = Path(artifact_dir) / MANIFEST_FILE
+        fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        d = dict(d)
+        d["graphs"] = {
+            k: GraphSpec(**{**g, "inputs": [TensorSpec(**t) for t in g["inputs"]],
+                             "outputs": [TensorSpec(**t) for t in g["outputs"]]})
+            for k, g in d["graphs"].items()
+        }
+        return cls(**d)
+
+
+def load_manifest(artifact_dir: str | os.PathLike) -> Manifest:
+    """Read and check an artifact's manifest; every problem is a one-line TiDARError."""
+    artifact_dir = Path(artifact_dir)
+    path = artifact_dir / MANIFEST_FILE
+    if not artifact_dir.is_dir():
+        raise TiDARError(f"artifact directory not found: {artifact_dir}")
+    if not path.is_file():
+        raise TiDARError(f"{artifact_dir}: no {MANIFEST_FILE} (not an artifact, or an interrupted export)")
+    try:
+        d = json.loads(path.read_text())
+    except ValueError as e:
+        raise TiDARError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
+        raise TiDARError(f"{path}: not a TiDAR manifest")
+    if d.get("version") != MANIFEST_VERSION:
+        raise TiDARError(
+            f"{path}: manifest version {d.get('version')!r} is not supported by this runtime "
+            f"(it reads version {MANIFEST_VERSION}); re-export the artifact or upgrade tidar-export"
+        )
+    try:
+        m = Manifest.from_dict(d)
+    except (TypeError, KeyError) as e:
+        raise TiDARError(f"{path}: malformed manifest ({e})") from None
+    for g in m.graphs.values():
+        for f in (g.file, g.engine):
+            if f is not None and not (artifact_dir / f).is_file():
+                raise TiDARError(f"{artifact_dir}: {g.kind} file {f} named by the manifest is missing")
+    return m
