@@ -4,7 +4,22 @@ Importable without torch or TensorRT: the loop and sampling are numpy only; each
 imports its own heavy dependency when it is constructed.
 """
 
-from tidar_runtime.loop import Backend, DecodeResult, DecodeStats, generate_ar, generate_tidar
+from tidar_runtime.errors import TiDARError
+from tidar_runtime.loop import (
+    Backend,
+    DecodeResult,
+    DecodeStats,
+    Outputs,
+    generate_ar,
+    generate_ar_batch,
+    generate_tidar,
+    generate_tidar_batch,
+    stream_ar,
+    stream_tidar,
+)
 from tidar_runtime.sampling import SamplingParams
 
-__all__ = ["Backend", "DecodeResult", "DecodeStats", "SamplingParams", "generate_ar", "generate_tidar"]
+__all__ = [
+    "Backend", "DecodeResult", "DecodeStats", "Outputs", "SamplingParams", "TiDARError",
+    "generate_ar", "generate_ar_batch", "generate_tidar", "generate_tidar_batch", "stream_ar", "stream_tidar",
+]

@@ -40,6 +40,7 @@ class GraphSpec:
     outputs: list[TensorSpec]
     engine: str | None = None  # TensorRT engine file, once built
     engine_info: dict = field(default_factory=dict)  # TensorRT version, compute capability, flags
+    bytes: int | None = None  # size of `file` as written (a shorter file is a truncated artifact)
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -58,11 +59,14 @@ class Manifest:
     max_batch: int  # rows of the step graphs
     precision: str  # "fp32" | "fp16" | "bf16" | "int8" | "fp8"
     target: str  # "ort" | "trt-10.3" | "trt-10.15"
-    kv_update: str  # "slice": graphs output the new K/V [B, KV, T, hd], the runtime writes them at L
+    kv_update: str  # "slice": graphs output the new K/V [B, KV, T, hd], the runtime writes them at L;
+    # "inplace": they output the whole cache [B, KV, max_seq_len, hd] with the new K/V written at L
+    # (bind present.* to the past_key_values.* buffers on engines that alias them)
     graphs: dict[str, GraphSpec]  # by kind
     dims: dict[str, int | None]  # named dims: value when fixed for this artifact, None when dynamic
     tokenizer: dict = field(default_factory=dict)  # {"file": "tokenizer.json", "eos_token_id": ...}
     versions: dict = field(default_factory=dict)  # exporter, torch, onnx, opset, tensorrt ...
+    weights: dict = field(default_factory=dict)  # {"file": "weights.bin", "bytes": N}: the shared external data
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -124,4 +128,14 @@ def load_manifest(artifact_dir: str | os.PathLike) -> Manifest:
         for f in (g.file, g.engine):
             if f is not None and not (artifact_dir / f).is_file():
                 raise TiDARError(f"{artifact_dir}: {g.kind} file {f} named by the manifest is missing")
+        if g.bytes is not None and (artifact_dir / g.file).stat().st_size != g.bytes:
+            raise TiDARError(f"{artifact_dir}: {g.file} has {(artifact_dir / g.file).stat().st_size} bytes, "
+                             f"the manifest says {g.bytes} (truncated or modified after export)")
+    if m.weights:
+        w = artifact_dir / m.weights["file"]
+        if not w.is_file():
+            raise TiDARError(f"{artifact_dir}: weight file {m.weights['file']} named by the manifest is missing")
+        if w.stat().st_size != m.weights["bytes"]:
+            raise TiDARError(f"{artifact_dir}: {m.weights['file']} has {w.stat().st_size} bytes, the manifest "
+                             f"says {m.weights['bytes']} (truncated or modified after export)")
     return m

@@ -5,7 +5,8 @@ import pytest
 
 from tidar_export.errors import TiDARError
 from tidar_export.reference import TorchBackend
-from tidar_runtime import generate_ar, generate_tidar
+from tidar_runtime import Outputs, generate_ar, generate_tidar
+from tidar_runtime.layout import block_out_row
 
 PROMPTS = [[3], [5, 17, 42, 9, 100, 7], list(range(30, 60))]
 
@@ -60,39 +61,37 @@ def test_prompt_longer_than_cache(tiny_model):
 
 
 class ScriptedDrafts:
-    """Wraps a backend and overwrites its diffusion logits so that the drafts are right for a
-    scripted number of slots and wrong after it. AR logits are untouched, so verification is
+    """Wraps a backend and overwrites its diffusion outputs so that the drafts are right for a
+    scripted number of slots and wrong after it. AR outputs are untouched, so verification is
     the real model's, and the KV cache is the real one: the commit/rewind logic is exercised
     with acceptances of every length 1..b, not only the all-rejected case of a random model.
     """
 
     def __init__(self, inner, oracle, correct_per_step):
         self.inner, self.oracle, self.plan = inner, oracle, list(correct_per_step)
-        for name in ("block_size", "proposals", "max_len", "mask_token_id"):
+        for name in ("block_size", "proposals", "max_len", "max_batch", "mask_token_id"):
             setattr(self, name, getattr(inner, name))
+        self.vocab = inner.model.cfg.vocab_size
         self.calls = 0
 
-    def _script(self, logits, rows, L_plus):
-        """rows: logits rows of mask slots; L_plus[t]: absolute position slot t predicts."""
-        j = self.plan[self.calls % len(self.plan)]  # drafts d_1..d_j will be right
+    def _script(self, ids, slots):
+        """slots: (output row, absolute position it predicts, block slot t)."""
+        j = self.plan[self.calls % len(self.plan)]  # drafts d_1..d_j of the next step will be right
         self.calls += 1
-        for row, pos, t in rows:
-            want = self.oracle[pos] if t <= j else (self.oracle[pos] + 1) % logits.shape[1]
-            logits[row] = -10.0
-            logits[row, want] = 10.0
+        for row, pos, t in slots:
+            ids[0, row] = self.oracle[pos] if t <= j else (self.oracle[pos] + 1) % self.vocab
+        return Outputs(ids)
 
-    def prefill(self, prompt):
-        out = self.inner.prefill(prompt).copy()
-        P, b = len(prompt), self.block_size
-        self._script(out, [(1 + t, P + t, t) for t in range(b)], None)
-        return out
+    def prefill(self, row, prompt, want_logits):
+        ids = self.inner.prefill(row, prompt, False).token_ids.copy()
+        return self._script(ids, [(t, len(prompt) + t, t) for t in range(1, self.block_size)])
 
-    def step(self, tokens, L):
-        out = self.inner.step(tokens, L).copy()
-        b = self.block_size
-        rows = [(b + n * b + t, L + r + t, t) for n, r in enumerate(self.proposals) for t in range(b)]
-        self._script(out, rows, None)
-        return out
+    def step(self, drafts, cache_len, want_logits):
+        ids = self.inner.step(drafts, cache_len, False).token_ids.copy()
+        b, L = self.block_size, int(cache_len[0])
+        slots = [(block_out_row(b, self.proposals, r) + t - 1, L + r + t, t)
+                 for r in self.proposals for t in range(1, b)]
+        return self._script(ids, slots)
 
 
 @pytest.mark.parametrize("b", [2, 4, 5])

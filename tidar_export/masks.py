@@ -18,31 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tidar_export.errors import TiDARError
-
-
-def normalize_proposals(block_size: int, proposals: Sequence[int] | None) -> tuple[int, ...]:
-    """The acceptance levels r that get a pre-drafted block, sorted.
-
-    None means all of 1..b (the paper's default). Block 1 must be present: after a step that
-    accepts only the anchor (k = 1) it is the only block that can draft the next step, and
-    without it decoding would fall back to one token per step for good (TIDAR.md 8 leaves this
-    open; this project requires it).
-    """
-    b = block_size
-    if proposals is None:
-        return tuple(range(1, b + 1))
-    rs = tuple(sorted(set(int(r) for r in proposals)))
-    if not rs or rs[0] < 1 or rs[-1] > b:
-        raise TiDARError(f"proposal levels must lie in 1..{b}, got {list(proposals)}")
-    if rs[0] != 1:
-        raise TiDARError(f"the proposal set must contain block 1 (got {list(rs)}); see docs/DECISIONS.md")
-    return rs
-
-
-def step_len(block_size: int, proposals: Sequence[int] | None = None) -> int:
-    """q_len of one decode step: b drafts plus b mask slots per proposal block."""
-    return block_size + block_size * len(normalize_proposals(block_size, proposals))
+from tidar_runtime.layout import normalize_proposals, step_len  # noqa: F401 (re-exported)
 
 
 def causal_mask(n: int) -> torch.Tensor:
@@ -70,11 +46,11 @@ def train_positions(seq_len: int) -> torch.Tensor:
 
 def prefill_mask(prompt_len: int, block_size: int) -> torch.Tensor:
     """[P+b, P+b]: prompt causal; the b masks see the whole prompt and each other."""
-    P, b = prompt_len, block_size
-    m = torch.zeros(P + b, P + b, dtype=torch.bool)
-    m[:P, :P] = causal_mask(P)
-    m[P:, :] = True
-    return m
+    # Comparisons only (no in-place writes), so that the prefill graph builds it from its
+    # dynamic prompt length with a few elementwise ops.
+    i = torch.arange(prompt_len + block_size)
+    q, k = i[:, None], i[None, :]
+    return (k <= q) | (q >= prompt_len)  # prompt rows: causal (masks lie after them); mask rows: all
 
 
 def prefill_positions(prompt_len: int, block_size: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The torch reference backend: runs the reference model under the runtime's decode loop.
 
-It holds a preallocated batch-1 KV cache and implements `tidar_runtime.loop.Backend`, so the
-one loop of `tidar_runtime.loop` decodes the torch model exactly as it decodes an engine.
+It implements `tidar_runtime.loop.Backend` with the same contract as the exported graphs
+(docs/EXPORT.md): a preallocated cache [B, KV, max_len, hd] per layer, each pass attends over
+[cache | new] and its new keys/values are written at the row's L. So the one loop of
+`tidar_runtime.loop` decodes the torch model exactly as it decodes an engine.
 """
 
 from __future__ import annotations
@@ -13,42 +15,59 @@ import torch
 
 from tidar_export import masks
 from tidar_export.model import TiDARModel
+from tidar_runtime.layout import normalize_proposals, step_out_rows
+from tidar_runtime.loop import Outputs
 
 
 class TorchBackend:
     def __init__(self, model: TiDARModel, max_len: int = 512, block_size: int | None = None,
-                 proposals: Sequence[int] | None = None):
+                 proposals: Sequence[int] | None = None, max_batch: int = 1):
         self.model = model.eval()
         self.block_size = block_size or model.cfg.block_size
-        self.proposals = masks.normalize_proposals(self.block_size, proposals)
-        self.max_len = max_len
+        self.proposals = normalize_proposals(self.block_size, proposals)
+        self.max_len, self.max_batch = max_len, max_batch
         self.mask_token_id = model.cfg.mask_token_id
-        self.keys, self.values = model.new_cache(1, max_len)
+        self.keys, self.values = model.new_cache(max_batch, max_len)
         self._step_mask = masks.step_mask(self.block_size, self.proposals)
         self._step_offsets = masks.step_offsets(self.block_size, self.proposals)
+        self._step_rows = torch.tensor(step_out_rows(self.block_size, self.proposals))
 
     @torch.no_grad()
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, in_step: torch.Tensor, cache_len: int) -> np.ndarray:
-        logits, self.keys, self.values = self.model(
-            ids[None], positions[None], in_step, self.keys, self.values, torch.tensor([cache_len])
-        )
-        return logits[0].float().numpy()  # [T, V]
+    def _run(self, rows: slice, ids, positions, in_step, cache_len, out_rows, want_logits) -> Outputs:
+        """ids/positions [B', T] for cache rows `rows`; writes the new K/V at each row's L."""
+        keys = [k[rows] for k in self.keys]
+        values = [v[rows] for v in self.values]
+        logits, new_k, new_v = self.model(ids, positions, in_step, keys, values, cache_len, kv_write="concat")
+        T = ids.shape[1]
+        for layer in range(len(self.keys)):
+            for j, L in enumerate(cache_len.tolist()):
+                self.keys[layer][rows.start + j, :, L : L + T] = new_k[layer][j]
+                self.values[layer][rows.start + j, :, L : L + T] = new_v[layer][j]
+        logits = logits[:, out_rows].float()
+        return Outputs(logits.argmax(-1).numpy(), logits.numpy() if want_logits else None)
 
-    def prefill(self, prompt: np.ndarray) -> np.ndarray:
+    def prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         P, b = len(prompt), self.block_size
-        ids = torch.cat([torch.as_tensor(prompt), torch.full((b,), self.mask_token_id)])
-        logits = self._run(ids, masks.prefill_positions(P, b), masks.prefill_mask(P, b), 0)
-        return logits[P - 1 :]  # [1 + b, V]
+        ids = torch.cat([torch.as_tensor(prompt), torch.full((b,), self.mask_token_id)])[None]
+        out_rows = torch.arange(P - 1, P + b - 1)  # AR at p_{P-1}, then mask slots 1..b-1
+        return self._run(slice(row, row + 1), ids, masks.prefill_positions(P, b)[None],
+                         masks.prefill_mask(P, b), torch.zeros(1, dtype=torch.long), out_rows, want_logits)
 
-    def step(self, tokens: np.ndarray, cache_len: int) -> np.ndarray:
+    def step(self, drafts: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
+        B, b = drafts.shape
         q = len(self._step_offsets)
-        ids = torch.full((q,), self.mask_token_id)
-        ids[: self.block_size] = torch.as_tensor(tokens)
-        return self._run(ids, cache_len + self._step_offsets, self._step_mask, cache_len)
+        ids = torch.full((B, q), self.mask_token_id)
+        ids[:, :b] = torch.as_tensor(drafts)
+        L = torch.as_tensor(cache_len)
+        return self._run(slice(0, B), ids, L[:, None] + self._step_offsets, self._step_mask, L,
+                         self._step_rows, want_logits)
 
-    def ar_prefill(self, prompt: np.ndarray) -> np.ndarray:
+    def ar_prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         P = len(prompt)
-        return self._run(torch.as_tensor(prompt), torch.arange(P), masks.causal_mask(P), 0)[-1]
+        return self._run(slice(row, row + 1), torch.as_tensor(prompt)[None], torch.arange(P)[None],
+                         masks.causal_mask(P), torch.zeros(1, dtype=torch.long), torch.tensor([P - 1]), want_logits)
 
-    def ar_step(self, token: int, cache_len: int) -> np.ndarray:
-        return self._run(torch.tensor([token]), torch.tensor([cache_len]), masks.causal_mask(1), cache_len)[0]
+    def ar_step(self, tokens: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
+        L = torch.as_tensor(cache_len)
+        return self._run(slice(0, len(L)), torch.as_tensor(tokens), L[:, None], masks.causal_mask(1), L,
+                         torch.tensor([0]), want_logits)
