@@ -1,4 +1,13 @@
 """tidar_graphs: ONNX-side passes, per-target lowering and the target checker (no torch).
 
-Filled by the tracers issue; this package is importable so the layout is in place.
+    TARGETS                      ("ort", "trt-10.3", "trt-10.15")
+    lower(model, target)         cleanup + fusion/decomposition + opset conversion; same numerics
+    check_graph(model, target)   every way the graph breaks the target's rules, one message each
+
+See docs/GRAPHS.md for what each target's pipeline does and where the operator tables come from.
 """
+
+from tidar_graphs.checker import check_graph
+from tidar_graphs.targets import TARGETS, lower
+
+__all__ = ["TARGETS", "check_graph", "lower"]

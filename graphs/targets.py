@@ -1,0 +1,110 @@
+"""Lowering targets: which passes run, at which opset, against which operator table.
+
+`lower(model, target)` is numerically equivalent to its input (tests/test_graphs.py checks
+every target in ONNX Runtime). The pipeline is always:
+
+    cleanup -> decompositions -> opset conversion -> fusions -> cleanup -> fix-ups -> tidy
+
+Decompositions run before the opset conversion because the fused opset-23/24 ops cannot be
+down-converted; fix-ups run after the last `cleanup` because its default rewrite rules would
+undo some of them (Min/Max -> Clip). What fired is written to the lowered model's metadata
+(`tidar_graphs.target`, `tidar_graphs.passes`, a JSON object of pass -> count).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+import onnx_ir as ir
+
+from tidar_graphs import passes
+from tidar_runtime.errors import TiDARError
+
+logger = logging.getLogger(__name__)
+
+Pass = Callable[[ir.Model], int]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # "ort" | "trt-10.3" | "trt-10.15"
+    opset: int  # default-domain opset of the lowered graphs
+    table: str  # operator table in graphs/optables/, read by the checker
+    static_shapes: bool  # graph inputs/outputs must be static, except dims the caller allows
+    decompose: tuple[Pass, ...] = ()  # before the opset conversion
+    fuse: tuple[Pass, ...] = ()  # after the opset conversion
+    fixups: tuple[Pass, ...] = ()  # after the final cleanup
+
+
+_DECOMPOSE_ALL = (passes.decompose_attention, passes.decompose_rms_norm, passes.decompose_rotary,
+                  passes.decompose_tensor_scatter)
+
+_TARGETS = {
+    # ONNX Runtime: opset-23 Attention / RMSNormalization / RotaryEmbedding, which measured
+    # faster than the decomposed graph on ORT 1.32 CPU (docs/GRAPHS.md). The cache write stays
+    # ScatterElements: ORT's TensorScatter copies the cache unless the caller binds it in place
+    # and logs a warning on every run otherwise.
+    "ort": Target(
+        name="ort", opset=23, table="ort.json", static_shapes=False,
+        decompose=(passes.decompose_tensor_scatter,),
+        fuse=(passes.fuse_rms_norm, passes.fuse_rotary, passes.fuse_attention, passes.fuse_attention_gqa),
+    ),
+    # TensorRT 10.3 (JetPack 6): no Attention / RMSNormalization / RotaryEmbedding /
+    # TensorScatter in its ONNX parser, so everything stays decomposed, at opset 18.
+    "trt-10.3": Target(
+        name="trt-10.3", opset=18, table="trt-10.3.json", static_shapes=True,
+        decompose=_DECOMPOSE_ALL,
+        fixups=(passes.int_clip_to_min_max,),
+    ),
+    # TensorRT 10.15: opset-23 fused ops and the opset-24 in-place cache write.
+    "trt-10.15": Target(
+        name="trt-10.15", opset=24, table="trt-10.15.json", static_shapes=True,
+        fuse=(passes.fuse_rms_norm, passes.fuse_rotary, passes.fuse_attention,
+              passes.fuse_attention_gqa, passes.kv_scatter_to_tensor_scatter),
+        fixups=(passes.int_clip_to_min_max, passes.drop_default_attention_attributes),
+    ),
+}
+
+TARGETS: tuple[str, ...] = tuple(_TARGETS)  # ("ort", "trt-10.3", "trt-10.15")
+
+
+def get_target(target: str) -> Target:
+    try:
+        return _TARGETS[target]
+    except (KeyError, TypeError):
+        raise TiDARError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}") from None
+
+
+def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
+    """Cleanup, decomposition or fusion, and opset conversion of `model` for `target`.
+
+    The input proto is not modified. Raises TiDARError for an unknown target.
+    """
+    spec = get_target(target)
+    ir_model = ir.serde.deserialize_model(model)
+    fired: dict[str, int] = {}
+
+    def run(step: Pass) -> None:
+        count = step(ir_model)
+        fired[step.__name__] = fired.get(step.__name__, 0) + count
+        logger.info("%s: %s -> %d", spec.name, step.__name__, count)
+
+    run(passes.cleanup)
+    for step in spec.decompose:
+        run(step)
+    passes.convert_opset(ir_model, spec.opset)
+    passes.infer_shapes(ir_model)
+    for step in spec.fuse:
+        run(step)
+    run(passes.cleanup)
+    for step in spec.fixups:
+        run(step)
+    run(passes.tidy)
+    ir_model.metadata_props["tidar_graphs.target"] = spec.name
+    ir_model.metadata_props["tidar_graphs.passes"] = json.dumps(
+        {k: v for k, v in fired.items() if k not in ("cleanup", "tidy")}, sort_keys=True)
+    return ir.serde.serialize_model(ir_model)
