@@ -6,6 +6,7 @@ User errors (TiDARError) print one line `error: ...` and exit with status 1, no 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -13,11 +14,20 @@ from pathlib import Path
 from tidar_export.errors import TiDARError
 
 
-def _int_list(text: str) -> list[int]:
+# Modules that add subcommands: each defines register(subparsers) and imports its heavy
+# dependencies (torch, onnx, tensorrt) inside the command, so `--help` stays fast.
+COMMAND_MODULES = ("tidar_export.train", "tidar_export.evaluate", "tidar_export.generate", "tidar_export.export", "tidar_export.check",
+                   "tidar_export.build")
+
+
+def int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+_int_list = int_list  # older name, kept while modules move to int_list
 
 
 def _add_tidar_flags(p: argparse.ArgumentParser) -> None:
@@ -135,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="decode with the torch reference model (TiDAR and/or AR)")
     p.add_argument("checkpoint")
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
-    p.add_argument("--prompt-ids", type=_int_list, help="prompt as comma-separated token ids")
+    p.add_argument("--prompt-ids", type=int_list, help="prompt as comma-separated token ids")
     p.add_argument("--mode", choices=["tidar", "ar", "both"], default="both")
-    p.add_argument("--proposals", type=_int_list, help="sparse proposal blocks, e.g. 1,4,7 (default: all)")
+    p.add_argument("--proposals", type=int_list, help="sparse proposal blocks, e.g. 1,4,7 (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-len", type=int, default=512, help="KV cache slots")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -147,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one compact JSON line")
     _add_tidar_flags(p)
     p.set_defaults(func=cmd_decode)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -49,7 +49,7 @@ class TorchBackend:
     def prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         P, b = len(prompt), self.block_size
         ids = torch.cat([torch.as_tensor(prompt), torch.full((b,), self.mask_token_id)])[None]
-        out_rows = torch.arange(P - 1, P + b - 1)  # AR at p_{P-1}, then mask slots 1..b-1
+        out_rows = torch.tensor([P - 1, *range(P + 1, P + b)])  # AR at p_{P-1}, then mask slots 1..b-1 (rows P+1..)
         return self._run(slice(row, row + 1), ids, masks.prefill_positions(P, b)[None],
                          masks.prefill_mask(P, b), torch.zeros(1, dtype=torch.long), out_rows, want_logits)
 

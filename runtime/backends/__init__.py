@@ -1,0 +1,1 @@
+"""Backends of the decode loop. Each imports its heavy dependency only when constructed."""

@@ -1,0 +1,143 @@
+"""ONNX Runtime backend: runs an exported artifact (manifest + prefill/step/ar_step graphs).
+
+The KV cache is a set of preallocated numpy arrays [B, KV, max_len, hd] per layer, bound to
+the step graphs as inputs without copies (I/O binding). With `kv_update = "slice"` the graphs
+return only the step's new K/V [B, KV, q, hd]; this backend writes them at each row's L (a
+copy of q slots per row and layer: the commit itself is the loop's `L += k`). With
+`kv_update = "inplace"` the graphs return the whole updated cache, bound to a second buffer
+set, and the two sets swap roles after every pass. No cache-sized array is allocated per step.
+
+The AR mode reuses the TiDAR prefill graph: its first output row is the AR prediction at the
+last prompt token, and the prompt's K/V do not depend on the mask slots (which are causal-
+invisible to prompt tokens); the mask slots' K/V land past L and are hidden, then overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tidar_runtime.errors import TiDARError
+from tidar_runtime.layout import n_out
+from tidar_runtime.loop import Outputs
+from tidar_runtime.manifest import Manifest, load_manifest
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+
+
+def _np_dtype(name: str):
+    try:
+        return _NP_DTYPES[name]
+    except KeyError:
+        raise TiDARError(f"the ONNX Runtime backend cannot hold {name} tensors on the host") from None
+
+
+class OrtBackend:
+    def __init__(self, artifact_dir: str | os.PathLike, providers: list[str] | None = None,
+                 intra_op_threads: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise TiDARError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
+        self._ort = ort
+        self.dir = Path(artifact_dir)
+        self.manifest: Manifest = load_manifest(self.dir)
+        m = self.manifest
+        self.block_size, self.proposals = m.block_size, tuple(m.proposals)
+        self.max_len, self.max_batch, self.mask_token_id = m.max_seq_len, m.max_batch, m.mask_token_id
+        self.vocab_size = m.model["vocab_size"]
+        self.inplace = m.kv_update == "inplace"
+        if m.kv_update not in ("slice", "inplace"):
+            raise TiDARError(f"unknown kv_update {m.kv_update!r} in the manifest")
+        self.providers = providers or ["CPUExecutionProvider"]
+        self._opts = ort.SessionOptions()
+        self._opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            self._opts.intra_op_num_threads = intra_op_threads
+        self._sessions: dict = {}
+
+        layers = m.model["num_layers"]
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        spec = m.graphs["step"].input(self.past_names[0])
+        self.kv_dtype = _np_dtype(spec.dtype)
+        shape = (m.max_batch, m.model["num_kv_heads"], m.max_seq_len, m.model["head_dim"])
+        self.cache = [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
+        self._spare = [np.zeros(shape, self.kv_dtype) for _ in self.past_names] if self.inplace else None
+        b, rows = self.block_size, n_out(self.block_size, self.proposals)
+        q = b * (1 + len(self.proposals))
+        self._out = {  # preallocated outputs of the static-shape graphs
+            "step": self._alloc_outputs(rows, q),
+            "ar_step": self._alloc_outputs(1, 1),
+        }
+
+    def _alloc_outputs(self, rows: int, new_len: int) -> dict:
+        m = self.manifest
+        B, kv, hd = m.max_batch, m.model["num_kv_heads"], m.model["head_dim"]
+        present = None if self.inplace else [np.zeros((B, kv, new_len, hd), self.kv_dtype) for _ in self.present_names]
+        return {"token_ids": np.zeros((B, rows), np.int64),
+                "logits": np.zeros((B, rows, self.vocab_size), np.float32),
+                "present": present}
+
+    def session(self, kind: str):
+        if kind not in self._sessions:
+            spec = self.manifest.graphs.get(kind)
+            if spec is None:
+                raise TiDARError(f"{self.dir}: the artifact has no {kind} graph")
+            try:
+                self._sessions[kind] = self._ort.InferenceSession(
+                    str(self.dir / spec.file), self._opts, providers=self.providers)
+            except Exception as e:  # ORT raises its own types for corrupt/truncated models
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise TiDARError(f"{self.dir / spec.file}: ONNX Runtime cannot load it ({first})") from None
+        return self._sessions[kind]
+
+    # -- passes ------------------------------------------------------------------------------
+    def _run_static(self, kind: str, feeds: dict, cache_len: np.ndarray, want_logits: bool) -> Outputs:
+        sess, out = self.session(kind), self._out[kind]
+        io = sess.io_binding()
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, arr)
+        for name, arr in zip(self.past_names, self.cache):
+            io.bind_cpu_input(name, arr)
+        self._bind_out(io, "token_ids", out["token_ids"])
+        if want_logits:
+            self._bind_out(io, "logits", out["logits"])
+        targets = self._spare if self.inplace else out["present"]
+        for name, arr in zip(self.present_names, targets):
+            self._bind_out(io, name, arr)
+        sess.run_with_iobinding(io)
+        if self.inplace:  # the graph wrote the whole updated cache into the spare set: swap
+            self.cache, self._spare = self._spare, self.cache
+        else:
+            new_len = out["present"][0].shape[2]
+            for cache, new in zip(self.cache, out["present"]):
+                for row, L in enumerate(cache_len.tolist()):
+                    cache[row, :, L : L + new_len] = new[row]
+        return Outputs(out["token_ids"], out["logits"] if want_logits else None)
+
+    @staticmethod
+    def _bind_out(io, name: str, arr: np.ndarray) -> None:
+        io.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+
+    def prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
+        sess = self.session("prefill")
+        names = ["token_ids"] + (["logits"] if want_logits else []) + self.present_names
+        res = sess.run(names, {"input_ids": np.asarray(prompt, np.int64)[None]})
+        presents = res[len(names) - len(self.present_names):]
+        T = presents[0].shape[2]
+        for cache, new in zip(self.cache, presents):
+            cache[row, :, :T] = new[0, :, : self.max_len]
+        return Outputs(res[0], res[1] if want_logits else None)
+
+    def step(self, drafts: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
+        return self._run_static("step", {"draft_ids": drafts, "cache_len": cache_len}, cache_len, want_logits)
+
+    def ar_prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
+        out = self.prefill(row, prompt, want_logits)
+        return Outputs(out.token_ids[:, :1], None if out.logits is None else out.logits[:, :1])
+
+    def ar_step(self, tokens: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
+        return self._run_static("ar_step", {"input_ids": tokens, "cache_len": cache_len}, cache_len, want_logits)

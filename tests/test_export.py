@@ -1,0 +1,314 @@
+"""Export to ONNX (prefill, step, ar_step) and the artifact checker (docs/EXPORT.md).
+
+One artifact per target is exported once per module (tracing is the slow part) and shared:
+- ort:        dense proposals, kv_update "slice"
+- trt-10.3:   sparse proposals {1, 3}, kv_update "slice"
+- trt-10.15:  dense proposals, kv_update "inplace" (the cache write is in the graph)
+all with max_batch 2 (per-row cache lengths) on the tiny random model.
+"""
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+from tests.conftest import random_model
+from tidar_export.check import ArtifactCheckError, check_artifact, format_table
+from tidar_export.checkpoint import load_checkpoint, save_checkpoint
+from tidar_export.cli import main
+from tidar_export.errors import TiDARError
+from tidar_export.export import WEIGHTS_FILE, export_artifact
+from tidar_export.reference import TorchBackend
+from tidar_runtime import SamplingParams, generate_ar_batch, generate_tidar_batch
+from tidar_runtime.backends.ort import OrtBackend
+from tidar_runtime.manifest import load_manifest
+
+TARGETS = ["ort", "trt-10.3", "trt-10.15"]
+OPTIONS = {"ort": {}, "trt-10.3": {"proposals": [1, 3]}, "trt-10.15": {}}
+MAX_SEQ_LEN, MAX_BATCH = 96, 2
+PROMPTS = [[5, 17, 42, 9, 100, 7], list(range(30, 45))]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from tokenizers import Tokenizer, models
+
+    folder = save_checkpoint(random_model(seed=3), tmp_path_factory.mktemp("ckpt") / "tiny")
+    Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def artifacts(checkpoint, tmp_path_factory):
+    """target -> artifact directory, exported on first use."""
+    made = {}
+
+    def get(target):
+        if target not in made:
+            out = tmp_path_factory.mktemp(f"artifact-{target}") / "art"
+            made[target] = export_artifact(checkpoint, out, target=target, max_seq_len=MAX_SEQ_LEN,
+                                           max_batch=MAX_BATCH, **OPTIONS[target])
+        return made[target]
+
+    return get
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_artifact_passes_checker(artifacts, checkpoint, target):
+    """Target checks (tidar_graphs) and ORT against torch per output: prompt lengths 1..P_max,
+    batch 1 and 2, per-row cache lengths from 0 to max_seq_len - q_len."""
+    report = check_artifact(artifacts(target), checkpoint)
+    assert report.failures == [], format_table(report.results)
+    graphs = {r.graph for r in report.results}
+    assert graphs == {"prefill", "step", "ar_step"}
+    cases = {(r.graph, r.case) for r in report.results}
+    assert any("batch=1 prompt_len=1" in c for g, c in cases if g == "prefill")
+    assert any("batch=2" in c for g, c in cases if g == "prefill")
+    assert len({c for g, c in cases if g == "step"}) >= 4  # zeros, max, random, spread per row
+    outputs = {r.output for r in report.results if r.graph == "step"}
+    assert {"token_ids", "logits", "present.0.key", "present.1.value"} <= outputs
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_manifest_and_bindings(artifacts, checkpoint, target):
+    art = artifacts(target)
+    m = load_manifest(art)
+    cfg = load_checkpoint(checkpoint).cfg
+    b, rs = m.block_size, m.proposals
+    assert m.target == target and m.max_batch == MAX_BATCH and m.max_seq_len == MAX_SEQ_LEN
+    assert m.kv_update == ("inplace" if target == "trt-10.15" else "slice")
+    assert rs == OPTIONS[target].get("proposals", list(range(1, b + 1)))
+    assert m.dims["q_len"] == b * (1 + len(rs)) and m.dims["n_out"] == b + len(rs) * (b - 1)
+    assert m.dims["prompt_len"] is None and m.dims["batch"] == MAX_BATCH
+    n = cfg.num_layers
+    past = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    step = m.graphs["step"]
+    assert [t.name for t in step.inputs] == ["draft_ids", "cache_len", *past]  # no mask input: it is a constant
+    assert [t.name for t in step.outputs] == ["token_ids", "logits", *present]
+    assert [t.name for t in m.graphs["ar_step"].inputs] == ["input_ids", "cache_len", *past]
+    assert [t.name for t in m.graphs["prefill"].inputs] == ["input_ids"]
+    assert step.input("past_key_values.0.key").shape == ["batch", "kv_heads", "max_seq_len", "head_dim"]
+    new_len = "max_seq_len" if m.kv_update == "inplace" else "q_len"
+    assert step.output("present.0.key").shape == ["batch", "kv_heads", new_len, "head_dim"]
+    assert step.output("token_ids").shape == ["batch", "n_out"]
+    assert m.tokenizer["file"] == "tokenizer.json" and (art / "tokenizer.json").is_file()
+    assert m.versions["export_opset"] == 18 and m.versions["opsets"]["ai.onnx"] >= 18
+    assert sorted(p.name for p in art.iterdir()) == sorted(
+        ["manifest.json", "prefill.onnx", "step.onnx", "ar_step.onnx", WEIGHTS_FILE, "tokenizer.json"])
+
+
+def test_one_weight_file_written_once(artifacts, checkpoint):
+    """All graphs point into weights.bin, a weight shared by the graphs sits at one offset, and
+    the file holds about one copy of the parameters."""
+    art = artifacts("ort")
+    refs = {}
+    for kind in ("prefill", "step", "ar_step"):
+        proto = onnx.load(str(art / f"{kind}.onnx"), load_external_data=False)
+        external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert external, kind
+        for t in external:
+            info = {e.key: e.value for e in t.external_data}
+            assert info["location"] == WEIGHTS_FILE
+            refs.setdefault(t.name, set()).add((info["offset"], info["length"]))
+    assert all(len(places) == 1 for places in refs.values()), refs
+    assert "model.embed_tokens.weight" in refs and "model.layers.0.mlp.up_proj.weight.T" in refs
+    param_bytes = load_checkpoint(checkpoint).cfg.num_params() * 4
+    assert param_bytes * 0.9 < (art / WEIGHTS_FILE).stat().st_size < param_bytes * 1.2
+
+
+def test_check_command_ok(artifacts, capsys):
+    assert main(["check", str(artifacts("ort"))]) == 0
+    out = capsys.readouterr().out
+    assert "numeric comparison skipped" in out and out.rstrip().endswith("target checks passed")
+
+
+def test_no_machine_paths_in_artifact(artifacts, checkpoint):
+    art = artifacts("ort")
+    for f in art.iterdir():
+        if f.name == WEIGHTS_FILE:
+            continue
+        data = f.read_bytes()
+        for path in (str(checkpoint), str(art.parent), "stack_trace", 'File "'):
+            assert path.encode() not in data, (f.name, path)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_ort_greedy_decode_equals_torch(artifacts, checkpoint, target):
+    """A whole batched decode through ORT sessions (token ids only) equals the torch reference
+    token for token, TiDAR and AR, with per-row lengths."""
+    art = artifacts(target)
+    model = load_checkpoint(checkpoint)
+    ort_backend = OrtBackend(art)
+    torch_backend = TorchBackend(model, MAX_SEQ_LEN, ort_backend.block_size, ort_backend.proposals, MAX_BATCH)
+    got = generate_tidar_batch(ort_backend, PROMPTS, 30)
+    want = generate_tidar_batch(torch_backend, PROMPTS, 30)
+    ar = generate_ar_batch(OrtBackend(art), PROMPTS, 30)
+    for g, w, a in zip(got, want, ar):
+        assert g.tokens == w.tokens == a.tokens and len(g.tokens) == 30
+        assert g.stats.accepted == w.stats.accepted
+
+
+def test_ort_sampling_decode_equals_torch(artifacts, checkpoint):
+    """The sampling path fetches the logits rows; with the same seed ORT and torch sample alike."""
+    art = artifacts("ort")
+    params = SamplingParams(temperature=0.8, top_k=20, seed=7)
+    model = load_checkpoint(checkpoint)
+    got = generate_tidar_batch(OrtBackend(art), PROMPTS, 20, params)
+    want = generate_tidar_batch(TorchBackend(model, MAX_SEQ_LEN, max_batch=MAX_BATCH), PROMPTS, 20, params)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+
+
+# --------------------------------------------------------------------------- broken artifacts
+
+
+@pytest.fixture
+def copy_of(artifacts, tmp_path):
+    def make():
+        dst = tmp_path / "copy"
+        shutil.copytree(artifacts("ort"), dst)
+        return dst
+
+    return make
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_truncated_graph(copy_of, capsys):
+    art = copy_of()
+    data = (art / "step.onnx").read_bytes()
+    (art / "step.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TiDARError, match="step.onnx has .* bytes.*truncated"):
+        load_manifest(art)
+    with pytest.raises(TiDARError, match="truncated"):
+        OrtBackend(art)
+    assert "truncated" in _one_line_error(capsys, ["check", str(art)])
+
+
+def test_corrupt_graph_same_size(copy_of, capsys):
+    art = copy_of()
+    data = bytearray((art / "prefill.onnx").read_bytes())
+    data[:64] = b"\xff" * 64
+    (art / "prefill.onnx").write_bytes(bytes(data))
+    with pytest.raises(TiDARError, match="prefill.onnx: not a readable ONNX graph"):
+        check_artifact(art)
+    assert "corrupt" in _one_line_error(capsys, ["check", str(art)])
+
+
+def test_missing_or_truncated_weights(copy_of, capsys):
+    art = copy_of()
+    weights = art / WEIGHTS_FILE
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    with pytest.raises(TiDARError, match="weights.bin has .* bytes.*truncated"):
+        load_manifest(art)
+    weights.unlink()
+    with pytest.raises(TiDARError, match="weight file weights.bin named by the manifest is missing"):
+        OrtBackend(art)
+    assert "missing" in _one_line_error(capsys, ["check", str(art)])
+
+
+def test_manifest_of_another_version(copy_of, capsys):
+    art = copy_of()
+    d = json.loads((art / "manifest.json").read_text())
+    d["version"] = 2
+    (art / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(TiDARError, match="manifest version 2 is not supported"):
+        OrtBackend(art)
+    assert "version 2" in _one_line_error(capsys, ["check", str(art)])
+    (art / "manifest.json").write_text("{not json")
+    with pytest.raises(TiDARError, match="invalid JSON"):
+        load_manifest(art)
+
+
+def test_wrong_weights_fail_numerics_with_every_output_listed(copy_of, tmp_path, capsys):
+    """The checker catches numerics: the artifact against another model of the same shape fails
+    every float output, and the error lists each one."""
+    art = copy_of()
+    other = save_checkpoint(random_model(seed=11), tmp_path / "other")
+    with pytest.raises(ArtifactCheckError) as info:
+        check_artifact(art, other).raise_for_failures()
+    failures = info.value.failures
+    assert any(f.startswith("step [") and f.split("] ")[1].startswith("logits:") for f in failures)
+    assert any("present.1.value" in f for f in failures) and any(f.startswith("ar_step") for f in failures)
+    assert len(failures) == str(info.value).count("; ") + 1
+    err = _one_line_error(capsys, ["check", str(art), "--checkpoint", str(other)])
+    assert f"{len(failures)} check(s) failed" in err
+
+
+# --------------------------------------------------------------------------- export errors
+
+
+def _leftovers(parent, name):
+    return sorted(p.name for p in parent.iterdir() if name in p.name)
+
+
+def test_unsupported_architecture_leaves_nothing(tmp_path, capsys):
+    ckpt = tmp_path / "gpt2"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    out = tmp_path / "out" / "art"
+    with pytest.raises(TiDARError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        export_artifact(ckpt, out)
+    assert not out.exists() and (not out.parent.exists() or _leftovers(out.parent, "art") == [])
+    assert "unsupported architecture" in _one_line_error(capsys, ["export", str(ckpt), "-o", str(out)])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"target": "trt-9"}, "unknown target 'trt-9'"),
+    ({"precision": "int4"}, "unknown dtype 'int4'"),
+    ({"max_seq_len": 10}, "max_seq_len 10 is too small"),
+    ({"max_seq_len": 4096}, "exceeds the checkpoint's max_position_embeddings"),
+    ({"proposals": [2, 3]}, "must contain block 1"),
+    ({"max_batch": 0}, "max_batch must be >= 1"),
+])
+def test_invalid_options(checkpoint, tmp_path, options, message):
+    out = tmp_path / "art"
+    with pytest.raises(TiDARError, match=message):
+        export_artifact(checkpoint, out, **options)
+    assert _leftovers(tmp_path, "art") == []
+
+
+def test_refuses_to_replace_a_non_artifact_directory(checkpoint, tmp_path):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(TiDARError, match="not an artifact directory"):
+        export_artifact(checkpoint, out)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_failure_mid_export_keeps_the_old_artifact_and_no_temp(artifacts, checkpoint, tmp_path, monkeypatch):
+    import tidar_graphs
+
+    out = tmp_path / "art"
+    shutil.copytree(artifacts("ort"), out)
+    before = sorted(p.name for p in out.iterdir())
+
+    def failing_lower(model, target):
+        raise RuntimeError("lowering failed")
+
+    monkeypatch.setattr(tidar_graphs, "lower", failing_lower)
+    with pytest.raises(RuntimeError, match="lowering failed"):
+        export_artifact(checkpoint, out, max_seq_len=MAX_SEQ_LEN)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert _leftovers(tmp_path, "art") == ["art"]  # no ".art.*" temp directory left
+    assert (out / WEIGHTS_FILE).read_bytes() == (artifacts("ort") / WEIGHTS_FILE).read_bytes()
+
+
+def test_swap_in_replaces_an_artifact_without_leftovers(tmp_path):
+    from tidar_export.export import _swap_in
+
+    new, out = tmp_path / ".art.tmp", tmp_path / "art"
+    new.mkdir()
+    (new / "manifest.json").write_text("new")
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    _swap_in(new, out)
+    assert (out / "manifest.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["art"]

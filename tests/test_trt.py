@@ -1,0 +1,596 @@
+"""TensorRT side (docs/TENSORRT.md): builder settings, the engine build, the TensorRT backend.
+
+Verified here without TensorRT: the build settings derived from a manifest (profiles, flags,
+which ONNX file per precision), the CLI's one-line errors, the compatibility check, the
+build's file and manifest handling (over a stand-in compiler), and TrtBackend's buffer, KV
+and CUDA-graph logic over stand-ins for TensorRT and CUDA (tests/fake_trt.py) that execute
+the exported ONNX graphs in ONNX Runtime. The real engine build and decode at the end run
+only where TensorRT and a GPU exist.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import random_model
+from tests.fake_trt import FAKE_PLATFORM, FakeCompiler, FakeCuda, fake_tensorrt
+from tidar_export.build import DEFAULT_PREFILL_OPT_LEN, build_engines, build_settings, polygraphy_loaders
+from tidar_export.cli import main
+from tidar_export.errors import TiDARError
+from tidar_runtime import SamplingParams, generate_ar_batch, generate_tidar_batch
+from tidar_runtime.backends.trt import Platform, TrtBackend, check_engine_compat
+from tidar_runtime.layout import n_out
+from tidar_runtime.manifest import GraphSpec, Manifest, TensorSpec, load_manifest
+
+# ONNX Runtime warns on every TensorScatter it cannot run in place (the trt-10.15 graphs): quiet it.
+__import__("onnxruntime").set_default_logger_severity(3)
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+HAS_POLYGRAPHY = importlib.util.find_spec("polygraphy") is not None
+B, KV, HD, LAYERS, VOCAB, S, BLOCK = 2, 2, 16, 2, 256, 64, 4
+
+
+# --------------------------------------------------------------------------- a manifest by hand
+
+
+def _kv(prefix: str, dtype: str, shape: list) -> list[TensorSpec]:
+    return [TensorSpec(f"{prefix}.{i}.{kv}", dtype, list(shape)) for i in range(LAYERS) for kv in ("key", "value")]
+
+
+def make_manifest(dtype: str = "float32", kv_update: str = "slice", max_seq_len: int = S) -> Manifest:
+    """The manifest an export of the tiny model would write (shapes per docs/EXPORT.md)."""
+    cache = ["batch", "kv_heads", "max_seq_len", "head_dim"]
+
+    def graph(kind: str, inputs: list[TensorSpec], batch: str, rows, present_len) -> GraphSpec:
+        outputs = [TensorSpec("token_ids", "int64", [batch, rows]),
+                   TensorSpec("logits", "float32", [batch, rows, "vocab"])]
+        present = _kv("present", dtype, [batch, "kv_heads", present_len, "head_dim"])
+        return GraphSpec(kind, f"{kind}.onnx", inputs, outputs + present)
+
+    new_len = lambda n: "max_seq_len" if kv_update == "inplace" else n  # noqa: E731
+    cached = [TensorSpec("cache_len", "int64", ["batch"])] + _kv("past_key_values", dtype, cache)
+    graphs = {
+        "prefill": graph("prefill", [TensorSpec("input_ids", "int64", ["prefill_batch", "prompt_len"])],
+                         "prefill_batch", "block_size", "prefill_len"),
+        "step": graph("step", [TensorSpec("draft_ids", "int64", ["batch", "block_size"])] + cached,
+                      "batch", "n_out", new_len("q_len")),
+        "ar_step": graph("ar_step", [TensorSpec("input_ids", "int64", ["batch", 1])] + cached, "batch", 1, new_len(1)),
+    }
+    proposals = [1, 2, 3, 4]
+    dims = {"batch": B, "prefill_batch": None, "prompt_len": None, "prefill_len": None, "block_size": BLOCK,
+            "q_len": BLOCK * (1 + len(proposals)), "n_out": n_out(BLOCK, proposals), "max_seq_len": max_seq_len,
+            "kv_heads": KV, "head_dim": HD, "vocab": VOCAB, "num_layers": LAYERS}
+    return Manifest(model={"vocab_size": VOCAB, "num_layers": LAYERS, "num_kv_heads": KV, "head_dim": HD},
+                    block_size=BLOCK, proposals=proposals, mask_token_id=0, max_seq_len=max_seq_len, max_batch=B,
+                    precision={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype],
+                    target="trt-10.3", kv_update=kv_update, graphs=graphs, dims=dims)
+
+
+@pytest.fixture
+def artifact_dir(tmp_path):
+    """A manifest and placeholder graph files: enough for everything that does not parse ONNX."""
+    m = make_manifest()
+    for g in m.graphs.values():
+        (tmp_path / g.file).write_bytes(b"onnx placeholder")
+    m.save(tmp_path)
+    return tmp_path
+
+
+# --------------------------------------------------------------------------- build settings
+
+
+def test_prefill_profile_spans_every_prompt_a_decode_accepts(tmp_path):
+    s = build_settings(make_manifest(), tmp_path)
+    lo, opt, hi = s.graph("prefill").profile["input_ids"]
+    assert lo == (1, 1)  # one row, one token
+    assert hi == (B, S - BLOCK)  # every prompt with P + b <= max_seq_len, up to max_batch rows
+    assert opt == (1, min(DEFAULT_PREFILL_OPT_LEN, S - BLOCK))  # the runtime prefills one row at a time
+    assert list(s.graph("prefill").profile) == ["input_ids"]
+
+
+def test_prefill_opt_len_is_an_option_capped_at_the_max(tmp_path):
+    m = make_manifest(max_seq_len=4096)
+    assert build_settings(m, tmp_path).graph("prefill").profile["input_ids"][1] == (1, DEFAULT_PREFILL_OPT_LEN)
+    assert build_settings(m, tmp_path, prefill_opt_len=100).graph("prefill").profile["input_ids"][1] == (1, 100)
+    assert build_settings(m, tmp_path, prefill_opt_len=10**6).graph("prefill").profile["input_ids"][1] == (1, 4092)
+
+
+@pytest.mark.parametrize("kind, first, width", [("step", "draft_ids", BLOCK), ("ar_step", "input_ids", 1)])
+def test_step_profiles_are_static(tmp_path, kind, first, width):
+    profile = build_settings(make_manifest(), tmp_path).graph(kind).profile
+    assert set(profile) == {first, "cache_len"} | {t.name for t in _kv("past_key_values", "float32", [])}
+    for name, (lo, opt, hi) in profile.items():
+        assert lo == opt == hi, name
+    assert profile[first][0] == (B, width)
+    assert profile["cache_len"][0] == (B,)
+    assert profile["past_key_values.1.value"][0] == (B, KV, S, HD)
+
+
+def test_engines_and_onnx_files(tmp_path):
+    s = build_settings(make_manifest(), tmp_path)
+    assert [(g.kind, g.onnx, g.engine) for g in s.graphs] == [
+        ("prefill", "prefill.onnx", "prefill.engine"), ("step", "step.onnx", "step.engine"),
+        ("ar_step", "ar_step.onnx", "ar_step.engine")]
+    assert s.precision == "fp32" and s.strongly_typed
+
+
+@pytest.mark.parametrize("options, flags", [
+    ({}, ()),
+    ({"tf32": True}, ("TF32",)),
+    ({"version_compat": True}, ("VERSION_COMPATIBLE",)),
+    ({"weight_streaming": True}, ("WEIGHT_STREAMING",)),
+    ({"version_compat": True, "weight_streaming": True, "tf32": True},
+     ("TF32", "VERSION_COMPATIBLE", "WEIGHT_STREAMING")),
+    ({"hardware_compat": "ampere+", "optimization_level": 5}, ()),  # config properties, not flags
+])
+def test_flags_per_option(tmp_path, options, flags):
+    s = build_settings(make_manifest(), tmp_path, **options)
+    assert s.flags == flags
+    assert s.hardware_compat == options.get("hardware_compat")
+    assert s.optimization_level == options.get("optimization_level")
+    assert s.version_compat == options.get("version_compat", False)
+    assert s.weight_streaming == options.get("weight_streaming", False)
+
+
+@pytest.mark.parametrize("dtype, precision", [("float32", "fp32"), ("float16", "fp16"), ("bfloat16", "bf16"),
+                                              ("float16", "int8"), ("float16", "fp8")])
+def test_precision_never_sets_a_precision_flag(tmp_path, dtype, precision):
+    """Strongly typed: precision comes from the ONNX types and Q/DQ nodes, not from builder flags."""
+    for kind in ("prefill", "step", "ar_step"):
+        (tmp_path / f"{kind}.{precision}.onnx").write_bytes(b"q/dq graph")
+    s = build_settings(make_manifest(dtype), tmp_path, precision=precision, timing_cache=tmp_path / "t.cache")
+    assert s.precision == precision and s.strongly_typed
+    assert not {"FP16", "BF16", "INT8", "FP8", "INT4", "FP4"} & set(s.flags)
+    quantized = precision in ("int8", "fp8")
+    assert s.graph("step").onnx == (f"step.{precision}.onnx" if quantized else "step.onnx")
+    assert s.timing_cache == tmp_path / "t.cache"
+
+
+def test_default_precision_is_the_exported_dtype(tmp_path):
+    assert build_settings(make_manifest("bfloat16"), tmp_path).precision == "bf16"
+
+
+def test_precision_other_than_the_exported_dtype_is_refused(tmp_path):
+    with pytest.raises(TiDARError, match=r"graphs are fp32.*re-export with --dtype fp16"):
+        build_settings(make_manifest("float32"), tmp_path, precision="fp16")
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_quantized_precision_needs_qdq_graphs(tmp_path, precision):
+    (tmp_path / f"prefill.{precision}.onnx").write_bytes(b"only one of three")
+    with pytest.raises(TiDARError) as e:
+        build_settings(make_manifest("float16"), tmp_path, precision=precision)
+    msg = str(e.value)
+    assert "\n" not in msg and f"step.{precision}.onnx" in msg and f"ar_step.{precision}.onnx" in msg
+    assert f"missing in {tmp_path}: step.{precision}.onnx, ar_step.{precision}.onnx" in msg
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"optimization_level": 6}, "0..5"),
+    ({"hardware_compat": "turing+"}, "hardware compatibility"),
+    ({"precision": "int4"}, "unknown precision"),
+    ({"tf32": True, "precision": "fp16"}, "fp32 engines only"),
+    ({"prefill_opt_len": 0}, "prefill-opt-len"),
+])
+def test_invalid_options(tmp_path, options, message):
+    m = make_manifest("float16" if options.get("precision") == "fp16" else "float32")
+    with pytest.raises(TiDARError, match=message):
+        build_settings(m, tmp_path, **options)
+
+
+def test_settings_are_json(tmp_path):
+    d = json.loads(build_settings(make_manifest(), tmp_path).to_json())
+    assert d["graphs"][0]["profile"]["input_ids"] == [[1, 1], [1, S - BLOCK], [B, S - BLOCK]]
+
+
+@pytest.mark.skipif(not HAS_POLYGRAPHY, reason="polygraphy is not installed (pip install polygraphy)")
+def test_polygraphy_loaders_carry_the_settings(tmp_path):
+    """Polygraphy's loaders are plain objects until called: check what they would build."""
+    s = build_settings(make_manifest(), tmp_path, optimization_level=4, version_compat=True, weight_streaming=True,
+                       timing_cache=tmp_path / "t.cache")
+    network, config = polygraphy_loaders(s, s.graph("prefill"))
+    assert network.strongly_typed and network.path == str(tmp_path / "prefill.onnx")
+    (profile,) = config.profiles
+    assert tuple(profile["input_ids"]) == s.graph("prefill").profile["input_ids"]
+    assert config.builder_optimization_level == 4 and config.version_compatible and config.weight_streaming
+    assert config.timing_cache_path == str(tmp_path / "t.cache")
+    assert not (config.fp16 or config.bf16 or config.int8 or config.fp8 or config.tf32)
+    _, config = polygraphy_loaders(s, s.graph("step"))
+    lo, opt, hi = config.profiles[0]["past_key_values.0.key"]
+    assert tuple(lo) == tuple(opt) == tuple(hi) == (B, KV, S, HD)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed: this checks the message shown without it")
+def test_cli_build_without_tensorrt(artifact_dir, capsys):
+    err = _one_line_error(capsys, ["build", str(artifact_dir)])
+    assert "TensorRT is not installed: pip install tensorrt" in err
+    assert not list(artifact_dir.glob("*.engine")) and not list(artifact_dir.glob(".*"))
+
+
+def test_cli_build_dry_run_needs_no_tensorrt(artifact_dir, capsys):
+    assert main(["build", str(artifact_dir), "--dry-run", "--version-compat", "--prefill-opt-len", "32"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["flags"] == ["VERSION_COMPATIBLE"] and d["precision"] == "fp32"
+    assert d["graphs"][0]["profile"]["input_ids"][1] == [1, 32]
+
+
+def test_cli_build_user_errors_are_one_line(artifact_dir, tmp_path, capsys):
+    err = _one_line_error(capsys, ["build", str(artifact_dir), "--precision", "int8"])
+    assert "needs the explicitly quantized" in err
+    assert "artifact directory not found" in _one_line_error(capsys, ["build", str(tmp_path / "x"), "--dry-run"])
+    assert "0..5" in _one_line_error(capsys, ["build", str(artifact_dir), "--builder-optimization-level", "9"])
+
+
+# --------------------------------------------------------------------------- engine compatibility
+
+
+INFO = {"tensorrt": "10.3.0.26", "compute_capability": "8.7", "gpu": "Orin", "version_compatible": False,
+        "hardware_compat": None}
+
+
+def test_compat_same_platform_passes():
+    check_engine_compat("step", INFO, Platform("10.3.0.26", "Orin", "8.7"))
+    check_engine_compat("step", INFO, Platform("10.3.0", "Jetson AGX Orin", "8.7"))  # JetPack's version string
+
+
+@pytest.mark.parametrize("running", [Platform("10.15.1.29", "Orin", "8.7"), Platform("10.3.1.2", "Orin", "8.7"),
+                                     Platform("10.3.0.26", "NVIDIA H100", "9.0")])
+def test_compat_mismatch_names_both_sides(running):
+    with pytest.raises(TiDARError) as e:
+        check_engine_compat("step", INFO, running)
+    msg = str(e.value)
+    assert "\n" not in msg and "tidar-export build" in msg
+    for part in ("TensorRT 10.3.0.26", "compute capability 8.7", f"TensorRT {running.tensorrt}",
+                 f"compute capability {running.compute_capability}", running.gpu):
+        assert part in msg
+
+
+def test_compat_version_compatible_runs_on_later_tensorrt_only():
+    info = {**INFO, "version_compatible": True}
+    check_engine_compat("step", info, Platform("10.15.1.29", "Orin", "8.7"))
+    check_engine_compat("step", info, Platform("11.4.0.106", "Orin", "8.7"))
+    with pytest.raises(TiDARError, match="version-compatible"):
+        check_engine_compat("step", info, Platform("10.2.0.19", "Orin", "8.7"))
+
+
+def test_compat_ampere_plus_runs_on_any_ampere_or_newer():
+    info = {**INFO, "compute_capability": "9.0", "hardware_compat": "ampere+"}
+    for cc in ("8.0", "8.6", "8.9", "9.0", "12.0"):
+        check_engine_compat("step", info, Platform("10.3.0.26", "gpu", cc))
+    with pytest.raises(TiDARError, match=r"\(ampere\+\)"):
+        check_engine_compat("step", info, Platform("10.3.0.26", "T4", "7.5"))
+
+
+def test_compat_without_engine_info_is_refused():
+    with pytest.raises(TiDARError, match="rebuild"):
+        check_engine_compat("prefill", {}, FAKE_PLATFORM)
+
+
+# --------------------------------------------------------------------------- runtime without TensorRT
+
+
+def test_runtime_imports_without_tensorrt_or_torch():
+    code = ("import sys, tidar_runtime.backends.trt, tidar_runtime.backends.cuda; "
+            "assert 'tensorrt' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed: this checks the error shown without it")
+def test_trt_backend_without_tensorrt(artifact_dir):
+    with pytest.raises(TiDARError, match="TensorRT is not installed: pip install tensorrt"):
+        TrtBackend(artifact_dir)
+
+
+# --------------------------------------------------------------------------- build_engines (stand-in compiler)
+
+
+def test_build_writes_engines_and_manifest(artifact_dir):
+    settings = build_settings(load_manifest(artifact_dir), artifact_dir, version_compat=True)
+    logs = []
+    build_engines(settings, log=logs.append, compiler=FakeCompiler())
+    m = load_manifest(artifact_dir)
+    for kind in ("prefill", "step", "ar_step"):
+        g = m.graphs[kind]
+        assert g.engine == f"{kind}.engine" and (artifact_dir / g.engine).is_file()
+        info = g.engine_info
+        assert (info["tensorrt"], info["gpu"], info["compute_capability"]) == (
+            FAKE_PLATFORM.tensorrt, FAKE_PLATFORM.gpu, FAKE_PLATFORM.compute_capability)
+        assert info["version_compatible"] and info["flags"] == ["VERSION_COMPATIBLE"] and info["precision"] == "fp32"
+        assert info["bytes"] == (artifact_dir / g.engine).stat().st_size
+        assert info["profile"]["cache_len" if kind != "prefill" else "input_ids"][2] == (
+            [B] if kind != "prefill" else [B, S - BLOCK])
+    assert m.versions["tensorrt"] == FAKE_PLATFORM.tensorrt
+    assert sum(kind in line for line in logs for kind in ("prefill:", "step:", "ar_step:")) >= 6  # progress per graph
+    assert not [p.name for p in artifact_dir.iterdir() if p.name.startswith(".")]  # no temp files or dirs
+
+
+def test_failed_build_leaves_the_artifact_as_it_was(artifact_dir):
+    before = (artifact_dir / "manifest.json").read_text()
+    settings = build_settings(load_manifest(artifact_dir), artifact_dir)
+    compiler = FakeCompiler(fail_on="step")
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_engines(settings, log=lambda _: None, compiler=compiler)
+    assert compiler.compiled == ["prefill"]
+    assert (artifact_dir / "manifest.json").read_text() == before
+    assert sorted(p.name for p in artifact_dir.iterdir()) == sorted(
+        ["manifest.json", "prefill.onnx", "step.onnx", "ar_step.onnx"])
+
+
+# --------------------------------------------------------------------------- TrtBackend over stand-ins
+
+MAX_SEQ_LEN, MAX_BATCH = 64, 2
+PROMPTS = [[5, 17, 42, 9, 100, 7], list(range(30, 41))]
+NEW = 16  # tokens per decode: the longest prompt plus NEW plus one step fit the cache
+TARGETS = {"trt-10.3": {"proposals": [1, 3]}, "trt-10.15": {}}  # kv_update "slice" and "inplace"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """target -> (checkpoint, artifact) on the tiny random model, exported on first use."""
+    from tidar_export.checkpoint import save_checkpoint
+    from tidar_export.export import export_artifact
+
+    ckpt = save_checkpoint(random_model(seed=5), tmp_path_factory.mktemp("ckpt") / "tiny")
+    made = {}
+
+    def get(target):
+        if target not in made:
+            out = tmp_path_factory.mktemp(f"trt-{target}") / "art"
+            made[target] = export_artifact(ckpt, out, target=target, max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH,
+                                           **TARGETS[target])
+        return made[target]
+
+    return get
+
+
+@pytest.fixture
+def fake_engines(exported, tmp_path):
+    """A copy of an exported artifact with stand-in engines built by build_engines."""
+    def make(target, **build_options):
+        art = tmp_path / target
+        shutil.copytree(exported(target), art)
+        build_engines(build_settings(load_manifest(art), art, **build_options), log=lambda _: None,
+                      compiler=FakeCompiler())
+        return art
+    return make
+
+
+def _ort_results(art, params=SamplingParams(), max_new=NEW):
+    from tidar_runtime.backends.ort import OrtBackend
+
+    return ([r.tokens for r in generate_tidar_batch(OrtBackend(art), PROMPTS, max_new, params)],
+            [r.tokens for r in generate_ar_batch(OrtBackend(art), PROMPTS, max_new, params)])
+
+
+@pytest.mark.parametrize("target, aliased, mode", [("trt-10.3", False, "slice"), ("trt-10.15", True, "alias"),
+                                                  ("trt-10.15", False, "pingpong")])
+def test_backend_decode_equals_ort(fake_engines, target, aliased, mode):
+    art = fake_engines(target)
+    tidar_ort, ar_ort = _ort_results(art)
+    assert tidar_ort == ar_ort  # TiDAR greedy == AR greedy (the oracle)
+    cuda = FakeCuda()
+    backend = TrtBackend(art, trt_module=fake_tensorrt(cuda, aliased=aliased), cuda_api=cuda)
+    assert backend.kv_mode == mode
+    syncs = cuda.syncs
+    tidar = generate_tidar_batch(backend, PROMPTS, NEW)
+    passes = len(PROMPTS) + max(r.stats.forwards for r in tidar)  # prefills + batched steps
+    assert cuda.syncs - syncs == passes  # one host synchronization per pass
+    assert [r.tokens for r in tidar] == tidar_ort
+    assert [r.tokens for r in generate_ar_batch(backend, PROMPTS, NEW)] == ar_ort
+    parities = (0, 1) if mode == "pingpong" else (0,)
+    assert backend.cuda_graph_status == {(k, p): "captured" for k in ("step", "ar_step") for p in parities}
+    assert cuda.launches > 0
+    if mode == "slice":
+        assert cuda.copies_2d > 0  # new K/V written at each row's L
+    backend.close()
+    assert cuda.live_allocations() == 0 and not cuda.streams and not cuda.execs
+    backend.close()  # idempotent
+
+
+def test_backend_sampling_equals_ort(fake_engines):
+    art = fake_engines("trt-10.15")
+    params = SamplingParams(temperature=1.0, seed=7)
+    tidar_ort, ar_ort = _ort_results(art, params)
+    cuda = FakeCuda()
+    with TrtBackend(art, trt_module=fake_tensorrt(cuda), cuda_api=cuda) as backend:
+        assert [r.tokens for r in generate_tidar_batch(backend, PROMPTS, NEW, params)] == tidar_ort
+        assert [r.tokens for r in generate_ar_batch(backend, PROMPTS, NEW, params)] == ar_ort
+
+
+def test_backend_without_cuda_graphs(fake_engines):
+    art = fake_engines("trt-10.3")
+    cuda = FakeCuda()
+    with TrtBackend(art, trt_module=fake_tensorrt(cuda, aliased=False), cuda_api=cuda, cuda_graphs=False) as be:
+        assert [r.tokens for r in generate_tidar_batch(be, PROMPTS, 12)] == _ort_results(art, max_new=12)[0]
+        assert cuda.launches == 0 and be.cuda_graph_status == {}
+
+
+def test_mismatch_is_refused_before_deserializing(fake_engines):
+    art = fake_engines("trt-10.3")
+    cuda = FakeCuda()
+    trt = fake_tensorrt(cuda, aliased=False, version="10.15.0.1")
+    with pytest.raises(TiDARError, match=r"TensorRT 10.15.1.29 .* this machine runs TensorRT 10.15.0.1"):
+        TrtBackend(art, trt_module=trt, cuda_api=cuda)
+    assert trt.deserialized == 0 and cuda.live_allocations() == 0
+
+
+def test_truncated_engine_is_refused(fake_engines):
+    art = fake_engines("trt-10.3")
+    (art / "step.engine").write_bytes((art / "step.engine").read_bytes()[:-3])
+    cuda = FakeCuda()
+    with pytest.raises(TiDARError, match="truncated"):
+        TrtBackend(art, trt_module=fake_tensorrt(cuda, aliased=False), cuda_api=cuda)
+
+
+def test_artifact_without_engines(exported):
+    cuda = FakeCuda()
+    with pytest.raises(TiDARError, match="tidar-export build"):
+        TrtBackend(exported("trt-10.3"), trt_module=fake_tensorrt(cuda), cuda_api=cuda)
+
+
+def test_prompt_outside_the_prefill_profile(fake_engines):
+    art = fake_engines("trt-10.3")
+    cuda = FakeCuda()
+    with TrtBackend(art, trt_module=fake_tensorrt(cuda, aliased=False), cuda_api=cuda) as backend:
+        too_long = list(range(1, MAX_SEQ_LEN - 2))  # fits the cache for AR, not the TiDAR prefill profile
+        with pytest.raises(TiDARError, match=rf"outside the prefill engine's profile \(1..{MAX_SEQ_LEN - 4} tokens\)"):
+            generate_ar_batch(backend, [too_long], 2)
+
+
+def test_tidar_only_backend_skips_the_ar_engine(fake_engines):
+    art = fake_engines("trt-10.3")
+    cuda = FakeCuda()
+    with TrtBackend(art, kinds=("prefill", "step"), trt_module=fake_tensorrt(cuda, aliased=False),
+                    cuda_api=cuda) as backend:
+        assert [r.tokens for r in generate_tidar_batch(backend, PROMPTS, 8)] == _ort_results(art, max_new=8)[0]
+        with pytest.raises(TiDARError, match="ar_step engine was not loaded"):
+            generate_ar_batch(backend, PROMPTS, 4)
+
+
+# --------------------------------------------------------------------------- CUDA helper
+
+
+def _cuda_state() -> str:
+    """"none": no libcudart; "no-device": the library loads but no GPU answers; "gpu"."""
+    from tidar_runtime.backends import cuda
+
+    try:
+        api = cuda.load()
+    except TiDARError:
+        return "none"
+    try:
+        api.set_device(0)
+    except cuda.CudaError:
+        return "no-device"
+    return "gpu"
+
+
+CUDA_STATE = _cuda_state()
+
+
+def test_missing_cuda_runtime_is_one_line(monkeypatch, tmp_path):
+    from tidar_runtime.backends import cuda
+
+    monkeypatch.setattr(cuda, "_instance", None)
+    monkeypatch.setenv("TIDAR_CUDART", str(tmp_path / "libcudart.so.404"))
+    with pytest.raises(TiDARError, match="CUDA runtime library was not found.*TIDAR_CUDART"):
+        cuda.load()
+
+
+@pytest.mark.skipif(CUDA_STATE != "no-device", reason="needs libcudart without a usable GPU (this machine: "
+                    f"{CUDA_STATE})")
+def test_cuda_errors_are_one_line_without_a_gpu():
+    """Every symbol the helper binds exists in this libcudart; failures name the call."""
+    from tidar_runtime.backends import cuda
+
+    api = cuda.load()
+    assert api.runtime_version().count(".") == 1
+    with pytest.raises(cuda.CudaError) as e:
+        api.malloc(1024)
+    assert str(e.value).startswith("cudaMalloc failed: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(CUDA_STATE != "gpu", reason=f"needs a CUDA GPU (this machine: {CUDA_STATE})")
+def test_cuda_copies_and_graph_replay_on_a_gpu():
+    """The helper on real hardware: pinned round trip, strided 2D copy, a captured graph replayed."""
+    from tidar_runtime.backends import cuda
+
+    api = cuda.load()
+    info = api.device_info(0)
+    assert info.name and info.compute_capability.count(".") == 1
+    s = api.stream_create()
+    h_ptr, d_a, d_b = api.host_alloc(4096), api.malloc(4096), api.malloc(4096)
+    try:
+        host = cuda.pinned_array(h_ptr, (8, 64), np.int64)
+        host[:] = np.arange(512).reshape(8, 64)
+        api.memcpy_async(d_a, h_ptr, 4096, cuda.MEMCPY_HOST_TO_DEVICE, s)
+        api.memset_async(d_b, 0, 4096, s)
+        # rows 2..4 of a [8, 64] int64 matrix: 3 rows of 16 elements from column 8, into [8, 64] at row 1, col 0
+        api.memcpy2d_async(d_b + 64 * 8, 64 * 8, d_a + (2 * 64 + 8) * 8, 64 * 8, 16 * 8, 3,
+                           cuda.MEMCPY_DEVICE_TO_DEVICE, s)
+        api.memcpy_async(h_ptr, d_b, 4096, cuda.MEMCPY_DEVICE_TO_HOST, s)
+        api.stream_synchronize(s)
+        want = np.zeros((8, 64), np.int64)
+        want[1:4, :16] = np.arange(512).reshape(8, 64)[2:5, 8:24]
+        np.testing.assert_array_equal(host, want)
+        api.begin_capture(s)  # a captured copy runs only when the graph is launched
+        api.memcpy_async(d_b, d_a, 4096, cuda.MEMCPY_DEVICE_TO_DEVICE, s)
+        graph = api.end_capture(s)
+        exe = api.graph_instantiate(graph)
+        api.graph_destroy(graph)
+        api.memcpy_async(h_ptr, d_b, 4096, cuda.MEMCPY_DEVICE_TO_HOST, s)
+        api.stream_synchronize(s)
+        np.testing.assert_array_equal(host, want)
+        api.graph_launch(exe, s)
+        api.memcpy_async(h_ptr, d_b, 4096, cuda.MEMCPY_DEVICE_TO_HOST, s)
+        api.stream_synchronize(s)
+        np.testing.assert_array_equal(host, np.arange(512).reshape(8, 64))
+        api.graph_exec_destroy(exe)
+    finally:
+        api.free(d_a)
+        api.free(d_b)
+        api.free_host(h_ptr)
+        api.stream_destroy(s)
+
+
+# --------------------------------------------------------------------------- real TensorRT (GPU machines)
+
+
+NEEDS_TRT = pytest.mark.skipif(not (HAS_TRT and HAS_POLYGRAPHY and CUDA_STATE == "gpu"),
+                               reason="needs TensorRT, Polygraphy and a CUDA GPU (none here: TensorRT cannot be "
+                                      "installed on the CPU development machines, DESIGN.md)")
+
+
+@NEEDS_TRT
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_tensorrt_engines_decode_like_ort(exported, tmp_path, target):
+    """Build real engines from the tiny artifact; TiDAR greedy == AR greedy == ONNX Runtime tokens."""
+    art = tmp_path / target
+    shutil.copytree(exported(target), art)
+    build_engines(build_settings(load_manifest(art), art, timing_cache=tmp_path / "timing.cache"))
+    tidar_ort, ar_ort = _ort_results(art)
+    with TrtBackend(art) as backend:
+        tidar = [r.tokens for r in generate_tidar_batch(backend, PROMPTS, NEW)]
+        ar = [r.tokens for r in generate_ar_batch(backend, PROMPTS, NEW)]
+        status = dict(backend.cuda_graph_status)
+        mode = backend.kv_mode
+    assert tidar == ar == tidar_ort == ar_ort
+    assert mode == ("slice" if target == "trt-10.3" else "alias"), f"{mode}: no KVCacheUpdate aliasing reported"
+    assert status and all(v == "captured" for v in status.values()), status
+    info = load_manifest(art).graphs["step"].engine_info
+    assert info["tensorrt"] and info["compute_capability"] and info["strongly_typed"]
+
+
+@NEEDS_TRT
+def test_tensorrt_step_logits_match_ort(exported, tmp_path):
+    """Sampling reads the logits back: TensorRT's fp32 step logits agree with ONNX Runtime's."""
+    art = tmp_path / "art"
+    shutil.copytree(exported("trt-10.15"), art)
+    build_engines(build_settings(load_manifest(art), art))
+    from tidar_runtime.backends.ort import OrtBackend
+
+    ort_be = OrtBackend(art)
+    with TrtBackend(art) as trt_be:
+        for be in (ort_be, trt_be):
+            be.prefill(0, np.array(PROMPTS[0]), True)
+        drafts = np.full((MAX_BATCH, 4), 3, dtype=np.int64)
+        cache_len = np.array([len(PROMPTS[0]), 0], dtype=np.int64)
+        ref = ort_be.step(drafts, cache_len, True).logits.copy()
+        got = trt_be.step(drafts, cache_len, True).logits.copy()
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-3, atol=1e-3)

@@ -1,0 +1,360 @@
+"""Engine builder: one TensorRT engine per graph of an exported artifact (docs/TENSORRT.md).
+
+Two layers, so that everything but the TensorRT call itself is testable without TensorRT:
+
+- `build_settings(manifest, artifact_dir, ...)` -> `BuildSettings`: pure. Which ONNX file each
+  graph is built from, its optimization profile as plain (min, opt, max) shape tuples, the
+  builder flags, timing cache, optimization level, hardware/version compatibility, weight
+  streaming. Every user error is a one-line TiDARError here, before TensorRT is touched.
+- `build_engines(settings)`: builds with Polygraphy's loaders (`NetworkFromOnnxPath` with a
+  strongly typed network, `CreateConfig`, `EngineBytesFromNetwork`), writes each engine to a
+  temp file, and only when all three are built renames them into place and rewrites the
+  manifest (atomically) with the engine file and its `engine_info`.
+
+Precision: networks are strongly typed, so precision comes from the ONNX tensor types (fp32,
+fp16, bf16: the dtype the artifact was exported with) and from explicit Q/DQ nodes (int8,
+fp8: the quantized graphs `<kind>.int8.onnx` / `<kind>.fp8.onnx` written by the calibration
+step). No precision builder flag is set: on a strongly typed network the types alone decide
+(TensorRT 11 builds only strongly typed networks and has dropped those flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidar_export.errors import TiDARError
+from tidar_runtime.backends.trt import Platform, import_tensorrt
+from tidar_runtime.manifest import GraphSpec, Manifest, load_manifest
+
+GRAPH_KINDS = ("prefill", "step", "ar_step")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+QUANTIZED = ("int8", "fp8")  # need explicit Q/DQ graphs from the calibration step
+KV_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # ONNX activation dtype -> name
+HARDWARE_COMPAT = ("ampere+",)
+# Prefill profile: the prompt length TensorRT tunes its tactics for. Prefill runs once per
+# request and its cost is dominated by long prompts, where GEMMs are efficient for any row
+# count above a few hundred; short prompts are cheap whatever the tactic. 512 tokens is a
+# typical chat/code prompt (docs/TENSORRT.md); `--prefill-opt-len` overrides it.
+DEFAULT_PREFILL_OPT_LEN = 512
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GraphBuild:
+    kind: str  # "prefill" | "step" | "ar_step"
+    onnx: str  # ONNX file the engine is built from, relative to the artifact directory
+    engine: str  # engine file written, relative to the artifact directory ("step.engine")
+    profile: dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max) shapes
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    artifact_dir: Path
+    precision: str  # what the engines compute in: the ONNX dtype, or int8/fp8 via Q/DQ graphs
+    graphs: tuple[GraphBuild, ...]  # one engine each, in build order
+    flags: tuple[str, ...]  # TensorRT BuilderFlag names that are set; never a precision flag
+    strongly_typed: bool = True  # precision from the ONNX types (NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    timing_cache: Path | None = None  # tactic timing cache read and updated (None: shared temp file)
+    optimization_level: int | None = None  # builder_optimization_level 0..5 (None: TensorRT's default, 3)
+    hardware_compat: str | None = None  # "ampere+": HardwareCompatibilityLevel.AMPERE_PLUS
+    version_compat: bool = False  # BuilderFlag.VERSION_COMPATIBLE (lean runtime embedded in the plan)
+    weight_streaming: bool = False  # BuilderFlag.WEIGHT_STREAMING (budget chosen at load time)
+    tf32: bool = False  # BuilderFlag.TF32 for float32 math (off: fp32 engines match ONNX Runtime)
+
+    def graph(self, kind: str) -> GraphBuild:
+        return next(g for g in self.graphs if g.kind == kind)
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["artifact_dir"] = str(self.artifact_dir)
+        d["timing_cache"] = None if self.timing_cache is None else str(self.timing_cache)
+        return json.dumps(d, indent=2)
+
+
+def _base_precision(manifest: Manifest) -> str:
+    """The float dtype the artifact's graphs were exported with (its KV cache dtype)."""
+    kv = next((t.dtype for t in manifest.graphs["step"].inputs if t.name.startswith("past_key_values.")), None)
+    if kv not in KV_PRECISION:
+        raise TiDARError(f"the artifact's step graph has KV cache dtype {kv!r}; expected one of "
+                         f"{', '.join(KV_PRECISION)}")
+    return KV_PRECISION[kv]
+
+
+def quantized_file(spec: GraphSpec, precision: str) -> str:
+    """`step.onnx` -> `step.int8.onnx` (a file already named so is its own quantized graph)."""
+    stem = spec.file[: -len(".onnx")] if spec.file.endswith(".onnx") else spec.file
+    if stem.endswith(f".{precision}"):
+        return spec.file
+    return f"{stem}.{precision}.onnx"
+
+
+def _onnx_files(manifest: Manifest, artifact_dir: Path, precision: str) -> dict[str, str]:
+    base = _base_precision(manifest)
+    if precision not in QUANTIZED:
+        if precision != base:
+            raise TiDARError(
+                f"--precision {precision}: the artifact's graphs are {base}, and strongly typed engines take "
+                f"their precision from the ONNX types; re-export with --dtype {precision} (or build with "
+                f"--precision {base})")
+        return {kind: manifest.graphs[kind].file for kind in GRAPH_KINDS}
+    files = {kind: quantized_file(manifest.graphs[kind], precision) for kind in GRAPH_KINDS}
+    missing = [f for f in files.values() if not (artifact_dir / f).is_file()]
+    if missing:
+        raise TiDARError(
+            f"--precision {precision} needs the explicitly quantized (Q/DQ) graphs {', '.join(files.values())} "
+            f"from the calibration step; missing in {artifact_dir}: {', '.join(missing)}")
+    return files
+
+
+def _dim_range(name: str | int, manifest: Manifest, prefill_opt_len: int) -> tuple[int, int, int]:
+    """(min, opt, max) of one named dimension; fixed dims give min = opt = max."""
+    if isinstance(name, int):
+        return name, name, name
+    value = manifest.dims.get(name)
+    if value is not None:
+        return value, value, value
+    if name == "prefill_batch":
+        # The runtime prefills one row per call; larger batches are allowed up to max_batch.
+        return 1, 1, manifest.max_batch
+    if name == "prompt_len":
+        # Every prompt a TiDAR decode accepts: P + b <= max_seq_len (docs/DECISIONS.md).
+        hi = manifest.max_seq_len - manifest.block_size
+        if hi < 1:
+            raise TiDARError(f"max_seq_len {manifest.max_seq_len} leaves no room for a prompt before the "
+                             f"{manifest.block_size} mask slots of the prefill")
+        return 1, max(1, min(prefill_opt_len, hi)), hi
+    raise TiDARError(f"the manifest's dimension {name!r} is dynamic and has no profile range")
+
+
+def graph_profile(manifest: Manifest, kind: str, prefill_opt_len: int = DEFAULT_PREFILL_OPT_LEN
+                  ) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """The optimization profile of one graph: every input's (min, opt, max) shape."""
+    profile = {}
+    for t in manifest.graphs[kind].inputs:
+        ranges = [_dim_range(d, manifest, prefill_opt_len) for d in t.shape]
+        profile[t.name] = tuple(tuple(r[i] for r in ranges) for i in range(3))
+    return profile
+
+
+def build_settings(manifest: Manifest, artifact_dir: str | os.PathLike, *, precision: str | None = None,
+                   timing_cache: str | os.PathLike | None = None, optimization_level: int | None = None,
+                   hardware_compat: str | None = None, version_compat: bool = False,
+                   weight_streaming: bool = False, tf32: bool = False,
+                   prefill_opt_len: int = DEFAULT_PREFILL_OPT_LEN) -> BuildSettings:
+    """Everything the builder will do, derived from the manifest and the options (no TensorRT)."""
+    artifact_dir = Path(artifact_dir)
+    missing = [k for k in GRAPH_KINDS if k not in manifest.graphs]
+    if missing:
+        raise TiDARError(f"{artifact_dir}: the manifest has no {', '.join(missing)} graph")
+    precision = precision or _base_precision(manifest)
+    if precision not in PRECISIONS:
+        raise TiDARError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if optimization_level is not None and not 0 <= optimization_level <= 5:
+        raise TiDARError(f"--builder-optimization-level must be 0..5, got {optimization_level}")
+    if hardware_compat is not None and hardware_compat not in HARDWARE_COMPAT:
+        raise TiDARError(f"unknown hardware compatibility {hardware_compat!r}: choose {', '.join(HARDWARE_COMPAT)}")
+    if prefill_opt_len < 1:
+        raise TiDARError(f"--prefill-opt-len must be >= 1, got {prefill_opt_len}")
+    if tf32 and precision != "fp32":
+        raise TiDARError(f"--tf32 applies to fp32 engines only (this build is {precision})")
+    files = _onnx_files(manifest, artifact_dir, precision)
+    graphs = tuple(GraphBuild(kind, files[kind], f"{kind}.engine", graph_profile(manifest, kind, prefill_opt_len))
+                   for kind in GRAPH_KINDS)
+    flags = tuple(name for name, on in (("TF32", tf32), ("VERSION_COMPATIBLE", version_compat),
+                                        ("WEIGHT_STREAMING", weight_streaming)) if on)
+    return BuildSettings(
+        artifact_dir=artifact_dir, precision=precision, graphs=graphs, flags=flags,
+        timing_cache=None if timing_cache is None else Path(timing_cache),
+        optimization_level=optimization_level, hardware_compat=hardware_compat,
+        version_compat=version_compat, weight_streaming=weight_streaming, tf32=tf32,
+    )
+
+
+# --------------------------------------------------------------------------- TensorRT side
+
+
+def polygraphy_loaders(settings: BuildSettings, graph: GraphBuild, trt=None):
+    """Polygraphy's (network, config) loaders for one graph; nothing is built until called.
+
+    `trt` (the tensorrt module) is needed only to name a hardware compatibility level.
+    """
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile
+
+    profile = Profile()
+    for name, (lo, opt, hi) in graph.profile.items():
+        profile.add(name, min=lo, opt=opt, max=hi)
+    hw_level = None
+    if settings.hardware_compat == "ampere+":
+        hw_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    config = CreateConfig(
+        profiles=[profile],
+        tf32=settings.tf32,
+        load_timing_cache=None if settings.timing_cache is None else str(settings.timing_cache),
+        builder_optimization_level=settings.optimization_level,
+        hardware_compatibility_level=hw_level,
+        version_compatible=settings.version_compat or None,
+        weight_streaming=settings.weight_streaming or None,
+    )
+    network = NetworkFromOnnxPath(str(settings.artifact_dir / graph.onnx), strongly_typed=settings.strongly_typed)
+    return network, config
+
+
+class PolygraphyCompiler:
+    """Builds serialized engines with Polygraphy; needs tensorrt, polygraphy and a GPU."""
+
+    def __init__(self, device: int = 0):
+        self.trt = import_tensorrt()
+        try:
+            import polygraphy.backend.trt  # noqa: F401
+        except ImportError:
+            raise TiDARError("polygraphy is not installed: pip install polygraphy") from None
+        self.device = device
+
+    def platform(self) -> Platform:
+        from tidar_runtime.backends import cuda
+
+        api = cuda.load()
+        api.set_device(self.device)
+        info = api.device_info(self.device)
+        return Platform(self.trt.__version__, info.name, info.compute_capability)
+
+    def compile(self, settings: BuildSettings, graph: GraphBuild):
+        """The serialized engine (an IHostMemory: a buffer) of one graph."""
+        from polygraphy.backend.trt import EngineBytesFromNetwork
+        from polygraphy.exception import PolygraphyException
+
+        network, config = polygraphy_loaders(settings, graph, self.trt)
+        cache = None if settings.timing_cache is None else str(settings.timing_cache)
+        try:
+            return EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)()
+        except PolygraphyException as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TiDARError(f"{graph.kind}: TensorRT could not build {graph.onnx} ({first}); "
+                             "its log above has the details") from None
+
+
+def engine_info(settings: BuildSettings, graph: GraphBuild, platform: Platform, nbytes: int,
+                seconds: float) -> dict:
+    """What a runtime needs to know about an engine before deserializing it (manifest)."""
+    return {
+        "tensorrt": platform.tensorrt,
+        "gpu": platform.gpu,
+        "compute_capability": platform.compute_capability,
+        "hardware_compat": settings.hardware_compat,
+        "version_compatible": settings.version_compat,
+        "weight_streaming": settings.weight_streaming,
+        "precision": settings.precision,
+        "onnx": graph.onnx,
+        "strongly_typed": settings.strongly_typed,
+        "flags": list(settings.flags),
+        "builder_optimization_level": settings.optimization_level,
+        "profile": {name: [list(s) for s in shapes] for name, shapes in graph.profile.items()},
+        "bytes": nbytes,
+        "build_s": round(seconds, 1),
+    }
+
+
+def _write_temp(directory: Path, name: str, blob) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates owner-only files; engines get the usual modes
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def build_engines(settings: BuildSettings, log: Callable[[str], None] = print, compiler=None) -> Manifest:
+    """Build every engine, then move them into place and update the manifest.
+
+    `compiler` (default: PolygraphyCompiler) has `platform() -> Platform` and
+    `compile(settings, graph) -> buffer`. Engines are written to temp files first; a failure
+    removes them and leaves the artifact as it was.
+    """
+    compiler = compiler or PolygraphyCompiler()
+    directory = settings.artifact_dir
+    manifest = load_manifest(directory)
+    platform = compiler.platform()
+    log(f"TensorRT {platform.tensorrt} on {platform.gpu} (compute capability {platform.compute_capability}), "
+        f"{settings.precision}" + (f", flags {', '.join(settings.flags)}" if settings.flags else ""))
+    built: list[tuple[GraphBuild, Path, dict]] = []
+    with tempfile.TemporaryDirectory(prefix="tidar-build.") as scratch:
+        if settings.timing_cache is None:  # the three graphs share most tactics: share one cache
+            settings = dataclasses.replace(settings, timing_cache=Path(scratch) / "timing.cache")
+        try:
+            for graph in settings.graphs:
+                log(f"{graph.kind}: building {graph.engine} from {graph.onnx} ...")
+                t0 = time.perf_counter()
+                tmp = _write_temp(directory, graph.engine, compiler.compile(settings, graph))
+                seconds = time.perf_counter() - t0
+                nbytes = tmp.stat().st_size
+                built.append((graph, tmp, engine_info(settings, graph, platform, nbytes, seconds)))
+                log(f"{graph.kind}: {nbytes / 2**20:.1f} MiB in {seconds:.1f}s")
+            for graph, tmp, info in built:
+                os.replace(tmp, directory / graph.engine)
+                spec = manifest.graphs[graph.kind]
+                spec.engine, spec.engine_info = graph.engine, info
+        except BaseException:
+            for _, tmp, _ in built:
+                tmp.unlink(missing_ok=True)
+            raise
+    manifest.versions["tensorrt"] = platform.tensorrt
+    manifest.save(directory)
+    return manifest
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def settings_from_args(args) -> BuildSettings:
+    manifest = load_manifest(args.artifact)
+    return build_settings(
+        manifest, args.artifact, precision=args.precision, timing_cache=args.timing_cache,
+        optimization_level=args.builder_optimization_level, hardware_compat=args.hardware_compat,
+        version_compat=args.version_compat, weight_streaming=args.weight_streaming, tf32=args.tf32,
+        prefill_opt_len=args.prefill_opt_len,
+    )
+
+
+def cmd_build(args) -> int:
+    settings = settings_from_args(args)  # user errors first, without TensorRT
+    if args.dry_run:
+        print(settings.to_json())
+        return 0
+    t0 = time.perf_counter()
+    build_engines(settings, log=print)
+    print(f"built {len(settings.graphs)} engines into {settings.artifact_dir} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("build", help="build TensorRT engines for an exported artifact (needs a GPU)")
+    p.add_argument("artifact", help="artifact directory written by `tidar-export export`")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32|fp16|bf16: must be the artifact's dtype (default); int8|fp8: needs the "
+                        "quantized <kind>.int8.onnx / <kind>.fp8.onnx graphs")
+    p.add_argument("--timing-cache", metavar="FILE", help="tactic timing cache to read and update")
+    p.add_argument("--builder-optimization-level", type=int, metavar="N", help="0..5 (TensorRT's default: 3)")
+    p.add_argument("--hardware-compat", choices=HARDWARE_COMPAT,
+                   help="engines that run on any Ampere or newer GPU (slower than device-specific ones)")
+    p.add_argument("--version-compat", action="store_true",
+                   help="engines that later TensorRT versions can run (embeds the lean runtime)")
+    p.add_argument("--weight-streaming", action="store_true",
+                   help="allow streaming weights from host memory (budget chosen when loading)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 math in fp32 engines (faster, not bit-exact)")
+    p.add_argument("--prefill-opt-len", type=int, default=DEFAULT_PREFILL_OPT_LEN, metavar="N",
+                   help=f"prompt length the prefill engine is tuned for (default {DEFAULT_PREFILL_OPT_LEN}, "
+                        "capped at max_seq_len - block_size)")
+    p.add_argument("--dry-run", action="store_true", help="print the build settings as JSON; build nothing")
+    p.set_defaults(func=cmd_build)

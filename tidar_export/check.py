@@ -1,0 +1,440 @@
+"""`tidar-export check`: verify an artifact against its manifest, its target, and torch.
+
+Three layers, each failure collected (STYLE.md: a result per output, one typed error that
+lists every failing check):
+1. Files: the manifest loads (version, sizes), every graph parses, every external weight
+   reference lies inside the shared weight file. A broken artifact stops here with a
+   one-line TiDARError: nothing else can be trusted.
+2. Graphs: bindings, dtypes and shapes equal the manifest's; `tidar_graphs.check_graph`
+   finds no operator, attribute, shape or int64 problem for the target.
+3. Numerics (with `--checkpoint`): ONNX Runtime against the torch reference model on random
+   inputs, per output and per case (several prompt lengths, batch sizes and per-row cache
+   lengths), with per-output tolerances. The torch side is the reference model's own
+   forward (scatter cache write, full logits), not the traced wrappers, so it also checks
+   the wrappers' row selection, positions and masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tidar_export.errors import TiDARError
+from tidar_runtime.layout import step_out_rows
+from tidar_runtime.manifest import GraphSpec, Manifest, load_manifest
+
+# (atol, rtol) per precision and output family: an element fails if |ort - torch| > atol + rtol * |torch|.
+TOLERANCES = {
+    "fp32": {"logits": (1e-3, 1e-3), "present": (5e-4, 1e-3)},
+    "fp16": {"logits": (5e-2, 2e-2), "present": (2e-2, 1e-2)},
+    "bf16": {"logits": (2.5e-1, 5e-2), "present": (1e-1, 5e-2)},
+}
+# onnx.TensorProto data types (stable enum values) -> the manifest's dtype names
+_ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
+_ONNX_EXTERNAL = 1  # onnx.TensorProto.EXTERNAL
+
+
+class ArtifactCheckError(TiDARError):
+    """Checks failed; `failures` lists every one (the message joins them on one line)."""
+
+    def __init__(self, failures: list[str]):
+        self.failures = list(failures)
+        super().__init__(f"{len(self.failures)} check(s) failed: " + "; ".join(self.failures))
+
+
+@dataclass
+class OutputResult:
+    """ORT against torch for one output of one case."""
+
+    graph: str
+    case: str  # e.g. "batch=2 cache_len=[0,37]"
+    output: str
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    mean_rel: float
+    tolerance: str  # "atol=1e-04 rtol=1e-03", or the token rule
+    ok: bool
+    detail: str = ""  # why it failed, or the token agreement
+
+    def failure(self) -> str:
+        return f"{self.graph} [{self.case}] {self.output}: {self.detail}"
+
+
+@dataclass
+class CheckReport:
+    manifest: Manifest
+    failures: list[str] = field(default_factory=list)  # structural and numeric, one line each
+    results: list[OutputResult] = field(default_factory=list)
+    numerics: bool = False  # whether ORT vs torch ran
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def raise_for_failures(self) -> None:
+        """ArtifactCheckError listing every failure, if there is any."""
+        if self.failures:
+            raise ArtifactCheckError(self.failures)
+
+
+# --------------------------------------------------------------------------- files and graphs
+
+
+def load_graph(artifact_dir: Path, spec: GraphSpec, manifest: Manifest):
+    """Parse one graph (without its weights) and check its external references; TiDARError if broken."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = artifact_dir / spec.file
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError) as e:
+        raise TiDARError(f"{path}: not a readable ONNX graph, the file is corrupt or truncated "
+                         f"({type(e).__name__})") from None
+    weights = manifest.weights.get("file")
+    size = (artifact_dir / weights).stat().st_size if weights else 0
+    for t in proto.graph.initializer:
+        if t.data_location != _ONNX_EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if info.get("location") != weights:
+            raise TiDARError(f"{path}: initializer {t.name} points at {info.get('location')!r}, not at "
+                             f"the artifact's weight file {weights!r}")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > size:
+            raise TiDARError(f"{path}: initializer {t.name} ends at byte {end} of {weights}, which has "
+                             f"{size} bytes (truncated weight file)")
+    return proto
+
+
+def _shape_of(value) -> list[int | str]:
+    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def graph_failures(proto, spec: GraphSpec, manifest: Manifest) -> list[str]:
+    """Bindings of the graph against the manifest's GraphSpec (names, dtypes, shapes)."""
+    failures = []
+    for what, values, specs in (("inputs", proto.graph.input, spec.inputs),
+                                ("outputs", proto.graph.output, spec.outputs)):
+        names, want = [v.name for v in values], [t.name for t in specs]
+        if names != want:
+            failures.append(f"{spec.kind}: graph {what} {names} differ from the manifest's {want}")
+            continue
+        for v, t in zip(values, specs):
+            dtype = _ONNX_DTYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type))
+            if dtype != t.dtype:
+                failures.append(f"{spec.kind}: {v.name} has dtype {dtype}, the manifest says {t.dtype}")
+            shape = _shape_of(v)
+            resolved = [d if isinstance(d, int) else manifest.dims.get(d, d) for d in t.shape]
+            expected = [d if r is None else r for d, r in zip(t.shape, resolved)]
+            if shape != expected:
+                failures.append(f"{spec.kind}: {v.name} has shape {shape}, the manifest says {expected}")
+    return failures
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def _cases(manifest: Manifest, kind: str, rng: np.random.Generator) -> list[tuple[int, object]]:
+    """(batch, lengths) of the random cases: prompt lengths for prefill, per-row cache_len otherwise."""
+    S, b, B = manifest.max_seq_len, manifest.block_size, manifest.max_batch
+    if kind == "prefill":
+        longest = S - b
+        lengths = sorted({1, min(7, longest), min(2 * b + 3, longest), min(64, longest)})
+        return [(1 + i % 2, P) for i, P in enumerate(lengths)]
+    T = manifest.step_len if kind == "step" else 1
+    top = S - T  # the largest L a runtime may use (L + T <= S)
+    cases = [np.zeros(B, dtype=np.int64), np.full(B, top, dtype=np.int64)]
+    rand = rng.integers(0, top + 1, size=B)
+    rand[0] = min(top, 1 + rng.integers(0, max(1, top // 4)))
+    cases.append(rand.astype(np.int64))
+    if B > 1:  # distinct per-row lengths, one row at each extreme
+        spread = np.linspace(0, top, B).round().astype(np.int64)
+        cases.append(spread)
+    return [(B, c) for c in cases]
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """ONNX Runtime's own error types (they derive from Exception directly)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(getattr(state, n) for n in ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError",
+                                            "RuntimeException", "InvalidProtobuf", "ModelLoaded",
+                                            "NotImplemented", "InvalidGraph", "EPFail") if hasattr(state, n))
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _torch_reference(model, manifest: Manifest, kind: str, feeds: dict) -> dict[str, np.ndarray]:
+    """The outputs the graph must produce, from the reference model's own forward."""
+    import torch
+
+    from tidar_export import masks
+
+    b, n = manifest.block_size, model.cfg.num_layers
+    with torch.no_grad():
+        if kind == "prefill":
+            prompt = feeds["input_ids"]
+            B, P = prompt.shape
+            ids = torch.cat([prompt, torch.full((B, b), manifest.mask_token_id)], dim=1)
+            logits, keys, values = model(ids, masks.prefill_positions(P, b)[None].expand(B, -1),
+                                         masks.prefill_mask(P, b))
+            rows = torch.tensor([P - 1] + list(range(P + 1, P + b)))
+            present = [(k, v) for k, v in zip(keys, values)]
+        else:
+            L = feeds["cache_len"]
+            past_k = [feeds[f"past_key_values.{i}.key"].clone() for i in range(n)]
+            past_v = [feeds[f"past_key_values.{i}.value"].clone() for i in range(n)]
+            if kind == "step":
+                rs = manifest.proposals
+                B = L.shape[0]
+                ids = torch.full((B, manifest.step_len), manifest.mask_token_id)
+                ids[:, :b] = feeds["draft_ids"]
+                offsets, in_step = masks.step_offsets(b, rs), masks.step_mask(b, rs)
+                rows = torch.tensor(step_out_rows(b, rs))
+            else:
+                ids = feeds["input_ids"]
+                offsets, in_step, rows = torch.zeros(1, dtype=torch.long), masks.causal_mask(1), torch.tensor([0])
+            T = ids.shape[1]
+            logits, keys, values = model(ids, L[:, None] + offsets, in_step, past_k, past_v, L, kv_write="scatter")
+            if manifest.kv_update == "slice":  # the new K/V only: slots L..L+T-1 of each row
+                pick = lambda c: torch.stack([c[j, :, l : l + T] for j, l in enumerate(L.tolist())])  # noqa: E731
+                present = [(pick(k), pick(v)) for k, v in zip(keys, values)]
+            else:
+                present = list(zip(keys, values))
+        logits = logits[:, rows].float()
+        out = {"token_ids": logits.argmax(-1).numpy(), "logits": logits.numpy()}
+        for i, (k, v) in enumerate(present):
+            out[f"present.{i}.key"] = k.float().numpy()
+            out[f"present.{i}.value"] = v.float().numpy()
+    return out
+
+
+def _random_feeds(manifest: Manifest, kind: str, batch: int, lengths, rng) -> dict:
+    """Random graph inputs as torch tensors, caches already in the artifact's precision (so that
+    torch and ORT see the same values)."""
+    import torch
+
+    from tidar_export.tracing import PRECISIONS
+
+    V, n = manifest.model["vocab_size"], manifest.model["num_layers"]
+    ids = lambda *shape: torch.from_numpy(rng.integers(0, V, size=shape).astype(np.int64))  # noqa: E731
+    if kind == "prefill":
+        return {"input_ids": ids(batch, lengths)}
+    width = manifest.block_size if kind == "step" else 1
+    feeds = {"draft_ids" if kind == "step" else "input_ids": ids(batch, width),
+             "cache_len": torch.as_tensor(np.asarray(lengths, dtype=np.int64))}
+    shape = (batch, manifest.dims["kv_heads"], manifest.max_seq_len, manifest.dims["head_dim"])
+    dtype = PRECISIONS[manifest.precision]
+    for i in range(n):
+        for kv in ("key", "value"):
+            cache = rng.standard_normal(shape, dtype=np.float32)
+            feeds[f"past_key_values.{i}.{kv}"] = torch.from_numpy(cache).to(dtype)
+    return feeds
+
+
+def _compare(graph: str, case: str, name: str, got: np.ndarray, want: np.ndarray, atol: float,
+             rtol: float) -> OutputResult:
+    got64, want64 = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    tol = f"atol={atol:.0e} rtol={rtol:.0e}"
+    if got64.shape != want64.shape:
+        return OutputResult(graph, case, name, np.nan, np.nan, np.nan, np.nan, tol, False,
+                            f"shape {list(got64.shape)} != torch {list(want64.shape)}")
+    diff = np.abs(got64 - want64)
+    rel = diff / np.maximum(np.abs(want64), 1e-6)
+    bad = ~(diff <= atol + rtol * np.abs(want64))  # NaN counts as bad
+    res = OutputResult(graph, case, name, float(np.nanmax(diff)) if diff.size else 0.0,
+                       float(np.nanmean(diff)) if diff.size else 0.0, float(np.nanmax(rel)) if rel.size else 0.0,
+                       float(np.nanmean(rel)) if rel.size else 0.0, tol, not bad.any())
+    if bad.any():
+        res.detail = (f"{int(bad.sum())} of {bad.size} elements outside {tol} "
+                      f"(max abs {res.max_abs:.3g}, max rel {res.max_rel:.3g})")
+    return res
+
+
+def _compare_tokens(graph: str, case: str, got: np.ndarray, want: np.ndarray, ref_logits: np.ndarray,
+                    atol: float, rtol: float) -> OutputResult:
+    """Exact agreement, except at near ties: ORT may pick another token only if torch's logit for
+    it is within the logits tolerance of torch's maximum."""
+    rule = "exact, ties within logits tol"
+    if got.shape != want.shape:
+        return OutputResult(graph, case, "token_ids", np.nan, np.nan, np.nan, np.nan, rule, False,
+                            f"shape {list(got.shape)} != torch {list(want.shape)}")
+    agree = got == want
+    top = ref_logits.max(-1)
+    picked = np.take_along_axis(ref_logits, np.clip(got, 0, ref_logits.shape[-1] - 1)[..., None], -1)[..., 0]
+    in_vocab = (got >= 0) & (got < ref_logits.shape[-1])
+    tie = in_vocab & (top - picked <= atol + rtol * np.abs(top))
+    unexplained = ~agree & ~tie
+    mismatch = float((~agree).mean()) if agree.size else 0.0
+    res = OutputResult(graph, case, "token_ids", mismatch, mismatch, 0.0, 0.0, rule, not unexplained.any(),
+                       f"agreement {100 * (1 - mismatch):.1f}%")
+    if unexplained.any():
+        res.detail = (f"{int(unexplained.sum())} of {agree.size} token ids differ from torch's argmax "
+                      f"outside a near tie (agreement {100 * (1 - mismatch):.1f}%)")
+    return res
+
+
+def numeric_results(artifact_dir: Path, manifest: Manifest, model, seed: int = 0) -> list[OutputResult]:
+    """ORT against torch for every graph, case and output. One ORT session alive at a time."""
+    rng = np.random.default_rng(seed)
+    tol = TOLERANCES[manifest.precision]
+    results = []
+    ort_errors = _ort_errors()
+    for kind, spec in manifest.graphs.items():
+        try:
+            session = _ort_session(artifact_dir / spec.file)
+        except ort_errors as e:  # e.g. bf16 kernels that the CPU provider lacks
+            msg = str(e).strip().splitlines()[0]
+            results.append(OutputResult(kind, "session", "*", np.nan, np.nan, np.nan, np.nan, "-", False,
+                                        f"ONNX Runtime (CPU) cannot load it: {msg}"))
+            continue
+        names = [o.name for o in session.get_outputs()]
+        for batch, lengths in _cases(manifest, kind, rng):
+            feeds = _random_feeds(manifest, kind, batch, lengths, rng)
+            want = _torch_reference(model, manifest, kind, feeds)
+            case = (f"batch={batch} prompt_len={lengths}" if kind == "prefill"
+                    else f"batch={batch} cache_len={list(map(int, lengths))}")
+            try:
+                got = dict(zip(names, session.run(names, {k: _to_ort(v) for k, v in feeds.items()})))
+            except ort_errors as e:
+                msg = str(e).strip().splitlines()[0]
+                results.append(OutputResult(kind, case, "*", np.nan, np.nan, np.nan, np.nan, "-", False,
+                                            f"ONNX Runtime failed: {msg}"))
+                continue
+            for name in names:
+                if name == "token_ids":
+                    results.append(_compare_tokens(kind, case, got[name], want[name], want["logits"],
+                                                   *tol["logits"]))
+                else:
+                    family = "logits" if name == "logits" else "present"
+                    results.append(_compare(kind, case, name, _from_ort(got[name]), want[name], *tol[family]))
+        del session
+    return results
+
+
+def _to_ort(t):
+    """A torch input as ORT takes it; numpy has no bfloat16, so those go as OrtValues of raw bits."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        import onnxruntime as ort
+
+        bf16 = next(k for k, v in _ONNX_DTYPES.items() if v == "bfloat16")
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(t.contiguous().view(torch.uint16).numpy(), bf16)
+    return t.numpy()
+
+
+def _from_ort(value) -> np.ndarray:
+    return np.asarray(value, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def check_artifact(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                   seed: int = 0) -> CheckReport:
+    """Run every check. A broken artifact raises TiDARError at once; failed checks are collected in
+    the report (`report.raise_for_failures()` turns them into one ArtifactCheckError)."""
+    import tidar_graphs
+
+    artifact_dir = Path(artifact_dir)
+    manifest = load_manifest(artifact_dir)
+    report = CheckReport(manifest)
+    dynamic = [name for name, value in manifest.dims.items() if value is None]  # the prefill's own dims
+    for kind, spec in manifest.graphs.items():
+        proto = load_graph(artifact_dir, spec, manifest)
+        report.failures += graph_failures(proto, spec, manifest)
+        allowed = dynamic if kind == "prefill" else []
+        report.failures += [f"{kind} ({manifest.target}): {msg}"
+                            for msg in tidar_graphs.check_graph(proto, manifest.target, dynamic_dims=allowed)]
+    if checkpoint is not None:
+        model = reference_model(checkpoint, manifest)
+        report.results = numeric_results(artifact_dir, manifest, model, seed)
+        report.numerics = True
+        report.failures += [r.failure() for r in report.results if not r.ok]
+    return report
+
+
+def reference_model(checkpoint: str | os.PathLike, manifest: Manifest):
+    """The torch model of `checkpoint` as the artifact was exported (block size, mask id, dtype)."""
+    from tidar_export.checkpoint import load_checkpoint
+    from tidar_export.tracing import PRECISIONS
+
+    model = load_checkpoint(checkpoint, manifest.block_size, manifest.mask_token_id,
+                            dtype=PRECISIONS[manifest.precision])
+    have = dataclasses.asdict(model.cfg)
+    differ = [k for k, v in manifest.model.items() if have.get(k) != v]
+    if differ:
+        raise TiDARError(f"checkpoint {checkpoint} is not the model of this artifact: {differ[0]} is "
+                         f"{have.get(differ[0])!r}, the manifest says {manifest.model[differ[0]]!r}")
+    return model
+
+
+def format_table(results: list[OutputResult], verbose: bool = False) -> str:
+    """One row per graph, case and output; without `verbose`, present.* rows are merged per case
+    into the worst layer's key and value rows."""
+    rows: list[OutputResult] = []
+    slot: dict[tuple, int] = {}  # merged present.* row -> its index in rows
+    for r in results:
+        if verbose or not r.output.startswith("present."):
+            rows.append(r)
+            continue
+        key = (r.graph, r.case, "present.*." + r.output.rsplit(".", 1)[1])
+        merged = dataclasses.replace(r, output=f"{key[2]} (worst {r.output})")
+        if key not in slot:
+            slot[key] = len(rows)
+            rows.append(merged)
+            continue
+        cur = rows[slot[key]]
+        if (not r.ok, r.max_abs) > (not cur.ok, cur.max_abs):
+            rows[slot[key]] = dataclasses.replace(merged, ok=r.ok and cur.ok)
+        else:
+            cur.ok = cur.ok and r.ok
+    header = ("graph", "case", "output", "max abs", "mean abs", "max rel", "mean rel", "tolerance", "")
+    lines = [header]
+    for r in rows:
+        if r.output == "token_ids":
+            nums = (f"{100 * (1 - r.max_abs):.1f}% agree", "", "", "")
+        else:
+            nums = tuple(f"{x:.2e}" for x in (r.max_abs, r.mean_abs, r.max_rel, r.mean_rel))
+        lines.append((r.graph, r.case, r.output, *nums, r.tolerance, "ok" if r.ok else "FAIL"))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def cmd_check(args) -> int:
+    t0 = time.perf_counter()
+    report = check_artifact(args.artifact, args.checkpoint, args.seed)
+    if report.results:
+        print(format_table(report.results, args.verbose))
+    m = report.manifest
+    print(f"{args.artifact}: target {m.target}, {m.precision}, b={m.block_size}, proposals {m.proposals}, "
+          f"max_seq_len {m.max_seq_len}, max_batch {m.max_batch} ({time.perf_counter() - t0:.1f}s)")
+    if not report.numerics:
+        print("numeric comparison skipped: pass --checkpoint DIR to run ONNX Runtime against torch")
+    report.raise_for_failures()
+    print(f"ok: manifest, {len(m.graphs)} graphs, target checks"
+          + (f" and {len(report.results)} ORT-vs-torch comparisons" if report.numerics else "") + " passed")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("check", help="verify an artifact: files, target checks, ORT against torch")
+    p.add_argument("artifact", help="artifact directory (manifest.json + graphs)")
+    p.add_argument("--checkpoint", help="the checkpoint it was exported from; enables the ORT-vs-torch comparison")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--verbose", action="store_true", help="one table row per present.* output")
+    p.set_defaults(func=cmd_check)

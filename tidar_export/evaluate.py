@@ -1,0 +1,194 @@
+"""`tidar-export eval`: held-out quality and TiDAR tokens per forward of a checkpoint.
+
+Reports, on the held-out files of a corpus (`tidar_export.data`: never seen in training):
+- AR-mode loss and next-token accuracy: plain causal next-token prediction over windows of
+  `--seq-len` tokens (what the model is worth as an AR model);
+- the diffusion loss of the training objective at the checkpoint's block size, and the
+  diffusion accuracy by slot t of the block (slot t predicts t tokens past the next one: the
+  draft quality that greedy acceptance depends on);
+- greedy decoding of `--num-prompts` held-out prompts, AR and TiDAR at each `--block-sizes`
+  b: tokens per forward (T/NFE, decode forwards only, TIDAR.md 4), the accepted-length
+  histogram, and whether the TiDAR tokens equal the AR tokens (they must: greedy verification
+  with beta = 1 reproduces the AR decode).
+Decoding uses `TorchBackend` under the runtime's loop, batch 1 as in the paper.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tidar_export import data
+from tidar_export.errors import TiDARError
+
+
+def _int_list(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def heldout_stream(checkpoint: Path, corpus: str, pattern: str, eos_id: int | None):
+    tok = data.load_tokenizer(checkpoint)
+    split = data.find_corpus(corpus, pattern)
+    return data.token_stream(tok, data.read_texts(split.heldout), eos_id), split
+
+
+def lm_metrics(model, stream, seq_len: int, max_tokens: int, batch: int = 8) -> dict:
+    """AR-mode cross-entropy / accuracy over non-overlapping windows, and the TiDAR diffusion loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from tidar_export import masks
+    from tidar_export.train import tidar_batch
+
+    S = seq_len
+    n_win = min((len(stream) - 1) // S, max(1, max_tokens // S))
+    if n_win < 1:
+        raise TiDARError(f"held-out text has {len(stream)} tokens: fewer than --seq-len {S} + 1")
+    t = torch.from_numpy(stream[: n_win * S + 1]).long()
+    windows = torch.stack([t[i * S : i * S + S + 1] for i in range(n_win)])  # [N, S+1]
+    ce_sum, correct, diff_sum, diff_correct, count = 0.0, 0, 0.0, 0, 0
+    b = model.cfg.block_size
+    slot_correct = torch.zeros(b, dtype=torch.long)  # diffusion hits by slot t of the block
+    with torch.no_grad():
+        for i in range(0, n_win, batch):
+            x = windows[i : i + batch]
+            ids, labels = x[:, :S], x[:, 1:]
+            pos = torch.arange(S)[None].expand(len(x), -1)
+            logits, _, _ = model(ids, pos, masks.causal_mask(S))
+            ce_sum += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            if S % b == 0:
+                ids2, pos2, mask2, labels2 = tidar_batch(x, b, model.cfg.mask_token_id)
+                dl, _, _ = model(ids2, pos2, mask2)
+                dl, dy = dl[:, S:], labels2[:, S:]
+                diff_sum += F.cross_entropy(dl.flatten(0, 1).float(), dy.flatten(), reduction="sum").item()
+                hit = dl.argmax(-1) == dy  # [B, S]
+                diff_correct += hit.sum().item()
+                slot_correct += hit.view(len(x), S // b, b).sum((0, 1))
+            count += labels.numel()
+    out = {"eval_tokens": count, "ar_loss": round(ce_sum / count, 4),
+           "next_token_acc": round(correct / count, 4)}
+    if S % b == 0:
+        out |= {"diff_loss": round(diff_sum / count, 4), "diff_acc": round(diff_correct / count, 4),
+                "diff_block_size": b,
+                "diff_acc_by_slot": [round(c / (count // b), 4) for c in slot_correct.tolist()]}
+    return out
+
+
+def prompts_from(stream, num: int, prompt_len: int, max_new: int) -> list[list[int]]:
+    """`num` prompts of `prompt_len` tokens at evenly spaced offsets of the held-out stream."""
+    span = len(stream) - prompt_len - max_new
+    if span < num:
+        raise TiDARError(f"held-out text has {len(stream)} tokens: too few for {num} prompts of "
+                         f"{prompt_len} + {max_new} tokens")
+    return [[int(v) for v in stream[o : o + prompt_len]] for o in (i * span // num for i in range(num))]
+
+
+def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
+    """Greedy AR, then TiDAR at each b: T/NFE, histogram, TiDAR == AR per prompt."""
+    from collections import Counter
+
+    from tidar_export.reference import TorchBackend
+    from tidar_runtime import SamplingParams, generate_ar, generate_tidar
+
+    greedy = SamplingParams()
+    P = max(len(p) for p in prompts)
+    max_len = P + max_new + max(block_sizes) * (max(block_sizes) + 1) + 1
+    ar_out, ar_time = [], 0.0
+    for p in prompts:
+        backend = TorchBackend(model, max_len, block_size=1)
+        t0 = time.perf_counter()
+        ar_out.append(generate_ar(backend, p, max_new, greedy, stop).tokens)
+        ar_time += time.perf_counter() - t0
+    n_ar = sum(len(t) for t in ar_out)
+    report = {"ar": {"tokens": n_ar, "tokens_per_s_cpu": round(n_ar / ar_time, 1)}, "tidar": {}}
+    for b in block_sizes:
+        tokens, accepted, hist, mismatched, t_all = 0, [], Counter(), [], 0.0
+        for i, p in enumerate(prompts):
+            backend = TorchBackend(model, max_len, block_size=b)
+            t0 = time.perf_counter()
+            res = generate_tidar(backend, p, max_new, greedy, stop)
+            t_all += time.perf_counter() - t0
+            tokens += len(res.tokens)
+            accepted += res.stats.accepted
+            hist.update(res.stats.accepted)
+            if res.tokens != ar_out[i]:
+                mismatched.append(i)
+        report["tidar"][str(b)] = {
+            "tokens_per_forward": round(sum(accepted) / max(1, len(accepted)), 3),
+            "forwards": len(accepted), "tokens": tokens,
+            "accepted_histogram": dict(sorted(hist.items())),
+            "equals_ar": not mismatched, "mismatched_prompts": mismatched,
+            "tokens_per_s_cpu": round(tokens / t_all, 1),
+        }
+    report["tidar_equals_ar"] = all(r["equals_ar"] for r in report["tidar"].values())
+    return report
+
+
+def evaluate(checkpoint: str, corpus: str = "stdlib", pattern: str = "*.py", seq_len: int | None = None,
+             max_eval_tokens: int = 65536, block_sizes=(4, 8, 16), num_prompts: int = 20,
+             prompt_len: int = 64, max_new_tokens: int = 128) -> dict:
+    from tidar_export.checkpoint import load_checkpoint
+
+    ckpt = Path(checkpoint)
+    model = load_checkpoint(ckpt)
+    cfg = model.cfg
+    if not (ckpt / "tokenizer.json").is_file():
+        raise TiDARError(f"{ckpt} has no tokenizer.json: eval needs the checkpoint's tokenizer")
+    if any(b < 1 for b in block_sizes) or not block_sizes:
+        raise TiDARError(f"block sizes must be >= 1, got {list(block_sizes)}")
+    if num_prompts < 1 or prompt_len < 1 or max_new_tokens < 1:
+        raise TiDARError("--num-prompts, --prompt-len and --max-new-tokens must be >= 1")
+    S = seq_len or min(256, cfg.max_position_embeddings)
+    stream, split = heldout_stream(ckpt, corpus, pattern, cfg.eos_token_id)
+    if len(stream) and int(stream.max()) >= cfg.vocab_size:
+        raise TiDARError(f"the tokenizer produces id {int(stream.max())}, outside the vocabulary ({cfg.vocab_size})")
+    t0 = time.perf_counter()
+    report = {
+        "checkpoint": ckpt.name, "params": cfg.num_params(), "train_block_size": cfg.block_size,
+        "corpus": {"root": corpus, "heldout_files": len(split.heldout), "heldout_tokens": int(len(stream))},
+        "seq_len": S,
+    }
+    report |= lm_metrics(model, stream, S, max_eval_tokens)
+    prompts = prompts_from(stream, num_prompts, prompt_len, max_new_tokens)
+    stop = [cfg.eos_token_id] if cfg.eos_token_id is not None else []
+    report["decode"] = {"prompts": num_prompts, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+                        "greedy": True} | decode_metrics(model, prompts, list(block_sizes), max_new_tokens, stop)
+    report["eval_s"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="held-out AR loss / accuracy and greedy TiDAR T/NFE of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint folder with tokenizer.json")
+    p.add_argument("--corpus", default="stdlib", help="'stdlib' or the folder the model was trained on")
+    p.add_argument("--pattern", default="*.py", help="file glob inside the corpus")
+    p.add_argument("--seq-len", type=int, help="window of the loss evaluation (default: min(256, max positions))")
+    p.add_argument("--max-eval-tokens", type=int, default=65536, help="held-out tokens scored for the loss")
+    p.add_argument("--block-sizes", type=_int_list, default=[4, 8, 16], help="TiDAR block sizes to decode with")
+    p.add_argument("--num-prompts", type=int, default=20)
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("-o", "--output", help="also write the report to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = evaluate(args.checkpoint, args.corpus, args.pattern, args.seq_len, args.max_eval_tokens,
+                      tuple(args.block_sizes), args.num_prompts, args.prompt_len, args.max_new_tokens)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0

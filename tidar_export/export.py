@@ -1,0 +1,265 @@
+"""`tidar-export export`: write a deployable artifact directory (docs/EXPORT.md).
+
+    manifest.json   prefill.onnx   step.onnx   ar_step.onnx   weights.bin   [tokenizer.json]
+
+The three graphs are traced by tidar_export.tracing and lowered for the target by
+`tidar_graphs.lower`. Weights: every initializer of at least EXTERNAL_MIN_BYTES goes to
+weights.bin, once per distinct content (the three graphs point at the same offsets), so models
+over 2 GB work and the data is stored once. The artifact is written into a temp directory
+beside the target and renamed at the end; any failure removes it.
+
+Heavy imports (torch, onnx) happen inside the functions, so that the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tidar_export.errors import TiDARError
+from tidar_runtime.manifest import MANIFEST_FILE
+
+WEIGHTS_FILE = "weights.bin"
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph (shapes, axes, small masks)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class WeightFile:
+    """One external-data file shared by every graph of an artifact; each distinct tensor once.
+
+    Tensors are keyed by (dtype, shape, BLAKE2 digest of the bytes), so the same weight traced
+    into three graphs, or a copy that a graph pass made, is written only once.
+    """
+
+    ALIGN = 64  # bytes, every tensor
+    ALIGN_LARGE = 65536  # tensors >= 1 MiB start on a 64 KiB boundary (mmap-friendly on every OS)
+
+    def __init__(self, path: Path):
+        self.path = path.resolve()
+        self.name = path.name
+        self._f = open(path, "wb")
+        self._offsets: dict[tuple, tuple[int, int]] = {}
+        self.size = 0
+
+    def add(self, dtype: int, shape: tuple[int, ...], data: np.ndarray) -> tuple[int, int]:
+        """Append the bytes of `data` unless already present; returns (offset, length)."""
+        buf = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        key = (dtype, tuple(shape), hashlib.blake2b(buf, digest_size=20).digest())
+        if key not in self._offsets:
+            align = self.ALIGN_LARGE if buf.nbytes >= 1 << 20 else self.ALIGN
+            offset = -(-self.size // align) * align
+            if offset > self.size:
+                self._f.write(b"\0" * (offset - self.size))
+            self._f.write(buf)
+            self.size = offset + buf.nbytes
+            self._offsets[key] = (offset, buf.nbytes)
+        return self._offsets[key]
+
+    def externalize_ir(self, model) -> None:
+        """Move every large initializer of an onnx_ir Model into the file (before lowering).
+
+        Until `externalize_proto` the references carry the file's absolute path, so that a graph
+        pass that reads a weight finds it whatever its working directory (a ModelProto has no
+        base directory); `externalize_proto` turns them into the artifact-relative name.
+        """
+        import onnx_ir as ir
+
+        for value in model.graph.initializers.values():
+            t = value.const_value
+            if t is None or isinstance(t, ir.ExternalTensor) or t.nbytes < EXTERNAL_MIN_BYTES:
+                continue
+            offset, length = self.add(t.dtype.value, tuple(t.shape.numpy()), t.numpy())
+            value.const_value = ir.ExternalTensor(str(self.path), offset, length, t.dtype, shape=t.shape,
+                                                  name=value.name)
+        self._f.flush()
+
+    def externalize_proto(self, model) -> None:
+        """After lowering: make every external reference relative to the artifact, and move the
+        large initializers that lowering added into the file."""
+        import onnx
+        import onnx.external_data_helper
+        import onnx.numpy_helper
+
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                entry = next((e for e in tensor.external_data if e.key == "location"), None)
+                if entry is None or entry.value not in (str(self.path), self.name):
+                    raise RuntimeError(f"initializer {tensor.name} points at "
+                                       f"{entry.value if entry else None!r}, not at {self.name}")
+                entry.value = self.name
+                continue
+            array = onnx.numpy_helper.to_array(tensor)
+            if array.nbytes < EXTERNAL_MIN_BYTES:
+                continue
+            offset, length = self.add(tensor.data_type, tuple(tensor.dims), array)
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                tensor.ClearField(field)
+            onnx.external_data_helper.set_external_data(tensor, self.name, offset, length)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# --------------------------------------------------------------------------- artifact
+
+
+def _prepare_output(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise TiDARError(f"{output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
+        raise TiDARError(f"{output} exists and is not an artifact directory (no {MANIFEST_FILE}); "
+                         "refusing to replace it")
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp/mkstemp create owner-only entries; give the artifact the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
+def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *, block_size: int | None = None,
+                    proposals: Sequence[int] | None = None, target: str = "ort", precision: str = "fp32",
+                    max_seq_len: int | None = None, max_batch: int = 1, mask_token_id: int | None = None,
+                    log=None) -> Path:
+    """Export a checkpoint folder to an artifact directory (atomically: temp dir, then rename).
+
+    An existing artifact directory at `output` is replaced; any other non-empty path is refused.
+    """
+    import dataclasses
+
+    import onnx
+    import onnx_ir as ir
+    import tidar_graphs
+    import torch
+
+    import tidar_export
+    from tidar_export.checkpoint import load_checkpoint, read_config
+    from tidar_export.tracing import EXPORT_OPSET, GRAPH_KINDS, graph_io, make_plan, manifest_dims, trace
+    from tidar_runtime.manifest import GraphSpec, Manifest
+
+    output = Path(output)
+    log = log or (lambda msg: None)
+    _prepare_output(output)
+    cfg = read_config(checkpoint, block_size, mask_token_id)
+    plan = make_plan(cfg, block_size, proposals, target, precision, max_seq_len, max_batch)  # before loading
+    model = load_checkpoint(checkpoint, block_size, mask_token_id, dtype=plan.dtype)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    weights = None
+    try:
+        weights = WeightFile(tmp / WEIGHTS_FILE)
+        graphs: dict[str, GraphSpec] = {}
+        opsets: dict[str, int] = {}
+        for kind in GRAPH_KINDS:
+            t0 = time.perf_counter()
+            traced = trace(model, plan, kind)
+            weights.externalize_ir(traced)
+            proto = ir.serde.serialize_model(traced)
+            del traced
+            lowered = tidar_graphs.lower(proto, target)
+            weights.externalize_proto(lowered)
+            onnx.save_model(lowered, str(tmp / f"{kind}.onnx"))
+            opsets.update({imp.domain or "ai.onnx": imp.version for imp in lowered.opset_import})
+            inputs, outputs = graph_io(cfg, plan, kind)
+            graphs[kind] = GraphSpec(kind=kind, file=f"{kind}.onnx", inputs=inputs, outputs=outputs,
+                                     bytes=(tmp / f"{kind}.onnx").stat().st_size)
+            log(f"{kind}: traced and lowered for {target} in {time.perf_counter() - t0:.1f}s")
+        weights.close()
+        tokenizer = {"file": None, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+        if (Path(checkpoint) / "tokenizer.json").is_file():
+            shutil.copy2(Path(checkpoint) / "tokenizer.json", tmp / "tokenizer.json")
+            tokenizer["file"] = "tokenizer.json"
+        manifest = Manifest(
+            model=dataclasses.asdict(cfg),
+            block_size=plan.block_size,
+            proposals=list(plan.proposals),
+            mask_token_id=cfg.mask_token_id,
+            max_seq_len=plan.max_seq_len,
+            max_batch=plan.max_batch,
+            precision=plan.precision,
+            target=plan.target,
+            kv_update=plan.kv_update,
+            graphs=graphs,
+            dims=manifest_dims(cfg, plan),
+            tokenizer=tokenizer,
+            versions={
+                "tidar_export": tidar_export.__version__,
+                "exporter": "torch.onnx.export(dynamo=True)",
+                "torch": torch.__version__.split("+")[0],
+                "onnx": onnx.__version__,
+                "onnx_ir": ir.__version__,
+                "export_opset": EXPORT_OPSET,
+                "opsets": opsets,
+            },
+            weights={"file": WEIGHTS_FILE, "bytes": weights.size},
+        )
+        manifest.save(tmp)
+        _default_permissions(tmp)
+        _swap_in(tmp, output)
+    except BaseException:
+        if weights is not None:
+            weights.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _swap_in(new: Path, output: Path) -> None:
+    """Rename `new` to `output`; an existing artifact there is moved aside first and removed only
+    once the new one is in place (restored if the rename fails)."""
+    if not output.exists():
+        os.replace(new, output)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+    os.replace(output, old / "artifact")
+    try:
+        os.replace(new, output)
+    except BaseException:
+        os.replace(old / "artifact", output)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cmd_export(args) -> int:
+    t0 = time.perf_counter()
+    out = export_artifact(args.checkpoint, args.output, block_size=args.block_size, proposals=args.proposals,
+                          target=args.target, precision=args.dtype, max_seq_len=args.max_seq_len,
+                          max_batch=args.max_batch, mask_token_id=args.mask_token_id, log=print)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {args.target} artifact ({size / 2**20:.1f} MiB) to {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def register(subparsers) -> None:
+    from tidar_export.cli import int_list
+
+    p = subparsers.add_parser("export", help="export prefill, step and ar_step graphs to an ONNX artifact")
+    p.add_argument("checkpoint", help="TiDAR checkpoint folder (config.json + safetensors)")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--block-size", type=int, help="TiDAR block size b (default: the checkpoint's)")
+    p.add_argument("--mask-token-id", type=int, help="TiDAR mask token id (default: the checkpoint's)")
+    p.add_argument("--proposals", type=int_list, help="sparse proposal blocks, e.g. 1,4,7 (default: all)")
+    p.add_argument("--target", default="ort", help="ort | trt-10.3 | trt-10.15 (default: ort)")
+    p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 (default: fp32)")
+    p.add_argument("--max-seq-len", type=int, help="KV cache slots per row (default: 2048, at most the "
+                   "checkpoint's max_position_embeddings)")
+    p.add_argument("--max-batch", type=int, default=1, help="rows of the step graphs (default: 1)")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,92 @@
+"""`tidar-export generate`: run the decode loop over an exported artifact.
+
+Torch is not imported here unless `--backend torch` is chosen: the runtime path needs only
+numpy, the tokenizer and the chosen backend.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tidar_export.errors import TiDARError
+
+
+def load_tokenizer(artifact_dir):
+    """The artifact's tokenizer, or None when it ships none."""
+    path = Path(artifact_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def prompt_ids(tokenizer, text: str | None, ids: list[int] | None) -> list[int]:
+    if ids is not None:
+        return ids
+    if text is None:
+        raise TiDARError("give --prompt TEXT or --prompt-ids IDS")
+    if tokenizer is None:
+        raise TiDARError("the artifact has no tokenizer.json: pass --prompt-ids instead of --prompt")
+    return tokenizer.encode(text).ids
+
+
+def run_generate(args) -> int:
+    from tidar_runtime import SamplingParams, stream_ar, stream_tidar
+    from tidar_runtime.backends.select import open_backend
+    from tidar_runtime.stats import summarize
+
+    backend = open_backend(args.backend, args.artifact)
+    tok = load_tokenizer(args.artifact)
+    ids = prompt_ids(tok, args.prompt, args.prompt_ids)
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    eos = backend.manifest.tokenizer.get("eos_token_id") if hasattr(backend, "manifest") else None
+    stop = args.stop_ids if args.stop_ids is not None else ([eos] if eos is not None else [])
+    run = stream_tidar if args.mode == "tidar" else stream_ar
+    stream = run(backend, [ids], args.max_new_tokens, params, stop)
+    printed, sofar = "", []
+    for _, piece in stream:
+        sofar += piece
+        if args.stream and tok is not None:
+            text = tok.decode(sofar)
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    if args.stream:
+        sys.stdout.write("\n")
+    result = stream.results[0]
+    text = tok.decode(result.tokens) if tok is not None else None
+    report = {"mode": args.mode, "backend": args.backend, "text": text, "token_ids": result.tokens,
+              **summarize(result)}
+    if args.json:
+        print(json.dumps(report))
+    elif not args.stream:
+        print(text if text is not None else result.tokens)
+    if not args.json:
+        print(f"[{args.mode}/{args.backend}] {report['new_tokens']} tokens, {report['tokens_per_forward']} "
+              f"tokens/forward, {report['tokens_per_s']} tokens/s, finish: {report['finish_reason']}",
+              file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    from tidar_export.cli import int_list
+    from tidar_runtime.backends.select import BACKENDS
+
+    p = sub.add_parser("generate", help="decode with an exported artifact (ONNX Runtime, TensorRT or torch)")
+    p.add_argument("artifact", help="artifact directory written by `tidar-export export`")
+    p.add_argument("--prompt", help="prompt text (needs the artifact's tokenizer.json)")
+    p.add_argument("--prompt-ids", type=int_list, help="prompt as comma-separated token ids")
+    p.add_argument("--mode", choices=["tidar", "ar"], default="tidar")
+    p.add_argument("--backend", choices=BACKENDS, default="ort")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop-ids", type=int_list, help="stop token ids (default: the tokenizer's eos)")
+    p.add_argument("--stream", action="store_true", help="print text as it is decided")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and figures")
+    p.set_defaults(func=run_generate)

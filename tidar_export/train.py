@@ -1,0 +1,514 @@
+"""The TiDAR training recipe (TIDAR.md 2) and its AR-only baseline: `tidar-export train`.
+
+TiDAR mode, one forward per batch over 2S tokens, no cache:
+
+    ids        [x_0 .. x_{S-1} | M x S]          masks.train_mask(S, b), masks.train_positions(S)
+    labels     [x_1 .. x_S     | x_0 .. x_{S-1}]  clean i -> x_{i+1} (shifted), mask j -> x_j (not)
+    loss       1/(1+a) * (a * mean CE_AR + mean CE_diff)
+
+Every token of the second half is the mask token ("full mask", no noise schedule). AR mode is
+the baseline: plain causal next-token loss over the S clean tokens, same model, data and steps.
+
+A run folder is a checkpoint folder (config.json, model.safetensors, tokenizer files: what
+`load_checkpoint` and transformers read) plus the resume state this module owns:
+`train_state.json` (step, settings, history) and `train_state.safetensors` (AdamW moments).
+The recipe keeps no RNG state: the init draws from its own seeded generator, the batch of step
+t is a pure function of (seed, t), and there is no dropout; so that state is complete. Both are
+written into a staging folder that replaces the run folder by rename, so an interrupted save
+leaves the previous state intact. Nothing is ever unpickled.
+
+torch is imported inside the functions, so that registering the subcommand costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tidar_export import data
+from tidar_export.errors import TiDARError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tidar_export.model import TiDARModel
+
+STATE_JSON = "train_state.json"
+STATE_TENSORS = "train_state.safetensors"
+MODES = ("tidar", "ar")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    mode: str = "tidar"  # "tidar" (TIDAR.md 2 objective) or "ar" (next-token loss only, the baseline)
+    corpus: str = "stdlib"  # "stdlib" or a folder of text files
+    pattern: str = "*.py"  # file glob inside the corpus folder
+    # model shape (fresh runs; a run continued from --init-from keeps that checkpoint's shape)
+    arch: str = "llama"  # llama: no biases, no q/k norm
+    vocab_size: int = 4096  # BPE vocabulary, special tokens included
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 6
+    num_kv_heads: int = 2
+    # objective and data
+    seq_len: int = 256  # S: clean tokens per sequence (the forward sees 2S in TiDAR mode)
+    block_size: int = 8  # b: training block size, recorded as the checkpoint's default
+    ar_weight: float = 1.0  # a in 1/(1+a) * (a * CE_AR + CE_diff)
+    batch_size: int = 16  # sequences per step
+    # optimisation: AdamW, linear warm-up then cosine decay to lr * min_lr_ratio
+    steps: int = 1000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1  # on matrices only
+    grad_clip: float = 1.0
+    seed: int = 0  # model init and the per-step batch sampler
+    init_from: str | None = None  # continue from this (imported AR) checkpoint instead of scratch
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise TiDARError(f"unknown training mode {self.mode!r}: choose tidar or ar")
+        for name in ("seq_len", "block_size", "batch_size", "steps", "vocab_size", "hidden_size",
+                     "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise TiDARError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len % self.block_size:
+            raise TiDARError(f"--seq-len {self.seq_len} must be a multiple of --block-size {self.block_size}")
+        if self.lr <= 0 or self.ar_weight < 0 or self.warmup < 0:
+            raise TiDARError("--lr must be > 0, --ar-weight and --warmup >= 0")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step `step` (0-based)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        span = max(1, self.steps - self.warmup)
+        t = min(1.0, (step - self.warmup) / span)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# Settings that may differ when a run is resumed; everything else must match the saved run.
+RESUMABLE_CHANGES = ("steps",)
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+
+
+def tidar_batch(x: torch.Tensor, block_size: int, mask_token_id: int):
+    """TiDAR training batch from windows x [B, S+1] (TIDAR.md 2).
+
+    Returns ids [B, 2S], positions [B, 2S], mask [2S, 2S] (True = may attend), labels [B, 2S].
+    """
+    import torch
+
+    from tidar_export import masks
+
+    B, S = x.shape[0], x.shape[1] - 1
+    clean = x[:, :S]  # x_0..x_{S-1}
+    ids = torch.cat([clean, torch.full_like(clean, mask_token_id)], dim=1)  # full mask: all M
+    labels = torch.cat([x[:, 1:], clean], dim=1)  # clean i -> x_{i+1}; mask j -> x_j
+    pos = masks.train_positions(S)[None].expand(B, -1)
+    return ids, pos, masks.train_mask(S, block_size), labels
+
+
+def ar_batch(x: torch.Tensor):
+    """Plain causal LM batch from windows x [B, S+1]: ids [B, S], positions, causal mask, labels."""
+    import torch
+
+    from tidar_export import masks
+
+    B, S = x.shape[0], x.shape[1] - 1
+    pos = torch.arange(S)[None].expand(B, -1)
+    return x[:, :S], pos, masks.causal_mask(S), x[:, 1:]
+
+
+def losses(model: TiDARModel, x: torch.Tensor, mode: str, block_size: int, ar_weight: float = 1.0):
+    """(total, ce_ar, ce_diff) for windows x [B, S+1]; ce_diff is None in AR mode."""
+    import torch.nn.functional as F
+
+    S = x.shape[1] - 1
+    if mode == "ar":
+        ids, pos, mask, labels = ar_batch(x)
+        logits, _, _ = model(ids, pos, mask)  # [B, S, V]
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        return ce, ce, None
+    ids, pos, mask, labels = tidar_batch(x, block_size, model.cfg.mask_token_id)
+    logits, _, _ = model(ids, pos, mask)  # [B, 2S, V]
+    ce_ar = F.cross_entropy(logits[:, :S].flatten(0, 1).float(), labels[:, :S].flatten())
+    ce_diff = F.cross_entropy(logits[:, S:].flatten(0, 1).float(), labels[:, S:].flatten())
+    total = (ar_weight * ce_ar + ce_diff) / (1 + ar_weight)
+    return total, ce_ar, ce_diff
+
+
+def batch_windows(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The windows [B, S+1] of step `step`: a pure function of (seed, step), so resuming needs no sampler state."""
+    import numpy as np
+    import torch
+
+    n = stream.numel() - seq_len - 1
+    rng = np.random.default_rng([seed, step])
+    starts = torch.from_numpy(rng.integers(0, n + 1, size=batch_size))
+    return stream[starts[:, None] + torch.arange(seq_len + 1)].long()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and optimizer
+
+
+def init_weights(model: TiDARModel, seed: int) -> None:
+    """N(0, 0.02) matrices, zero biases, unit norms; residual output projections scaled by 1/sqrt(2 layers)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    resid_std = 0.02 / math.sqrt(2 * model.cfg.num_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                std = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def make_optimizer(model: TiDARModel, s: TrainSettings) -> torch.optim.AdamW:
+    import torch
+
+    named = list(model.named_parameters())
+    decay = [p for _, p in named if p.dim() >= 2]
+    other = [p for _, p in named if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                              {"params": other, "weight_decay": 0.0}],
+                             lr=s.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _opt_params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def optimizer_tensors(opt: torch.optim.AdamW) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """AdamW moments by parameter index, and each parameter's step count."""
+    tensors, steps = {}, {}
+    for i, p in enumerate(_opt_params(opt)):
+        st = opt.state.get(p)
+        if not st:
+            continue
+        tensors[f"exp_avg.{i}"] = st["exp_avg"].detach().clone().contiguous()
+        tensors[f"exp_avg_sq.{i}"] = st["exp_avg_sq"].detach().clone().contiguous()
+        steps[str(i)] = float(st["step"])
+    return tensors, steps
+
+
+def load_optimizer_tensors(opt: torch.optim.AdamW, tensors: dict[str, torch.Tensor], steps: dict[str, float]) -> None:
+    import torch
+
+    for i, p in enumerate(_opt_params(opt)):
+        if str(i) not in steps:
+            continue
+        avg, sq = tensors[f"exp_avg.{i}"], tensors[f"exp_avg_sq.{i}"]
+        if avg.shape != p.shape:
+            raise TiDARError(f"optimizer state {i} has shape {tuple(avg.shape)}, parameter {tuple(p.shape)}")
+        opt.state[p] = {"step": torch.tensor(steps[str(i)]), "exp_avg": avg.clone(), "exp_avg_sq": sq.clone()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder
+
+
+def _replace_dir(staging: Path, folder: Path) -> None:
+    """Swap `staging` in for `folder` by renames; the old folder is removed only afterwards."""
+    old = folder.parent / f".{folder.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_run(folder: Path, model: TiDARModel, opt: torch.optim.AdamW, state: dict, tokenizer_dir: Path) -> None:
+    """Checkpoint (importer format) + resume state, swapped in atomically."""
+    from safetensors.torch import save_file
+
+    from tidar_export.checkpoint import save_checkpoint
+
+    staging = folder.parent / f".{folder.name}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    save_checkpoint(model, staging, tokenizer_from=tokenizer_dir)
+    tensors, steps = optimizer_tensors(opt)
+    save_file(tensors, str(staging / STATE_TENSORS))
+    (staging / STATE_JSON).write_text(json.dumps(state | {"optimizer_steps": steps}, indent=1) + "\n")
+    _replace_dir(staging, folder)
+
+
+def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    js, ts = folder / STATE_JSON, folder / STATE_TENSORS
+    if not js.is_file() or not ts.is_file():
+        raise TiDARError(f"{folder}: no training state to resume ({STATE_JSON} / {STATE_TENSORS} missing)")
+    try:
+        state = json.loads(js.read_text())
+        tensors = load_file(str(ts))
+    except Exception as e:  # JSON or safetensors error: report it as a user error
+        raise TiDARError(f"{folder}: unreadable training state ({type(e).__name__}: {e})") from None
+    return state, tensors
+
+
+def _fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _fresh_model(s: TrainSettings, tok, tokenizer_vocab: int) -> TiDARModel:
+    from tidar_export.config import TiDARConfig
+    from tidar_export.model import TiDARModel
+
+    mask_id = data.special_id(tok, data.MASK_TOKEN)
+    eos_id = data.special_id(tok, data.EOS_TOKEN)
+    if mask_id is None:
+        raise TiDARError(f"the tokenizer has no {data.MASK_TOKEN} token: train one here (omit --tokenizer)")
+    if s.hidden_size % s.num_heads:
+        raise TiDARError(f"--hidden-size {s.hidden_size} is not a multiple of --heads {s.num_heads}")
+    cfg = TiDARConfig(
+        arch=s.arch, vocab_size=tokenizer_vocab, hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size, num_layers=s.num_layers, num_heads=s.num_heads,
+        num_kv_heads=s.num_kv_heads, head_dim=s.hidden_size // s.num_heads, rope_theta=10000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=s.seq_len, attention_bias=False,
+        qk_norm=s.arch == "qwen3", tie_word_embeddings=True, block_size=s.block_size,
+        mask_token_id=mask_id, eos_token_id=eos_id,
+    )
+    model = TiDARModel(cfg)
+    init_weights(model, s.seed)
+    return model
+
+
+def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tokenizer: str | None = None,
+          mask_token_id: int | None = None, stop_at: int | None = None, save_every: int = 500,
+          log_every: int = 50, progress: bool = True, log=print) -> dict:
+    """Run (or resume) a training run into the folder `out`; returns the final state dict."""
+    import torch
+    from tidar_export.checkpoint import load_checkpoint
+
+    out = Path(out)
+    t_setup = time.perf_counter()
+    if resume:
+        state, tensors = read_state(out)
+        saved = TrainSettings(**state["settings"])
+        diff = {k for k in state["settings"] if getattr(s, k) != getattr(saved, k)} - set(RESUMABLE_CHANGES)
+        if diff:
+            raise TiDARError(f"--resume: {sorted(diff)[0]} differs from the saved run "
+                             f"({getattr(saved, sorted(diff)[0])!r}); resume with the same settings")
+        model = load_checkpoint(out)
+        step = state["step"]
+    else:
+        if out.exists() and not out.is_dir():
+            raise TiDARError(f"output {out} exists and is not a folder")
+        if out.exists() and any(out.iterdir()):
+            hint = ": pass --resume to continue it" if (out / STATE_JSON).is_file() else ""
+            raise TiDARError(f"output folder {out} already exists and is not empty{hint}")
+        state, tensors, step = None, None, 0
+
+    corpus = data.find_corpus(s.corpus, s.pattern)
+    texts = data.read_texts(corpus.train)
+    with tempfile.TemporaryDirectory(prefix="tidar-tok-") as tok_tmp:
+        tok_dir = Path(tok_tmp)
+        if resume:
+            tok_src = out
+        elif tokenizer is not None:
+            tok_src = Path(tokenizer)
+        elif s.init_from is not None:
+            tok_src = Path(s.init_from)
+        else:
+            tok_src = None
+        if tok_src is None:
+            data.train_tokenizer(texts, s.vocab_size, tok_dir / "tokenizer.json")
+        else:
+            src = tok_src / "tokenizer.json" if tok_src.is_dir() else tok_src
+            if not src.is_file():
+                raise TiDARError(f"tokenizer not found: {src} (give --tokenizer FILE)")
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                f = src if name == "tokenizer.json" else src.parent / name
+                if f.is_file():
+                    shutil.copy2(f, tok_dir / name)
+        tok = data.load_tokenizer(tok_dir)
+
+        if not resume:
+            if s.init_from is not None:
+                model = load_checkpoint(s.init_from, block_size=s.block_size, mask_token_id=mask_token_id)
+                if model.cfg.vocab_size < tok.get_vocab_size():
+                    raise TiDARError(f"tokenizer has {tok.get_vocab_size()} tokens, the checkpoint's vocabulary "
+                                     f"only {model.cfg.vocab_size}")
+            else:
+                model = _fresh_model(s, tok, tok.get_vocab_size())
+        model.train()
+        cfg = model.cfg
+        eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else data.special_id(tok, data.EOS_TOKEN)
+        stream = torch.from_numpy(data.token_stream(tok, texts, eos_id))
+        if stream.numel() < s.seq_len + 2:
+            raise TiDARError(f"corpus has only {stream.numel()} training tokens: need more than --seq-len {s.seq_len}")
+        if int(stream.max()) >= cfg.vocab_size:
+            raise TiDARError(f"token id {int(stream.max())} is outside the model's vocabulary ({cfg.vocab_size})")
+
+        opt = make_optimizer(model, s)
+        if resume:
+            load_optimizer_tensors(opt, tensors, state["optimizer_steps"])
+            history, elapsed, tokens_seen = state["history"], state["elapsed_s"], state["tokens_seen"]
+        else:
+            history, elapsed, tokens_seen = [], 0.0, 0
+
+        def snapshot() -> dict:
+            return {"step": step, "settings": dataclasses.asdict(s), "tokens_seen": tokens_seen,
+                    "elapsed_s": round(elapsed, 2), "history": history,
+                    "corpus": corpus.describe() | {"root": "stdlib" if s.corpus == "stdlib" else s.corpus,
+                                                   "train_tokens": int(stream.numel())},
+                    "model_params": cfg.num_params(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "python": sys.version.split()[0]}
+
+        end = s.steps if stop_at is None else min(stop_at, s.steps)
+        log(f"{s.mode} training: {cfg.num_params() / 1e6:.2f}M params, {stream.numel():,} train tokens "
+            f"({len(corpus.train)} files, {len(corpus.heldout)} held out), S={s.seq_len} b={s.block_size} "
+            f"batch={s.batch_size}, steps {step}->{end} of {s.steps}, {torch.get_num_threads()} threads, "
+            f"setup {time.perf_counter() - t_setup:.1f}s")
+        bar = None
+        if progress and step < end:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                       disable=not sys.stderr.isatty())
+            log = bar.write
+        acc = {"loss": 0.0, "ar": 0.0, "diff": 0.0, "n": 0}
+        t_log = time.perf_counter()
+        while step < end:
+            t0 = time.perf_counter()
+            lr = s.lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = batch_windows(stream, step, s.batch_size, s.seq_len, s.seed)
+            total, ce_ar, ce_diff = losses(model, x, s.mode, s.block_size, s.ar_weight)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            opt.step()
+            step += 1
+            tokens_seen += x.shape[0] * s.seq_len
+            elapsed += time.perf_counter() - t0
+            acc["loss"] += total.item()
+            acc["ar"] += ce_ar.item()
+            acc["diff"] += ce_diff.item() if ce_diff is not None else 0.0
+            acc["n"] += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss {total.item():.3f}")
+            if step % log_every == 0 or step == end:
+                n, dt = acc["n"], time.perf_counter() - t_log
+                rec = {"step": step, "loss": round(acc["loss"] / n, 4), "ce_ar": round(acc["ar"] / n, 4),
+                       "ce_diff": round(acc["diff"] / n, 4) if s.mode == "tidar" else None,
+                       "lr": float(f"{lr:.3e}"), "tok_s": round(n * s.batch_size * s.seq_len / dt),
+                       "elapsed_s": round(elapsed, 1)}
+                history.append(rec)
+                eta = (end - step) * dt / n
+                diff_txt = f" diff {rec['ce_diff']:.3f}" if s.mode == "tidar" else ""
+                log(f"step {step}/{s.steps} loss {rec['loss']:.3f} (ar {rec['ce_ar']:.3f}{diff_txt}) "
+                    f"lr {lr:.2e} {rec['tok_s']:,} tok/s elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}")
+                acc = {"loss": 0.0, "ar": 0.0, "diff": 0.0, "n": 0}
+                t_log = time.perf_counter()
+            if step % save_every == 0 or step == end:
+                model.eval()
+                save_run(out, model, opt, snapshot(), tok_dir)
+                model.train()
+        if bar is not None:
+            bar.close()
+        if not resume and not (out / STATE_JSON).is_file():  # nothing to run: still leave a run folder
+            save_run(out, model.eval(), opt, snapshot(), tok_dir)
+        return snapshot()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+_FLAGS = {  # TrainSettings field -> (flag, type, help)
+    "mode": ("--mode", str, "tidar (TIDAR.md 2 objective) or ar (next-token loss only: the baseline)"),
+    "corpus": ("--corpus", str, "'stdlib' (the Python standard library's .py source) or a folder of text files"),
+    "pattern": ("--pattern", str, "file glob inside the corpus (default *.py)"),
+    "arch": ("--arch", str, "llama | qwen2 | qwen3 (fresh runs)"),
+    "vocab_size": ("--vocab-size", int, "BPE vocabulary size (fresh runs)"),
+    "hidden_size": ("--hidden-size", int, "model width (fresh runs)"),
+    "intermediate_size": ("--intermediate-size", int, "SwiGLU width (fresh runs)"),
+    "num_layers": ("--layers", int, "decoder blocks (fresh runs)"),
+    "num_heads": ("--heads", int, "query heads (fresh runs)"),
+    "num_kv_heads": ("--kv-heads", int, "key/value heads (fresh runs)"),
+    "seq_len": ("--seq-len", int, "S: clean tokens per training sequence"),
+    "block_size": ("--block-size", int, "b: TiDAR training block size"),
+    "ar_weight": ("--ar-weight", float, "a: weight of the AR term"),
+    "batch_size": ("--batch-size", int, "sequences per step"),
+    "steps": ("--steps", int, "total optimizer steps (the LR schedule spans them)"),
+    "lr": ("--lr", float, "peak learning rate"),
+    "min_lr_ratio": ("--min-lr-ratio", float, "final LR as a fraction of the peak"),
+    "warmup": ("--warmup", int, "linear warm-up steps"),
+    "weight_decay": ("--weight-decay", float, "AdamW weight decay on matrices"),
+    "grad_clip": ("--grad-clip", float, "gradient-norm clip (0 disables)"),
+    "seed": ("--seed", int, "seed of the init and the batch sampler"),
+    "init_from": ("--init-from", str, "continue from this (imported AR) checkpoint folder instead of scratch"),
+}
+
+
+def register(subparsers) -> None:
+    defaults = TrainSettings()
+    p = subparsers.add_parser("train", help="train a TiDAR model (or its AR-only baseline) on a text corpus")
+    p.add_argument("-o", "--output", required=True, help="run folder: checkpoint + resume state")
+    for field, (flag, typ, text) in _FLAGS.items():
+        p.add_argument(flag, dest=field, type=typ, default=None,
+                       help=f"{text} [default: {getattr(defaults, field)}]")
+    p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    p.add_argument("--mask-token-id", type=int, help="mask token id for --init-from (default: the checkpoint's)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
+    p.add_argument("--stop-at", type=int, help="save and stop at this step (continue later with --resume)")
+    p.add_argument("--save-every", type=int, default=500, help="steps between saves")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, log lines only")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = {f: getattr(args, f) for f in _FLAGS if getattr(args, f) is not None}
+    if args.resume:
+        state, _ = read_state(Path(args.output))
+        base = state["settings"]
+    else:
+        base = dataclasses.asdict(TrainSettings())
+    try:
+        s = TrainSettings(**(base | given))
+    except TypeError as e:
+        raise TiDARError(f"invalid training settings ({e})") from None
+    if args.save_every < 1 or args.log_every < 1:
+        raise TiDARError("--save-every and --log-every must be >= 1")
+    final = train(s, args.output, resume=args.resume, tokenizer=args.tokenizer, mask_token_id=args.mask_token_id,
+                  stop_at=args.stop_at, save_every=args.save_every, log_every=args.log_every,
+                  progress=not args.no_progress, log=lambda m: print(m, flush=True))
+    last = final["history"][-1] if final["history"] else {}
+    print(json.dumps({"output": str(args.output), "step": final["step"], "elapsed_s": final["elapsed_s"],
+                      "tokens_seen": final["tokens_seen"], "last": last}), flush=True)
+    return 0
