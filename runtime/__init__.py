@@ -16,10 +16,12 @@ from tidar_runtime.loop import (
     generate_tidar_batch,
     stream_ar,
     stream_tidar,
+    text_pieces,
 )
 from tidar_runtime.sampling import SamplingParams
 
 __all__ = [
     "Backend", "DecodeResult", "DecodeStats", "Outputs", "SamplingParams", "TiDARError",
     "generate_ar", "generate_ar_batch", "generate_tidar", "generate_tidar_batch", "stream_ar", "stream_tidar",
+    "text_pieces",
 ]

@@ -125,6 +125,30 @@ class Stream:
         self.results = yield from self._gen
 
 
+def text_pieces(stream: Stream, decode, row: int = 0) -> Iterator[str]:
+    """The new text of one row as its tokens are decided (decode: token ids -> str).
+
+    The whole row is decoded again after each piece and only the new suffix is yielded, so
+    tokens that merge (byte-level BPE) come out right; text ending in U+FFFD (a UTF-8 sequence
+    cut between tokens) is held back until the next piece completes it.
+    """
+    ids: list[int] = []
+    shown = 0
+    for i, piece in stream:
+        if i != row or not piece:
+            continue
+        ids += piece
+        text = decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > shown:
+            yield text[shown:]
+        shown = len(text)
+    text = decode(ids)
+    if len(text) > shown:
+        yield text[shown:]
+
+
 def accept_draft(p: np.ndarray, q: np.ndarray, token: int, rng: np.random.Generator) -> bool:
     """Speculative sampling: accept a draft drawn from q with probability min(1, p/q)."""
     return rng.random() * q[token] < p[token]
@@ -145,9 +169,13 @@ def _choose(ids: np.ndarray, logits: np.ndarray | None, params: SamplingParams, 
 
 
 def _propose(row: _Row, ids: np.ndarray, logits: np.ndarray | None, params: SamplingParams) -> None:
-    """Drafts from diffusion rows; when sampling also keep q for the acceptance test."""
-    row.drafts = _choose(ids, logits, params, row.rng)
-    row.q = None if params.greedy else probs(logits, params)
+    """Drafts from diffusion rows; when sampling also keep q (one distribution per draft) for the acceptance test."""
+    if params.greedy:
+        row.drafts, row.q = [int(t) for t in ids], None
+    else:
+        # Row by row: measured faster than one [n, V] pass (numpy temporaries stay cache-sized).
+        row.q = [probs(lg, params) for lg in logits]
+        row.drafts = [sample(q, row.rng) for q in row.q]
 
 
 def _verify(row: _Row, ids: np.ndarray, logits: np.ndarray | None, params: SamplingParams) -> tuple[int, int]:
@@ -162,12 +190,12 @@ def _verify(row: _Row, ids: np.ndarray, logits: np.ndarray | None, params: Sampl
         else:
             # Sampling: accept d_i with prob min(1, p(d_i)/q(d_i)); on rejection the next anchor
             # is drawn from normalize(max(0, p - q)).
-            p_i, q_i = probs(logits[i - 1], params), row.q[i - 1]
+            p_i, q_i = probs(logits[i - 1], params), row.q[i - 1]  # AR[i-1] predicts d_i
             if not accept_draft(p_i, q_i, d[i], row.rng):
                 return k, sample(residual(p_i, q_i), row.rng)
         k += 1
     # All accepted: the next anchor is AR's own token after d_{k-1} (the bonus token).
-    return k, _choose(ids[k - 1 : k], None if logits is None else logits[k - 1 : k], params, row.rng)[0]
+    return k, int(ids[k - 1]) if params.greedy else sample(probs(logits[k - 1], params), row.rng)
 
 
 def _check_prompts(prompts, extra: int, backend) -> list[np.ndarray]:

@@ -7,6 +7,12 @@ refuses a version it does not understand (one-line error).
 
 Shape entries are ints (static) or names of dimensions (dynamic or per-artifact constants,
 resolved in `dims`), e.g. ["batch", "kv_heads", "max_seq_len", "head_dim"].
+
+Optional fields added within version 1 (a manifest without them loads; they default empty):
+- `tuning` (written by `tidar-export tune`): how block_size / proposals were chosen, e.g.
+  {"chosen": {"block_size": 4, "proposals": [1, 2, 3, 4], "speedup": 1.6, ...}, "objective": ...,
+  "backend": "ort", "threads": 1, "device": ..., "candidates": [...], "date": ...}. Informational:
+  the runtime decodes with `block_size` / `proposals` as always (tune rewrites the graphs too).
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class Manifest:
     tokenizer: dict = field(default_factory=dict)  # {"file": "tokenizer.json", "eos_token_id": ...}
     versions: dict = field(default_factory=dict)  # exporter, torch, onnx, opset, tensorrt ...
     weights: dict = field(default_factory=dict)  # {"file": "weights.bin", "bytes": N}: the shared external data
+    tuning: dict = field(default_factory=dict)  # set by `tidar-export tune` (see the module doc); {} if untuned
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 

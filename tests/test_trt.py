@@ -138,16 +138,24 @@ def test_flags_per_option(tmp_path, options, flags):
     assert s.weight_streaming == options.get("weight_streaming", False)
 
 
+def quantized_manifest(precision: str) -> Manifest:
+    """The manifest `tidar-export quantize` writes: float I/O, Q/DQ graphs `<kind>.<precision>.onnx`."""
+    m = make_manifest("float32")
+    m.precision = precision
+    for g in m.graphs.values():
+        g.file = f"{g.kind}.{precision}.onnx"
+    return m
+
+
 @pytest.mark.parametrize("dtype, precision", [("float32", "fp32"), ("float16", "fp16"), ("bfloat16", "bf16"),
-                                              ("float16", "int8"), ("float16", "fp8")])
+                                              ("float32", "int8"), ("float32", "fp8")])
 def test_precision_never_sets_a_precision_flag(tmp_path, dtype, precision):
     """Strongly typed: precision comes from the ONNX types and Q/DQ nodes, not from builder flags."""
-    for kind in ("prefill", "step", "ar_step"):
-        (tmp_path / f"{kind}.{precision}.onnx").write_bytes(b"q/dq graph")
-    s = build_settings(make_manifest(dtype), tmp_path, precision=precision, timing_cache=tmp_path / "t.cache")
+    quantized = precision in ("int8", "fp8")
+    m = quantized_manifest(precision) if quantized else make_manifest(dtype)
+    s = build_settings(m, tmp_path, precision=precision, timing_cache=tmp_path / "t.cache")
     assert s.precision == precision and s.strongly_typed
     assert not {"FP16", "BF16", "INT8", "FP8", "INT4", "FP4"} & set(s.flags)
-    quantized = precision in ("int8", "fp8")
     assert s.graph("step").onnx == (f"step.{precision}.onnx" if quantized else "step.onnx")
     assert s.timing_cache == tmp_path / "t.cache"
 
@@ -156,19 +164,31 @@ def test_default_precision_is_the_exported_dtype(tmp_path):
     assert build_settings(make_manifest("bfloat16"), tmp_path).precision == "bf16"
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_default_precision_of_a_quantized_artifact_is_its_own(tmp_path, precision):
+    s = build_settings(quantized_manifest(precision), tmp_path)
+    assert s.precision == precision
+    assert [g.onnx for g in s.graphs] == [f"{k}.{precision}.onnx" for k in ("prefill", "step", "ar_step")]
+
+
 def test_precision_other_than_the_exported_dtype_is_refused(tmp_path):
     with pytest.raises(TiDARError, match=r"graphs are fp32.*re-export with --dtype fp16"):
         build_settings(make_manifest("float32"), tmp_path, precision="fp16")
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_quantized_precision_needs_qdq_graphs(tmp_path, precision):
-    (tmp_path / f"prefill.{precision}.onnx").write_bytes(b"only one of three")
+def test_quantized_precision_needs_a_quantized_artifact(tmp_path, precision):
     with pytest.raises(TiDARError) as e:
         build_settings(make_manifest("float16"), tmp_path, precision=precision)
     msg = str(e.value)
-    assert "\n" not in msg and f"step.{precision}.onnx" in msg and f"ar_step.{precision}.onnx" in msg
-    assert f"missing in {tmp_path}: step.{precision}.onnx, ar_step.{precision}.onnx" in msg
+    assert "\n" not in msg and "graphs of" in msg and "are fp16" in msg
+    assert f"tidar-export quantize {tmp_path} -o QUANTIZED_DIR --precision {precision}" in msg
+
+
+@pytest.mark.parametrize("have, asked", [("int8", "fp32"), ("int8", "fp8"), ("fp8", "int8"), ("fp8", "fp16")])
+def test_quantized_artifact_builds_only_its_precision(tmp_path, have, asked):
+    with pytest.raises(TiDARError, match=f"holds {have} Q/DQ graphs.*--precision {have}"):
+        build_settings(quantized_manifest(have), tmp_path, precision=asked)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -232,7 +252,7 @@ def test_cli_build_dry_run_needs_no_tensorrt(artifact_dir, capsys):
 
 def test_cli_build_user_errors_are_one_line(artifact_dir, tmp_path, capsys):
     err = _one_line_error(capsys, ["build", str(artifact_dir), "--precision", "int8"])
-    assert "needs the explicitly quantized" in err
+    assert "explicitly quantized (Q/DQ) graphs: run `tidar-export quantize" in err
     assert "artifact directory not found" in _one_line_error(capsys, ["build", str(tmp_path / "x"), "--dry-run"])
     assert "0..5" in _one_line_error(capsys, ["build", str(artifact_dir), "--builder-optimization-level", "9"])
 

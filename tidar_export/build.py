@@ -13,8 +13,8 @@ Two layers, so that everything but the TensorRT call itself is testable without 
 
 Precision: networks are strongly typed, so precision comes from the ONNX tensor types (fp32,
 fp16, bf16: the dtype the artifact was exported with) and from explicit Q/DQ nodes (int8,
-fp8: the quantized graphs `<kind>.int8.onnx` / `<kind>.fp8.onnx` written by the calibration
-step). No precision builder flag is set: on a strongly typed network the types alone decide
+fp8: the Q/DQ graphs of an artifact written by `tidar-export quantize`, docs/QUANTIZATION.md).
+No precision builder flag is set: on a strongly typed network the types alone decide
 (TensorRT 11 builds only strongly typed networks and has dropped those flags).
 """
 
@@ -31,11 +31,11 @@ from pathlib import Path
 
 from tidar_export.errors import TiDARError
 from tidar_runtime.backends.trt import Platform, import_tensorrt
-from tidar_runtime.manifest import GraphSpec, Manifest, load_manifest
+from tidar_runtime.manifest import Manifest, load_manifest
 
 GRAPH_KINDS = ("prefill", "step", "ar_step")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-QUANTIZED = ("int8", "fp8")  # need explicit Q/DQ graphs from the calibration step
+QUANTIZED = ("int8", "fp8")  # need an artifact of explicit Q/DQ graphs (`tidar-export quantize`)
 KV_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # ONNX activation dtype -> name
 HARDWARE_COMPAT = ("ampere+",)
 # Prefill profile: the prompt length TensorRT tunes its tactics for. Prefill runs once per
@@ -87,29 +87,29 @@ def _base_precision(manifest: Manifest) -> str:
     return KV_PRECISION[kv]
 
 
-def quantized_file(spec: GraphSpec, precision: str) -> str:
-    """`step.onnx` -> `step.int8.onnx` (a file already named so is its own quantized graph)."""
-    stem = spec.file[: -len(".onnx")] if spec.file.endswith(".onnx") else spec.file
-    if stem.endswith(f".{precision}"):
-        return spec.file
-    return f"{stem}.{precision}.onnx"
-
-
 def _onnx_files(manifest: Manifest, artifact_dir: Path, precision: str) -> dict[str, str]:
-    base = _base_precision(manifest)
-    if precision not in QUANTIZED:
-        if precision != base:
+    """The ONNX file of each graph. fp32/fp16/bf16: the artifact's own graphs, whose dtype must be
+    the one asked for. int8/fp8: a quantized artifact (`tidar-export quantize`), whose graphs
+    are the explicit Q/DQ graphs; an unquantized artifact is refused with the command to run."""
+    files = {kind: manifest.graphs[kind].file for kind in GRAPH_KINDS}
+    if manifest.precision in QUANTIZED:
+        if precision != manifest.precision:
             raise TiDARError(
-                f"--precision {precision}: the artifact's graphs are {base}, and strongly typed engines take "
-                f"their precision from the ONNX types; re-export with --dtype {precision} (or build with "
-                f"--precision {base})")
-        return {kind: manifest.graphs[kind].file for kind in GRAPH_KINDS}
-    files = {kind: quantized_file(manifest.graphs[kind], precision) for kind in GRAPH_KINDS}
-    missing = [f for f in files.values() if not (artifact_dir / f).is_file()]
-    if missing:
+                f"--precision {precision}: {artifact_dir} holds {manifest.precision} Q/DQ graphs, and strongly "
+                f"typed engines compute what the graphs say; build it with --precision {manifest.precision}, or "
+                f"build the artifact it was quantized from")
+        return files
+    base = _base_precision(manifest)
+    if precision in QUANTIZED:
         raise TiDARError(
-            f"--precision {precision} needs the explicitly quantized (Q/DQ) graphs {', '.join(files.values())} "
-            f"from the calibration step; missing in {artifact_dir}: {', '.join(missing)}")
+            f"--precision {precision}: the graphs of {artifact_dir} are {base}; {precision} engines are built from "
+            f"explicitly quantized (Q/DQ) graphs: run `tidar-export quantize {artifact_dir} -o QUANTIZED_DIR "
+            f"--precision {precision}` and build QUANTIZED_DIR")
+    if precision != base:
+        raise TiDARError(
+            f"--precision {precision}: the artifact's graphs are {base}, and strongly typed engines take "
+            f"their precision from the ONNX types; re-export with --dtype {precision} (or build with "
+            f"--precision {base})")
     return files
 
 
@@ -153,7 +153,7 @@ def build_settings(manifest: Manifest, artifact_dir: str | os.PathLike, *, preci
     missing = [k for k in GRAPH_KINDS if k not in manifest.graphs]
     if missing:
         raise TiDARError(f"{artifact_dir}: the manifest has no {', '.join(missing)} graph")
-    precision = precision or _base_precision(manifest)
+    precision = precision or (manifest.precision if manifest.precision in QUANTIZED else _base_precision(manifest))
     if precision not in PRECISIONS:
         raise TiDARError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if optimization_level is not None and not 0 <= optimization_level <= 5:
@@ -342,8 +342,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("build", help="build TensorRT engines for an exported artifact (needs a GPU)")
     p.add_argument("artifact", help="artifact directory written by `tidar-export export`")
     p.add_argument("--precision", choices=PRECISIONS,
-                   help="fp32|fp16|bf16: must be the artifact's dtype (default); int8|fp8: needs the "
-                        "quantized <kind>.int8.onnx / <kind>.fp8.onnx graphs")
+                   help="the artifact's precision (default): its export dtype, or int8|fp8 for an artifact "
+                        "written by `tidar-export quantize`")
     p.add_argument("--timing-cache", metavar="FILE", help="tactic timing cache to read and update")
     p.add_argument("--builder-optimization-level", type=int, metavar="N", help="0..5 (TensorRT's default: 3)")
     p.add_argument("--hardware-compat", choices=HARDWARE_COMPAT,

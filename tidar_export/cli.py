@@ -17,7 +17,8 @@ from tidar_export.errors import TiDARError
 # Modules that add subcommands: each defines register(subparsers) and imports its heavy
 # dependencies (torch, onnx, tensorrt) inside the command, so `--help` stays fast.
 COMMAND_MODULES = ("tidar_export.train", "tidar_export.evaluate", "tidar_export.generate", "tidar_export.export", "tidar_export.check",
-                   "tidar_export.build")
+                   "tidar_export.build", "tidar_export.demo", "tidar_export.bench", "tidar_export.tune",
+                   "tidar_export.quantize", "tidar_export.compare")
 
 
 def int_list(text: str) -> list[int]:

@@ -103,7 +103,12 @@ class WeightFile:
             offset, length = self.add(tensor.data_type, tuple(tensor.dims), array)
             for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 tensor.ClearField(field)
-            onnx.external_data_helper.set_external_data(tensor, self.name, offset, length)
+            # Written by hand: onnx's set_external_data refuses a tensor without raw_data, and an
+            # initializer may hold its values in float_data etc. (or its raw_data is cleared above).
+            del tensor.external_data[:]
+            for key, value in (("location", self.name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
             tensor.data_location = onnx.TensorProto.EXTERNAL
 
     def close(self) -> None:

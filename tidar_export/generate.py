@@ -34,36 +34,47 @@ def prompt_ids(tokenizer, text: str | None, ids: list[int] | None) -> list[int]:
 
 
 def run_generate(args) -> int:
-    from tidar_runtime import SamplingParams, stream_ar, stream_tidar
+    from tidar_runtime import SamplingParams, stream_ar, stream_tidar, text_pieces
     from tidar_runtime.backends.select import open_backend
+    from tidar_runtime.manifest import load_manifest
     from tidar_runtime.stats import summarize
 
-    backend = open_backend(args.backend, args.artifact)
+    if args.prompt is None and args.prompt_ids is None:
+        raise TiDARError("give --prompt TEXT or --prompt-ids IDS")
+    if args.max_new_tokens < 1:
+        raise TiDARError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    try:
+        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError:
+        raise TiDARError(f"invalid sampling options: --temperature {args.temperature} (>= 0), --top-k {args.top_k} "
+                         f"(>= 0), --top-p {args.top_p} (in (0, 1])") from None
+    if args.checkpoint is not None and args.backend != "torch":
+        raise TiDARError("--checkpoint is read only by --backend torch (the other backends run the artifact)")
+    manifest = load_manifest(args.artifact)  # before the tokenizer and the backend: version, files
     tok = load_tokenizer(args.artifact)
     ids = prompt_ids(tok, args.prompt, args.prompt_ids)
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    eos = backend.manifest.tokenizer.get("eos_token_id") if hasattr(backend, "manifest") else None
+    kwargs = {"checkpoint": args.checkpoint} if args.backend == "torch" else {}
+    backend = open_backend(args.backend, args.artifact, **kwargs)
+    eos = manifest.tokenizer.get("eos_token_id")
     stop = args.stop_ids if args.stop_ids is not None else ([eos] if eos is not None else [])
     run = stream_tidar if args.mode == "tidar" else stream_ar
     stream = run(backend, [ids], args.max_new_tokens, params, stop)
-    printed, sofar = "", []
-    for _, piece in stream:
-        sofar += piece
-        if args.stream and tok is not None:
-            text = tok.decode(sofar)
-            sys.stdout.write(text[len(printed):])
+    if args.stream and tok is not None:
+        for piece in text_pieces(stream, tok.decode):
+            sys.stdout.write(piece)
             sys.stdout.flush()
-            printed = text
-    if args.stream:
         sys.stdout.write("\n")
+    else:
+        for _ in stream:
+            pass
     result = stream.results[0]
     text = tok.decode(result.tokens) if tok is not None else None
     report = {"mode": args.mode, "backend": args.backend, "text": text, "token_ids": result.tokens,
               **summarize(result)}
     if args.json:
         print(json.dumps(report))
-    elif not args.stream:
-        print(text if text is not None else result.tokens)
+    elif not (args.stream and tok is not None):
+        print(text if text is not None else ",".join(map(str, result.tokens)))
     if not args.json:
         print(f"[{args.mode}/{args.backend}] {report['new_tokens']} tokens, {report['tokens_per_forward']} "
               f"tokens/forward, {report['tokens_per_s']} tokens/s, finish: {report['finish_reason']}",
@@ -80,7 +91,8 @@ def register(sub) -> None:
     p.add_argument("--prompt", help="prompt text (needs the artifact's tokenizer.json)")
     p.add_argument("--prompt-ids", type=int_list, help="prompt as comma-separated token ids")
     p.add_argument("--mode", choices=["tidar", "ar"], default="tidar")
-    p.add_argument("--backend", choices=BACKENDS, default="ort")
+    p.add_argument("--backend", default="ort", help=f"{' | '.join(BACKENDS)} (default: ort)")
+    p.add_argument("--checkpoint", help="--backend torch: the checkpoint the artifact was exported from")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)

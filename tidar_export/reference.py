@@ -8,15 +8,18 @@ It implements `tidar_runtime.loop.Backend` with the same contract as the exporte
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from tidar_export import masks
+from tidar_export.errors import TiDARError
 from tidar_export.model import TiDARModel
 from tidar_runtime.layout import normalize_proposals, step_out_rows
 from tidar_runtime.loop import Outputs
+from tidar_runtime.manifest import Manifest, load_manifest
 
 
 class TorchBackend:
@@ -31,6 +34,27 @@ class TorchBackend:
         self._step_mask = masks.step_mask(self.block_size, self.proposals)
         self._step_offsets = masks.step_offsets(self.block_size, self.proposals)
         self._step_rows = torch.tensor(step_out_rows(self.block_size, self.proposals))
+        self.manifest: Manifest | None = None  # set by from_artifact
+
+    @classmethod
+    def from_artifact(cls, artifact_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None
+                      ) -> "TorchBackend":
+        """The reference model under an artifact's settings (block size, proposals, cache, batch).
+
+        An artifact holds ONNX graphs and a manifest, never torch weights, and its manifest
+        records no machine paths: the checkpoint it was exported from is given here
+        (`--checkpoint DIR`), and its config must equal the manifest's model config.
+        """
+        manifest = load_manifest(artifact_dir)
+        if checkpoint is None:
+            raise TiDARError("backend torch needs the checkpoint the artifact was exported from (the artifact "
+                             "holds no torch weights): pass --checkpoint DIR")
+        from tidar_export.check import reference_model
+
+        model = reference_model(checkpoint, manifest)
+        backend = cls(model, manifest.max_seq_len, manifest.block_size, manifest.proposals, manifest.max_batch)
+        backend.manifest = manifest
+        return backend
 
     @torch.no_grad()
     def _run(self, rows: slice, ids, positions, in_step, cache_len, out_rows, want_logits) -> Outputs:
@@ -41,8 +65,9 @@ class TorchBackend:
         T = ids.shape[1]
         for layer in range(len(self.keys)):
             for j, L in enumerate(cache_len.tolist()):
-                self.keys[layer][rows.start + j, :, L : L + T] = new_k[layer][j]
-                self.values[layer][rows.start + j, :, L : L + T] = new_v[layer][j]
+                n = min(T, self.max_len - L)  # an AR prefill's mask slots may overhang the cache: hidden anyway
+                self.keys[layer][rows.start + j, :, L : L + n] = new_k[layer][j, :, :n]
+                self.values[layer][rows.start + j, :, L : L + n] = new_v[layer][j, :, :n]
         logits = logits[:, out_rows].float()
         return Outputs(logits.argmax(-1).numpy(), logits.numpy() if want_logits else None)
 

@@ -35,7 +35,7 @@ class NullBackend:
         return self._step
 
     def ar_prefill(self, row, prompt, want_logits):
-        return Outputs(self._prefill.token_ids[:, :1])
+        return Outputs(self._prefill.token_ids[:, :1], self._prefill.logits[:, :1] if want_logits else None)
 
     def ar_step(self, tokens, cache_len, want_logits):
         return self._ar

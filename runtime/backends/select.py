@@ -10,19 +10,23 @@ BACKENDS = ("ort", "ort-cuda", "trt", "torch")
 
 
 def open_backend(name: str, artifact_dir: str | os.PathLike, **kwargs):
-    """An initialised backend over an artifact directory."""
+    """An initialised backend over an artifact directory.
+
+    ort: ONNX Runtime, CPU provider. ort-cuda: ONNX Runtime's CUDA provider with a
+    device-resident cache (onnxruntime-gpu and a GPU). trt: the artifact's TensorRT engines
+    (`tidar-export build` first). torch: the reference model, which needs the checkpoint the
+    artifact was exported from (`checkpoint=DIR`): an artifact holds no torch weights.
+    Keyword arguments go to the backend's constructor.
+    """
     if name == "ort":
         from tidar_runtime.backends.ort import OrtBackend
 
         return OrtBackend(artifact_dir, **kwargs)
     if name == "ort-cuda":
-        from tidar_runtime.backends.ort import OrtBackend
+        from tidar_runtime.backends.ort_cuda import OrtCudaBackend, import_ort_cuda
 
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise TiDARError("backend ort-cuda needs onnxruntime-gpu and a GPU: this onnxruntime has no CUDA provider")
-        return OrtBackend(artifact_dir, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], **kwargs)
+        import_ort_cuda()  # the provider check first: its error says what to install
+        return OrtCudaBackend(artifact_dir, **kwargs)
     if name == "trt":
         from tidar_runtime.backends.trt import TrtBackend
 

@@ -1,0 +1,103 @@
+"""`tidar-export compare` (docs/QUANTIZATION.md, "compare"): torch / ONNX Runtime / TensorRT per
+output with Polygraphy's comparator, and the first diverging module when outputs differ."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import onnx
+import pytest
+
+from tests.conftest import random_model
+from tidar_export.checkpoint import save_checkpoint
+from tidar_export.cli import main
+from tidar_export.compare import compare_artifact, format_report, module_scopes, scope_outputs
+from tidar_export.export import export_artifact
+
+pytest.importorskip("polygraphy", reason="compare uses Polygraphy's comparator (pip install polygraphy)")
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    ckpt = save_checkpoint(random_model(seed=11), root / "ckpt")
+    return ckpt, export_artifact(ckpt, root / "art", max_seq_len=64)
+
+
+def test_every_module_has_one_marked_tensor(exported):
+    _, art = exported
+    proto = onnx.load(str(art / "step.onnx"), load_external_data=False)
+    scopes = [s for s, _ in module_scopes(2)]
+    found = scope_outputs(proto, scopes)
+    assert all(found[s] for s in scopes), found
+    assert len(set(found.values())) == len(scopes)  # distinct tensors
+    producers = {o: n.name for n in proto.graph.node for o in n.output}
+    assert producers[found["/model/layers.1/mlp"]] == "/model/layers.1/mlp/down_proj/MatMul"
+
+
+def test_torch_and_onnxruntime_agree_per_output_and_per_module(exported):
+    ckpt, art = exported
+    reports = compare_artifact(art, ckpt, use_trt=False, localize=True)
+    assert [r.kind for r in reports] == ["prefill", "step", "ar_step"]
+    for rep in reports:
+        assert rep.ok, format_report([rep])
+        outputs = {r.output for r in rep.results}
+        assert {"logits", "token_ids", "present.0.key", "present.1.value"} <= outputs
+        (layers,) = rep.layers.values()
+        assert [d.module for d in layers] == [s for s, _ in module_scopes(2)]
+        assert all(d.ok and d.rel < 1e-5 for d in layers)
+
+
+def test_a_corrupted_layer_is_found(exported, tmp_path):
+    """Scale the output of layer 1's MLP in the step graph: logits fail, and the localisation
+    names /model/layers.1/mlp (layer 0 and the attention of layer 1 still match)."""
+    ckpt, src = exported
+    art = tmp_path / "bad"
+    shutil.copytree(src, art)
+    proto = onnx.load(str(art / "step.onnx"), load_external_data=False)
+    node = next(n for n in proto.graph.node if n.name == "/model/layers.1/mlp/down_proj/MatMul")
+    out = node.output[0]
+    node.output[0] = out + "_raw"
+    scale = onnx.helper.make_tensor("bug_scale", onnx.TensorProto.FLOAT, [], [1.5])
+    proto.graph.initializer.append(scale)
+    idx = list(proto.graph.node).index(node)
+    proto.graph.node.insert(idx + 1, onnx.helper.make_node("Mul", [out + "_raw", "bug_scale"], [out],
+                                                            name="/model/layers.1/mlp/bug/Mul"))
+    onnx.save_model(proto, str(art / "step.onnx"))
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["graphs"]["step"]["bytes"] = (art / "step.onnx").stat().st_size
+    (art / "manifest.json").write_text(json.dumps(manifest))
+
+    (rep,) = compare_artifact(art, ckpt, graphs=("step",), use_trt=False)
+    assert not rep.ok and any(r.output == "logits" and not r.ok for r in rep.results)
+    first = rep.first_divergence(("torch", "onnxrt"))
+    assert first is not None and first.module == "/model/layers.1/mlp", format_report([rep])
+    layers = rep.layers[("torch", "onnxrt")]
+    assert all(d.ok for d in layers[: [d.module for d in layers].index("/model/layers.1/mlp")])
+    assert "first divergence at /model/layers.1/mlp" in format_report([rep])
+    assert not [p for p in art.iterdir() if p.name.startswith(".compare.")]  # marked copies removed
+
+
+def test_cli(exported, capsys, tmp_path):
+    ckpt, art = exported
+    assert main(["compare", str(art), "--checkpoint", str(ckpt), "--graphs", "ar_step", "--no-trt"]) == 0
+    assert "ok: " in capsys.readouterr().out
+    for argv, text in ((["compare", str(art), "--no-trt"], "needs two runners"),
+                       (["compare", str(art), "--graphs", "decode", "--no-trt"], "unknown graph 'decode'"),
+                       (["compare", str(tmp_path / "none"), "--no-trt"], "artifact directory not found")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and text in err, err
+
+
+@pytest.mark.skipif(not HAS_TRT, reason="tensorrt is not installed (needs NVIDIA's package index and a GPU)")
+def test_tensorrt_agrees_with_torch_and_onnxruntime(exported):
+    ckpt, art = exported
+    reports = compare_artifact(art, ckpt, use_trt=True, localize=True)
+    for rep in reports:
+        assert rep.runners == ["torch", "onnxrt", "tensorrt"]
+        assert rep.ok, format_report([rep])
+        assert ("onnxrt", "tensorrt") in rep.layers

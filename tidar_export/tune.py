@@ -1,0 +1,267 @@
+"""`tidar-export tune`: pick the block size and proposal set with the highest measured tokens/s.
+
+    tidar-export tune ARTIFACT_DIR --checkpoint CKPT [--block-sizes 2-16] [--sparse 16:1,4,7,10,16 ...]
+                      [--workdir DIR] [--dry-run] [--json OUT] [--markdown OUT] [--plot OUT.png]
+
+For every candidate (each dense block size of --block-sizes, and each --sparse set) that fits
+the artifact's KV cache with the prompts (longest prompt + --max-new-tokens + step width <=
+max_seq_len), tune exports the candidate from the checkpoint (tidar_export.variants: same
+target, precision, cache and batch as the artifact) and measures it exactly as `bench` does:
+alternating AR / TiDAR decodes of the same prompts, `--repeats` times, plus the latency of its
+step and ar_step (round-robin). The AR graph is the same in every candidate, so ranking by the
+median per-repeat speedup over the interleaved AR decode ranks by tokens/s while cancelling
+load drift between candidates measured minutes apart. A candidate whose output differs from
+the artifact's own AR decode is disqualified (a wrong checkpoint or a bug, never a choice).
+
+The choice is written into the artifact: unless --dry-run, the artifact directory is replaced
+(temp copy beside it, then rename) by the winning candidate's artifact, whose manifest records
+the measurement under `tuning` (runtime/manifest.py). The runtime reads block_size and
+proposals from the manifest as before, so every runtime decodes with the tuned setting.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from tidar_export import bench as B
+from tidar_export.errors import TiDARError
+
+
+def candidates(block_sizes, sparse, max_seq_len: int, need: int) -> tuple[list, list]:
+    """[(b, proposals)] that fit, and the skipped ones with their reason.
+
+    need: longest prompt + new tokens; a candidate fits when need + its width <= max_seq_len.
+    """
+    out, skipped, seen = [], [], set()
+    wanted = [(b, tuple(range(1, b + 1))) for b in block_sizes] + list(B.parse_sparse(sparse))
+    for b, rs in wanted:
+        if b < 2:
+            raise TiDARError(f"block size {b}: TiDAR needs b >= 2 (b = 1 is AR)")
+        if (b, rs) in seen:
+            continue
+        seen.add((b, rs))
+        w = B.step_width(b, rs)
+        if need + w > max_seq_len:
+            skipped.append({"block_size": b, "proposals": list(rs), "width": w,
+                            "reason": f"prompt + new tokens {need} + width {w} > max_seq_len {max_seq_len}"})
+        else:
+            out.append((b, rs))
+    return out, skipped
+
+
+def tune(artifact, checkpoint, backend_name: str = "ort", threads: int = 1, prompts_file=None,
+         num_prompts: int = B.DEFAULT_NUM_PROMPTS, prompt_len: int = B.DEFAULT_PROMPT_LEN,
+         max_new: int = B.DEFAULT_MAX_NEW, repeats: int = B.DEFAULT_REPEATS, block_sizes=tuple(range(2, 17)),
+         sparse=B.DEFAULT_SPARSE, workdir=None, cost_iters: int = B.DEFAULT_COST_ITERS, write: bool = True) -> dict:
+    from tidar_runtime import generate_ar_batch
+    from tidar_runtime.manifest import load_manifest
+
+    from tidar_export.variants import Variants
+
+    artifact = Path(artifact)
+    m = load_manifest(artifact)
+    tok = B.artifact_tokenizer(artifact, m)
+    vocab = m.model["vocab_size"]
+    if prompts_file:
+        prompts, source = B.load_prompts(prompts_file, tok, vocab), "file"
+    else:
+        prompts, source = B.default_prompts(tok, vocab, m.mask_token_id, num_prompts, prompt_len, max_new)
+    need = max(len(p) for p in prompts) + max_new
+    if m.block_size >= 2:  # the artifact's own setting is always a candidate (no export needed)
+        sparse = list(sparse) + [f"{m.block_size}:{','.join(str(r) for r in m.proposals)}"]
+    cands, skipped = candidates(block_sizes, sparse, m.max_seq_len, need)
+    if not cands:
+        raise TiDARError(f"no candidate fits max_seq_len {m.max_seq_len} with prompts of up to "
+                         f"{max(len(p) for p in prompts)} tokens + {max_new} new tokens")
+    t0 = time.perf_counter()
+    base = B.open_bench_backend(backend_name, artifact, threads, checkpoint)
+    reference = [r.tokens for r in (generate_ar_batch(base, [p], max_new)[0] for p in prompts)]
+    del base
+    variants = Variants(checkpoint, m, workdir)
+    B.log(f"tune {artifact.name}: {len(cands)} candidates ({len(skipped)} skipped), {len(prompts)} prompts x "
+          f"{max_new} tokens, {repeats} repeats, backend {backend_name}, {threads or 'default'} thread(s)")
+    typical_L = int(np.mean([len(p) for p in prompts]) + max_new // 2)
+    rows = []
+    try:
+        for n, (b, rs) in enumerate(cands, 1):
+            own = (b, rs) == (m.block_size, tuple(m.proposals))
+            vdir = artifact if own else variants.get(b, rs, progress=B.log)
+            be = B.open_bench_backend(backend_name, vdir, threads, checkpoint)
+            B.log(f"[{n}/{len(cands)}] b={b} proposals {B._rs(rs, b)} (width {B.step_width(b, rs)})")
+            dec = B.measure_decode(be, prompts, max_new, repeats, reference=reference)
+            cost = B.time_steps(
+                [({"kind": "ar_step"}, be, "ar_step"), ({"kind": "step"}, be, "step")], cost_iters,
+                lambda bk, kind: max(0, min(typical_L, bk.max_len - (1 if kind == "ar_step" else
+                                                                      B.step_width(bk.block_size, bk.proposals)))))
+            ar_ms, step_ms = cost[0]["ms_p50"], cost[1]["ms_p50"]
+            tpf = dec["tidar"]["tokens_per_forward"]
+            row = {
+                "block_size": b, "proposals": list(rs), "dense": rs == tuple(range(1, b + 1)),
+                "width": B.step_width(b, rs), "source": "artifact" if own else "variant",
+                "tokens_per_forward": tpf,
+                "tidar_tokens_per_s": dec["tidar"]["tokens_per_s"], "ar_tokens_per_s": dec["ar"]["tokens_per_s"],
+                "speedup": dec["speedup"],
+                "accepted_histogram": dec["tidar"]["accepted_histogram"],
+                "equal_to_ar": dec["equal_to_ar"],
+                "step_ms": step_ms, "ar_step_ms": ar_ms, "cost_ratio": round(step_ms / ar_ms, 3),
+                "projected_speedup": round(tpf * ar_ms / step_ms, 4),
+                "conversion_ratio": round(dec["speedup"]["median"] / tpf, 4),
+            }
+            rows.append(row)
+            B.log(f"    T/NFE {tpf:.2f}, speedup {row['speedup']['median']:.2f}x "
+                  f"(projected {row['projected_speedup']:.2f}x), step {step_ms:.2f} ms vs AR {ar_ms:.3f} ms"
+                  + ("" if row["equal_to_ar"] else "  OUTPUT DIFFERS FROM AR: disqualified"))
+        valid = [r for r in rows if r["equal_to_ar"]]
+        if not valid:
+            raise TiDARError("every candidate's TiDAR output differed from the artifact's AR output: "
+                             "is --checkpoint the artifact's checkpoint?")
+        best = max(valid, key=lambda r: (r["speedup"]["median"], -r["width"]))
+        ar_all = B.spread(r["ar_tokens_per_s"]["median"] for r in rows)  # drift over the sweep
+        choice = {
+            "block_size": best["block_size"], "proposals": best["proposals"], "width": best["width"],
+            "speedup": best["speedup"]["median"], "tokens_per_forward": best["tokens_per_forward"],
+            "tidar_tokens_per_s": best["tidar_tokens_per_s"]["median"],
+            "ar_tokens_per_s": best["ar_tokens_per_s"]["median"],
+        }
+        if best["speedup"]["median"] < 1:
+            B.log(f"note: TiDAR is slower than AR at every candidate on this device (best {best['speedup']['median']:.2f}x); "
+                  "the fastest candidate is still written, and its figures are in the manifest's tuning record")
+        report = {
+            "artifact": artifact.name, "backend": backend_name, "threads": threads, "machine": B.machine(),
+            "before": {"block_size": m.block_size, "proposals": list(m.proposals)},
+            "prompts": {"source": source, "count": len(prompts),
+                        "mean_len": round(float(np.mean([len(p) for p in prompts])), 1), "max_new_tokens": max_new},
+            "repeats": repeats, "candidates": rows, "skipped": skipped,
+            "ar_tokens_per_s_over_candidates": ar_all,
+            "choice": choice, "written": False, "tune_s": None,
+        }
+        if write:
+            chosen = artifact if (best["block_size"], tuple(best["proposals"])) == (m.block_size, tuple(m.proposals)) \
+                else variants.get(best["block_size"], tuple(best["proposals"]))
+            write_choice(artifact, chosen, tuning_record(report))
+            report["written"] = True
+    finally:
+        variants.cleanup()
+    report["tune_s"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def tuning_record(report: dict) -> dict:
+    """What the manifest's `tuning` field keeps: the choice, how it was measured, the sweep."""
+    import tidar_export
+
+    mc = report["machine"]
+    return {
+        "chosen": {k: report["choice"][k] for k in ("block_size", "proposals", "speedup", "tokens_per_forward",
+                                                   "tidar_tokens_per_s", "ar_tokens_per_s")},
+        "objective": "median per-repeat TiDAR/AR decode tokens/s (greedy, batch 1), AR interleaved",
+        "backend": report["backend"], "threads": report["threads"],
+        "device": f"{mc['cpu']}, {mc['cores']} cores",
+        "prompts": report["prompts"], "repeats": report["repeats"],
+        "candidates": [{"block_size": r["block_size"], "proposals": r["proposals"], "width": r["width"],
+                        "tokens_per_forward": r["tokens_per_forward"], "speedup": r["speedup"]["median"]}
+                       for r in report["candidates"]],
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tidar_export": tidar_export.__version__,
+    }
+
+
+def write_choice(artifact: Path, chosen: Path, record: dict) -> None:
+    """Replace `artifact` by a copy of `chosen` whose manifest carries `record` (atomically)."""
+    from tidar_runtime.manifest import load_manifest
+
+    from tidar_export.export import _swap_in
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{artifact.name}.tune.", dir=artifact.parent))
+    try:
+        new = tmpdir / "artifact"
+        shutil.copytree(chosen, new)
+        manifest = load_manifest(new)
+        manifest.tuning = record
+        manifest.save(new)
+        (new / "manifest.json").chmod((chosen / "manifest.json").stat().st_mode & 0o777)
+        load_manifest(new)  # the written manifest reads back
+        _swap_in(new, artifact)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def markdown(r: dict) -> str:
+    mc = r["machine"]
+    c = r["choice"]
+    lines = [
+        f"Tuned `{r['artifact']}` (was b = {r['before']['block_size']}, proposals "
+        f"{B._rs(r['before']['proposals'], r['before']['block_size'])}); backend {r['backend']}, "
+        f"{r['threads'] or 'default'} intra-op thread(s); {r['prompts']['count']} prompts ({r['prompts']['source']}) "
+        f"x {r['prompts']['max_new_tokens']} new tokens, {r['repeats']} repeats per candidate; {mc['cpu']}, "
+        f"{mc['cores']} cores, load {mc.get('load_avg_1m')}.",
+        "",
+        "| b | proposals | width | T/NFE | TiDAR tokens/s | AR tokens/s (interleaved) | speedup median [min, max] "
+        "| step ms / AR step ms | projected | conversion | equal to AR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(r["candidates"], key=lambda x: (x["block_size"], x["width"])):
+        mark = " **(chosen)**" if (row["block_size"], row["proposals"]) == (c["block_size"], c["proposals"]) else ""
+        lines.append(
+            f"| {row['block_size']}{mark} | {B._rs(row['proposals'], row['block_size'])} | {row['width']} | "
+            f"{row['tokens_per_forward']:.2f} | {B._fmt(row['tidar_tokens_per_s'])} | {B._fmt(row['ar_tokens_per_s'])} | "
+            f"{B._fmt(row['speedup'], 2)} | {row['step_ms']:.2f} / {row['ar_step_ms']:.3f} | "
+            f"{row['projected_speedup']:.2f} | {row['conversion_ratio']:.2f} | {'yes' if row['equal_to_ar'] else 'NO'} |")
+    for s in r["skipped"]:
+        lines.append(f"| {s['block_size']} | {B._rs(s['proposals'], s['block_size'])} | {s['width']} | "
+                     f"skipped: {s['reason']} | | | | | | | |")
+    lines += ["", f"Choice: b = {c['block_size']}, proposals {B._rs(c['proposals'], c['block_size'])} (width "
+              f"{c['width']}): {c['speedup']:.2f}x AR, {c['tidar_tokens_per_s']:.1f} vs {c['ar_tokens_per_s']:.1f} "
+              f"tokens/s, T/NFE {c['tokens_per_forward']:.2f}; "
+              + ("written into the artifact's manifest." if r["written"] else "not written (--dry-run).")
+              + (" TiDAR is slower than AR at every candidate here: AR decoding is the faster choice on this "
+                 "device for this model." if c["speedup"] < 1 else ""), ""]
+    return "\n".join(lines) + "\n"
+
+
+def curve_points(r: dict) -> list[dict]:
+    """The step-cost curve of a tune sweep: width 1 (median AR step over candidates) and each step."""
+    ar = float(np.median([row["ar_step_ms"] for row in r["candidates"]]))
+    pts = [{"block_size": 1, "proposals": [], "width": 1, "ms_p50": ar}]
+    pts += [{"block_size": row["block_size"], "proposals": row["proposals"], "width": row["width"],
+             "ms_p50": row["step_ms"]} for row in r["candidates"]]
+    return sorted(pts, key=lambda p: p["width"])
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tune", help="pick the block size / proposal set with the highest measured tokens/s "
+                       "and write it into the artifact")
+    p.add_argument("artifact", help="artifact directory written by `tidar-export export`")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint the artifact was exported from "
+                   "(candidates are exported from it)")
+    p.add_argument("--block-sizes", type=B.block_size_range, default=list(range(2, 17)),
+                   help="dense block sizes to try (default 2-16; those that do not fit the cache are skipped)")
+    p.add_argument("--dry-run", action="store_true", help="measure and report, leave the artifact alone")
+    B.add_measure_flags(p)
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> int:
+    if args.plot:
+        B.require_matplotlib()
+    report = tune(args.artifact, args.checkpoint, args.backend, args.threads, args.prompts, args.num_prompts,
+                  args.prompt_len, args.max_new_tokens, args.repeats, args.block_sizes,
+                  args.sparse or B.DEFAULT_SPARSE, args.workdir, args.cost_iters, write=not args.dry_run)
+    text = markdown(report)
+    if args.json_out:
+        B.write_text(args.json_out, json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        B.write_text(args.markdown, text)
+    if args.plot:
+        B.plot(args.plot, curve_points(report), report["candidates"],
+               title=f"{report['artifact']} on {report['machine']['cpu']} ({report['backend']}, "
+                     f"{report['threads']} thread)")
+    print(text)
+    return 0
