@@ -44,9 +44,11 @@ def default_artifact_dir() -> Path:
 
 
 def checkpoint_digest(checkpoint: Path) -> str:
-    """BLAKE2 digest of the checkpoint's files: a retrained demo model invalidates the cache."""
+    """BLAKE2 digest of the checkpoint's model files: a retrained demo model invalidates the cache.
+
+    Documentation (MODEL_CARD.md, any .md) is not part of it: editing the card re-exports nothing."""
     h = hashlib.blake2b(digest_size=16)
-    for f in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+    for f in sorted(p for p in checkpoint.iterdir() if p.is_file() and p.suffix != ".md"):
         h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
