@@ -22,7 +22,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -87,15 +86,9 @@ def ort_step_ms(artifact_dir: Path, threads: int, tokens: int, repeats: int) -> 
 
 
 def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from tidar_export.bench import write_text  # atomic: temp file beside it, then rename
+
+    write_text(path, text)
 
 
 def markdown(report: dict) -> str:

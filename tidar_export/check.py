@@ -370,11 +370,17 @@ def check_artifact(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLik
 
 def reference_model(checkpoint: str | os.PathLike, manifest: Manifest):
     """The torch model of `checkpoint` as the artifact was exported (block size, mask id, dtype)."""
-    from tidar_export.checkpoint import load_checkpoint
     from tidar_export.tracing import PRECISIONS
 
-    model = load_checkpoint(checkpoint, manifest.block_size, manifest.mask_token_id,
-                            dtype=PRECISIONS[manifest.precision])
+    return load_artifact_model(checkpoint, manifest, PRECISIONS[manifest.precision])
+
+
+def load_artifact_model(checkpoint: str | os.PathLike, manifest: Manifest, dtype):
+    """The torch model of `checkpoint` in `dtype` with the artifact's block size and mask id; a
+    TiDARError naming the first config field that differs from the manifest's model."""
+    from tidar_export.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint, manifest.block_size, manifest.mask_token_id, dtype=dtype)
     have = dataclasses.asdict(model.cfg)
     differ = [k for k, v in manifest.model.items() if have.get(k) != v]
     if differ:

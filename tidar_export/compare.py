@@ -22,7 +22,6 @@ order, whose output differs by more than its tolerance: where the outputs first 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import tempfile
 import time
@@ -293,21 +292,14 @@ def _precision(manifest: Manifest) -> str:
 
 def reference_model(checkpoint, manifest: Manifest):
     """The torch model in the dtype of the artifact's graph I/O (fp32 for int8/fp8 Q/DQ graphs)."""
-    from tidar_export.checkpoint import load_checkpoint
+    from tidar_export.check import load_artifact_model
     from tidar_export.tracing import PRECISIONS
 
     kv = next(t.dtype for t in manifest.graphs["step"].inputs if t.name.startswith("past_key_values."))
     if kv == "bfloat16":
         raise TiDARError("compare cannot feed bfloat16 caches from numpy (ONNX Runtime CPU has no bf16 kernels "
                          "either); compare the fp32 or fp16 artifact")
-    dtype = PRECISIONS[{"float32": "fp32", "float16": "fp16"}[kv]]
-    model = load_checkpoint(checkpoint, manifest.block_size, manifest.mask_token_id, dtype=dtype)
-    have = dataclasses.asdict(model.cfg)
-    differ = [k for k, v in manifest.model.items() if have.get(k) != v]
-    if differ:
-        raise TiDARError(f"checkpoint {checkpoint} is not the model of this artifact: {differ[0]} is "
-                         f"{have.get(differ[0])!r}, the manifest says {manifest.model[differ[0]]!r}")
-    return model
+    return load_artifact_model(checkpoint, manifest, PRECISIONS[{"float32": "fp32", "float16": "fp16"}[kv]])
 
 
 # --------------------------------------------------------------------------- comparing

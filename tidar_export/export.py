@@ -13,12 +13,13 @@ Heavy imports (torch, onnx) happen inside the functions, so that the CLI starts 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -162,11 +163,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     plan = make_plan(cfg, block_size, proposals, target, precision, max_seq_len, max_batch)  # before loading
     model = load_checkpoint(checkpoint, block_size, mask_token_id, dtype=plan.dtype)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    weights = None
-    try:
-        weights = WeightFile(tmp / WEIGHTS_FILE)
+    with staged_artifact(output) as (tmp, weights):
         graphs: dict[str, GraphSpec] = {}
         opsets: dict[str, int] = {}
         for kind in GRAPH_KINDS:
@@ -213,6 +210,20 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
             weights={"file": WEIGHTS_FILE, "bytes": weights.size},
         )
         manifest.save(tmp)
+    return output
+
+
+@contextlib.contextmanager
+def staged_artifact(output: Path) -> Iterator[tuple[Path, WeightFile]]:
+    """A temp folder beside `output` with its open weights file, for the body to fill (it closes
+    the weights file and saves the manifest there). When the body returns, the folder gets the
+    usual permissions and replaces `output` (`_swap_in`); when it raises, the folder is removed."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    weights = None
+    try:
+        weights = WeightFile(tmp / WEIGHTS_FILE)
+        yield tmp, weights
         _default_permissions(tmp)
         _swap_in(tmp, output)
     except BaseException:
@@ -220,7 +231,6 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
             weights.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return output
 
 
 def _swap_in(new: Path, output: Path) -> None:
@@ -248,9 +258,14 @@ def cmd_export(args) -> int:
     out = export_artifact(args.checkpoint, args.output, block_size=args.block_size, proposals=args.proposals,
                           target=args.target, precision=args.dtype, max_seq_len=args.max_seq_len,
                           max_batch=args.max_batch, mask_token_id=args.mask_token_id, log=print)
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"wrote {args.target} artifact ({size / 2**20:.1f} MiB) to {out} in {time.perf_counter() - t0:.1f}s")
+    print_written(args.target, out, t0)
     return 0
+
+
+def print_written(what: str, out: Path, t0: float) -> None:
+    """The commands' last line: `what` artifact, its size, where, and the seconds since `t0`."""
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {what} artifact ({size / 2**20:.1f} MiB) to {out} in {time.perf_counter() - t0:.1f}s")
 
 
 def register(subparsers) -> None:

@@ -316,7 +316,7 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
     import onnxruntime
 
     import tidar_export
-    from tidar_export.export import WeightFile, WEIGHTS_FILE, _default_permissions, _prepare_output, _swap_in
+    from tidar_export.export import WEIGHTS_FILE, _prepare_output, staged_artifact
 
     log = log or (lambda msg: None)
     artifact, output = Path(artifact), Path(output)
@@ -349,11 +349,7 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
     feeds = collect_calibration_inputs(artifact, prompts, samples=samples, max_new_tokens=max_new_tokens,
                                        seed=seed, log=log)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    weights = None
-    try:
-        weights = WeightFile(tmp / WEIGHTS_FILE)
+    with staged_artifact(output) as (tmp, weights):
         new = dataclasses.replace(manifest, graphs={}, precision=precision, versions=dict(manifest.versions))
         done = {}
         with tempfile.TemporaryDirectory(prefix="tidar-quant.") as scratch:
@@ -394,13 +390,6 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
         }
         (tmp / SIDECAR).write_text(json.dumps(recipe, indent=2) + "\n")
         new.save(tmp)
-        _default_permissions(tmp)
-        _swap_in(tmp, output)
-    except BaseException:
-        if weights is not None:
-            weights.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 
@@ -463,12 +452,13 @@ def token_agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence
 
 
 def cmd_quantize(args) -> int:
+    from tidar_export.export import print_written
+
     t0 = time.perf_counter()
     out = quantize_artifact(args.artifact, args.output, args.precision, calibration=args.calibration,
                             samples=args.samples, max_new_tokens=args.max_new_tokens, method=args.method,
                             percentile=args.percentile, seed=args.seed, log=print)
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"wrote {args.precision} artifact ({size / 2**20:.1f} MiB) to {out} in {time.perf_counter() - t0:.1f}s")
+    print_written(args.precision, out, t0)
     return 0
 
 

@@ -34,6 +34,21 @@ def _np_dtype(name: str):
         raise TiDARError(f"the ONNX Runtime backend cannot hold {name} tensors on the host") from None
 
 
+def read_artifact(backend, artifact_dir: str | os.PathLike) -> Manifest:
+    """Load an artifact's manifest and set on `backend` the attributes every backend reads from
+    it: dir, manifest, block_size, proposals, max_len, max_batch, mask_token_id, vocab_size and
+    the cache binding names past_names / present_names (one per layer and K/V)."""
+    backend.dir = Path(artifact_dir)
+    backend.manifest = m = load_manifest(backend.dir)
+    backend.block_size, backend.proposals = m.block_size, tuple(m.proposals)
+    backend.max_len, backend.max_batch, backend.mask_token_id = m.max_seq_len, m.max_batch, m.mask_token_id
+    backend.vocab_size = m.model["vocab_size"]
+    layers = m.model["num_layers"]
+    backend.past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    backend.present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return m
+
+
 class OrtBackend:
     def __init__(self, artifact_dir: str | os.PathLike, providers: list[str] | None = None,
                  intra_op_threads: int = 0):
@@ -42,12 +57,7 @@ class OrtBackend:
         except ImportError:
             raise TiDARError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
         self._ort = ort
-        self.dir = Path(artifact_dir)
-        self.manifest: Manifest = load_manifest(self.dir)
-        m = self.manifest
-        self.block_size, self.proposals = m.block_size, tuple(m.proposals)
-        self.max_len, self.max_batch, self.mask_token_id = m.max_seq_len, m.max_batch, m.mask_token_id
-        self.vocab_size = m.model["vocab_size"]
+        m = read_artifact(self, artifact_dir)
         self.inplace = m.kv_update == "inplace"
         if m.kv_update not in ("slice", "inplace"):
             raise TiDARError(f"unknown kv_update {m.kv_update!r} in the manifest")
@@ -58,9 +68,6 @@ class OrtBackend:
             self._opts.intra_op_num_threads = intra_op_threads
         self._sessions: dict = {}
 
-        layers = m.model["num_layers"]
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         spec = m.graphs["step"].input(self.past_names[0])
         self.kv_dtype = _np_dtype(spec.dtype)
         shape = (m.max_batch, m.model["num_kv_heads"], m.max_seq_len, m.model["head_dim"])

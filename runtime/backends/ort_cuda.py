@@ -19,6 +19,9 @@ TrtBackend (docs/RUNTIME.md):
   refuses (a node not placed on the CUDA provider), the session runs without a graph and
   `cuda_graph_status` says why.
 
+The buffers, the K/V commits, the fetch and the teardown are shared with TrtBackend
+(tidar_runtime.backends.device.DeviceBackend); this module binds them to ONNX Runtime.
+
 Written against ONNX Runtime's documented Python API (IOBinding.bind_input/bind_output with
 raw addresses, CUDA provider options, run config entries); it runs only where
 onnxruntime-gpu and a GPU exist. Its buffer logic is tested on CPU with `ort_device="cpu"`
@@ -27,26 +30,15 @@ and a stand-in CUDA API whose "device" memory is host memory (tests/test_runtime
 
 from __future__ import annotations
 
-import contextlib
 import os
-from pathlib import Path
 
 import numpy as np
 
-from tidar_runtime.backends.cuda import (
-    MEMCPY_DEVICE_TO_DEVICE,
-    MEMCPY_DEVICE_TO_HOST,
-    MEMCPY_HOST_TO_DEVICE,
-    CudaError,
-    pinned_array,
-)
+from tidar_runtime.backends.device import DeviceBackend, load_cuda
 from tidar_runtime.backends.ort import _np_dtype
 from tidar_runtime.errors import TiDARError
 from tidar_runtime.layout import n_out
 from tidar_runtime.loop import Outputs
-from tidar_runtime.manifest import Manifest, load_manifest
-
-_I64, _F32 = 8, 4  # bytes of an int64 (ids, lengths) and a float32 (logits)
 
 
 def import_ort_cuda():
@@ -61,13 +53,15 @@ def import_ort_cuda():
     return ort
 
 
-class OrtCudaBackend:
+class OrtCudaBackend(DeviceBackend):
     """The decode loop's Backend over ONNX Runtime's CUDA provider (attributes as OrtBackend).
 
     ort_device / cuda_api: tests only. ort_device="cpu" binds the same buffers as host memory
     to the CPU provider, with cuda_api a stand-in whose "device" allocations are host memory.
     Output arrays are views of pinned buffers, valid until the next call.
     """
+
+    _what = "ONNX Runtime CUDA backend"
 
     def __init__(self, artifact_dir: str | os.PathLike, *, device: int = 0, cuda_graphs: bool = True,
                  ort_device: str = "cuda", cuda_api=None):
@@ -77,22 +71,11 @@ class OrtCudaBackend:
             ort = import_ort_cuda()
         else:
             import onnxruntime as ort
-        if cuda_api is None:
-            from tidar_runtime.backends import cuda as cuda_module
-
-            cuda_api = cuda_module.load()  # one-line CudaError without a driver or GPU
+        cuda_api = load_cuda(cuda_api)  # one-line CudaError without a driver or GPU
         self._ort, self._cuda, self.device = ort, cuda_api, device
-        self.dir = Path(artifact_dir)
-        self.manifest: Manifest = load_manifest(self.dir)
-        m = self.manifest
+        m = self._read_manifest(artifact_dir)
         if m.kv_update not in ("slice", "inplace"):
             raise TiDARError(f"unknown kv_update {m.kv_update!r} in the manifest")
-        self.block_size, self.proposals = m.block_size, tuple(m.proposals)
-        self.max_len, self.max_batch, self.mask_token_id = m.max_seq_len, m.max_batch, m.mask_token_id
-        self.vocab_size = m.model["vocab_size"]
-        layers = m.model["num_layers"]
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         self.kv_dtype = _np_dtype(m.graphs["step"].input(self.past_names[0]).dtype)
         self.kv_mode = "slice" if m.kv_update == "slice" else "pingpong"
         self.cuda_graphs = cuda_graphs and self.kv_mode == "slice" and ort_device == "cuda"
@@ -106,45 +89,21 @@ class OrtCudaBackend:
             raise
 
     # -- buffers ------------------------------------------------------------------------------
-    def _malloc(self, nbytes: int) -> int:
-        ptr = self._cuda.malloc(nbytes)
-        self._device_allocs.append(ptr)
-        return ptr
-
-    def _pinned(self, count: int, dtype) -> tuple[int, np.ndarray]:
-        ptr = self._cuda.host_alloc(count * np.dtype(dtype).itemsize)
-        self._host_allocs.append(ptr)
-        return ptr, pinned_array(ptr, (count,), dtype)
-
     def _setup_buffers(self) -> None:
-        m, cu = self.manifest, self._cuda
-        self._device_allocs, self._host_allocs, self._closed = [], [], False
-        self._stream = cu.stream_create()
+        m = self.manifest
+        self._start_buffers()
         B, b, S = self.max_batch, self.block_size, self.max_len
         KV, hd = m.model["num_kv_heads"], m.model["head_dim"]
         self._kv_shape = (B, KV, S, hd)
-        self._rb = hd * np.dtype(self.kv_dtype).itemsize  # bytes of one slot of one head
+        rb = hd * np.dtype(self.kv_dtype).itemsize  # bytes of one slot of one head
         self._rows = {"prefill": b, "step": n_out(b, self.proposals), "ar_step": 1}
         self._new_len = {"step": m.step_len, "ar_step": 1}
-        sets = 2 if self.kv_mode == "pingpong" else 1
-        cache_bytes = B * KV * S * self._rb
-        self._cache = [{name: self._malloc(cache_bytes) for name in self.past_names} for _ in range(sets)]
-        for cache in self._cache:
-            for ptr in cache.values():
-                cu.memset_async(ptr, 0, cache_bytes, self._stream)
-        self._parity = 0  # which set holds the committed K/V ("pingpong")
+        self._alloc_cache(2 if self.kv_mode == "pingpong" else 1, KV, rb)
         # new K/V: the prefill's [1, KV, P + b, hd] (P <= S), and in "slice" mode the steps' [B, KV, q, hd]
-        scratch = max(KV * (S + b) * self._rb, B * KV * m.step_len * self._rb)
+        scratch = max(KV * (S + b) * rb, B * KV * m.step_len * rb)
         self._scratch = {name: self._malloc(scratch) for name in self.present_names}
-        rows = max(b, B * self._rows["step"], B)
-        self._d_tok, self._d_logits = self._malloc(rows * _I64), self._malloc(rows * self.vocab_size * _F32)
-        self._h_tok_ptr, self._h_tok = self._pinned(rows, np.int64)
-        self._h_logits_ptr, self._h_logits = self._pinned(rows * self.vocab_size, np.float32)
-        ids = max(S, B * b)
-        self._d_ids, self._d_cache_len = self._malloc(ids * _I64), self._malloc(B * _I64)
-        self._h_ids_ptr, self._h_ids = self._pinned(ids, np.int64)
-        self._h_cache_len_ptr, self._h_cache_len = self._pinned(B, np.int64)
-        cu.stream_synchronize(self._stream)
+        self._alloc_io(rows=max(b, B * self._rows["step"], B), ids=max(S, B * b))
+        self._cuda.stream_synchronize(self._stream)
 
     # -- sessions and bindings ----------------------------------------------------------------
     def _providers(self, cuda_graph: bool) -> list:
@@ -207,38 +166,13 @@ class OrtCudaBackend:
         io.bind_output(name, self._ort_device, self.device, dtype, list(shape), ptr)
 
     # -- passes -------------------------------------------------------------------------------
-    def _copy_kv(self, row: int, slot: int, count: int, src_row: int, src_len: int) -> None:
-        """For every layer and K/V: `count` slots of row `src_row` of the [*, KV, src_len, hd]
-        scratch to slots slot.. of cache row `row`, one strided copy of KV rows each."""
-        KV, S, rb = self._kv_shape[1], self.max_len, self._rb
-        dst_set = self._cache[self._parity]
-        for past, pres in zip(self.past_names, self.present_names):
-            self._cuda.memcpy2d_async(dst_set[past] + (row * KV * S + slot) * rb, S * rb,
-                                      self._scratch[pres] + src_row * KV * src_len * rb, src_len * rb,
-                                      count * rb, KV, MEMCPY_DEVICE_TO_DEVICE, self._stream)
-
-    def _fetch(self, batch: int, rows: int, want_logits: bool) -> Outputs:
-        """Copy the outputs to pinned host memory and wait: the one host synchronization of a pass."""
-        cu, s, n = self._cuda, self._stream, batch * rows
-        cu.memcpy_async(self._h_tok_ptr, self._d_tok, n * _I64, MEMCPY_DEVICE_TO_HOST, s)
-        if want_logits:
-            cu.memcpy_async(self._h_logits_ptr, self._d_logits, n * self.vocab_size * _F32, MEMCPY_DEVICE_TO_HOST, s)
-        cu.stream_synchronize(s)
-        logits = self._h_logits[: n * self.vocab_size].reshape(batch, rows, self.vocab_size) if want_logits else None
-        return Outputs(self._h_tok[:n].reshape(batch, rows), logits)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise TiDARError("this ONNX Runtime CUDA backend was closed")
-
     def prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         self._check_open()
         prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
         P, b, (B, KV, S, hd) = prompt.size, self.block_size, self._kv_shape
         if not 1 <= P <= S:
             raise TiDARError(f"a prompt of {P} tokens does not fit the KV cache of {S} slots")
-        self._h_ids[:P] = prompt
-        self._cuda.memcpy_async(self._d_ids, self._h_ids_ptr, P * _I64, MEMCPY_HOST_TO_DEVICE, self._stream)
+        self._upload_ids(prompt)
         io = self._sessions["prefill"].io_binding()  # the prompt length varies: bound per call, no allocation
         self._bind_in(io, "input_ids", np.int64, (1, P), self._d_ids)
         self._bind_out(io, "token_ids", np.int64, (1, b), self._d_tok)
@@ -246,63 +180,17 @@ class OrtCudaBackend:
         for pres in self.present_names:
             self._bind_out(io, pres, self.kv_dtype, (1, KV, P + b, hd), self._scratch[pres])
         self._sessions["prefill"].run_with_iobinding(io, self._run_options)
-        # prompt and mask slots; the mask slots' K/V land past L, hidden (an AR prompt may overhang)
-        self._copy_kv(row, 0, min(P + b, S), 0, P + b)
+        self._commit_prefill_kv(row, P)
         return self._fetch(1, b, want_logits)
-
-    def ar_prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
-        out = self.prefill(row, prompt, want_logits)
-        return Outputs(out.token_ids[:, :1], None if out.logits is None else out.logits[:, :1])
 
     def _run_cached(self, kind: str, ids: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
         self._check_open()
-        B, s = self.max_batch, self._stream
-        self._h_ids[: ids.size] = ids.reshape(-1)
-        self._h_cache_len[:] = cache_len
-        self._cuda.memcpy_async(self._d_ids, self._h_ids_ptr, ids.size * _I64, MEMCPY_HOST_TO_DEVICE, s)
-        self._cuda.memcpy_async(self._d_cache_len, self._h_cache_len_ptr, B * _I64, MEMCPY_HOST_TO_DEVICE, s)
+        self._upload_step_inputs(ids, cache_len)
         self._sessions[kind].run_with_iobinding(self._bindings[(kind, self._parity)], self._run_options)
-        if self.kv_mode == "slice":  # each row's new K/V at its L (the commit is the loop's L += k)
-            new = self._new_len[kind]
-            for row, L in enumerate(cache_len.tolist()):
-                count = min(new, self.max_len - L)
-                if count > 0:
-                    self._copy_kv(row, L, count, row, new)
-        else:  # the pass wrote the whole updated cache into the other set
-            self._parity ^= 1
-        return self._fetch(B, self._rows[kind], want_logits)
+        self._commit_step_kv(kind, cache_len)  # "slice": each row's new K/V at its L; "pingpong": swap sets
+        return self._fetch(self.max_batch, self._rows[kind], want_logits)
 
-    def step(self, drafts: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
-        return self._run_cached("step", drafts, cache_len, want_logits)
-
-    def ar_step(self, tokens: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
-        return self._run_cached("ar_step", tokens, cache_len, want_logits)
-
-    # -- teardown -----------------------------------------------------------------------------
-    def close(self) -> None:
-        """Release the sessions and every buffer (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        cu = self._cuda
-        if getattr(self, "_stream", None) is not None:
-            cu.stream_synchronize(self._stream)
-        self._bindings, self._sessions = {}, {}  # before the memory they point at
-        for ptr in self._device_allocs:
-            cu.free(ptr)
-        for ptr in self._host_allocs:
-            cu.free_host(ptr)
-        self._device_allocs, self._host_allocs = [], []
-        if getattr(self, "_stream", None) is not None:
-            cu.stream_destroy(self._stream)
-            self._stream = None
-
-    def __enter__(self) -> "OrtCudaBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(CudaError):
-            self.close()
+    # -- teardown (close: DeviceBackend) ------------------------------------------------------
+    def _release(self) -> None:
+        """The sessions and their bindings, before the memory they point at."""
+        self._bindings, self._sessions = {}, {}

@@ -31,30 +31,24 @@ the design. In short:
   `cuda_graph_status` says why.
 
 AR mode reuses the TiDAR prefill engine exactly as the ONNX Runtime backend does.
+The buffers, the K/V commits, the fetch and the teardown are shared with OrtCudaBackend
+(tidar_runtime.backends.device.DeviceBackend); this module binds them to TensorRT.
 Importable without TensorRT or CUDA: both are loaded in the constructor.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from tidar_runtime.backends.cuda import (
-    MEMCPY_DEVICE_TO_DEVICE,
-    MEMCPY_DEVICE_TO_HOST,
-    MEMCPY_HOST_TO_DEVICE,
-    CudaError,
-    pinned_array,
-)
+from tidar_runtime.backends.cuda import CudaError
+from tidar_runtime.backends.device import DeviceBackend, load_cuda
 from tidar_runtime.errors import TiDARError
 from tidar_runtime.layout import n_out
 from tidar_runtime.loop import Outputs
-from tidar_runtime.manifest import Manifest, load_manifest
 
 GRAPH_KINDS = ("prefill", "step", "ar_step")
 # TensorRT DataType names -> the manifest's dtype names
@@ -62,8 +56,6 @@ _DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "
            "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8e4m3fn"}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1,
              "bool": 1, "float8e4m3fn": 1}
-_I64 = 8  # bytes of an int64 (token ids, cache lengths)
-_F32 = 4  # bytes of a float32 (logits)
 
 
 def import_tensorrt():
@@ -136,7 +128,7 @@ def _dtype_name(dt) -> str:
     return _DTYPES.get(name, name.lower())
 
 
-class TrtBackend:
+class TrtBackend(DeviceBackend):
     """The decode loop's Backend over TensorRT engines (attributes and methods as OrtBackend).
 
     kinds: engines to load; each engine holds its own copy of the weights, so a TiDAR-only
@@ -148,19 +140,16 @@ class TrtBackend:
     Output arrays are views of page-locked buffers, valid until the next call.
     """
 
+    _what = "TensorRT backend"
+
     def __init__(self, artifact_dir: str | os.PathLike, *, device: int = 0, kinds=GRAPH_KINDS,
                  cuda_graphs: bool = True, weight_streaming_budget: int | None = None,
                  trt_module=None, cuda_api=None):
         self._closed = True  # nothing to release until the first allocation
         trt = trt_module if trt_module is not None else import_tensorrt()
-        if cuda_api is None:
-            from tidar_runtime.backends import cuda as cuda_module
-
-            cuda_api = cuda_module.load()
+        cuda_api = load_cuda(cuda_api)
         self._trt, self._cuda = trt, cuda_api
-        self.dir = Path(artifact_dir)
-        self.manifest: Manifest = load_manifest(self.dir)
-        m = self.manifest
+        m = self._read_manifest(artifact_dir)
         self.kinds = tuple(kinds)
         if "prefill" not in self.kinds or not set(self.kinds) <= set(GRAPH_KINDS):
             raise TiDARError(f"kinds must include prefill and name only {', '.join(GRAPH_KINDS)}; got {self.kinds}")
@@ -173,13 +162,7 @@ class TrtBackend:
                                  f"`tidar-export build {self.dir}` on a GPU first")
         if m.kv_update not in ("slice", "inplace"):
             raise TiDARError(f"unknown kv_update {m.kv_update!r} in the manifest")
-        self.block_size, self.proposals = m.block_size, tuple(m.proposals)
-        self.max_len, self.max_batch, self.mask_token_id = m.max_seq_len, m.max_batch, m.mask_token_id
-        self.vocab_size = m.model["vocab_size"]
         self.cuda_graphs = cuda_graphs
-        layers = m.model["num_layers"]
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
         cuda_api.set_device(device)
         dev = cuda_api.device_info(device)
@@ -243,31 +226,18 @@ class TrtBackend:
         return query is not None and all(query(pres) == past for past, pres in zip(self.past_names, self.present_names))
 
     # -- buffers and contexts -----------------------------------------------------------------
-    def _malloc(self, nbytes: int) -> int:
-        ptr = self._cuda.malloc(nbytes)
-        self._device_allocs.append(ptr)
-        return ptr
-
-    def _pinned(self, count: int, dtype) -> tuple[int, np.ndarray]:
-        ptr = self._cuda.host_alloc(count * np.dtype(dtype).itemsize)
-        self._host_allocs.append(ptr)
-        return ptr, pinned_array(ptr, (count,), dtype)
-
     def _setup_buffers(self) -> None:
         m, cu, trt = self.manifest, self._cuda, self._trt
-        self._device_allocs, self._host_allocs = [], []
         self._contexts, self._graph_exec, self.cuda_graph_status = {}, {}, {}
-        self._stream = None
-        self._closed = False
-        self._stream = cu.stream_create()
+        self._start_buffers()
 
-        B, b, S = self.max_batch, self.block_size, self.max_len
+        B, b = self.max_batch, self.block_size
         KV, hd = m.model["num_kv_heads"], m.model["head_dim"]
         cached = [k for k in ("step", "ar_step") if k in self.kinds]
         self._rows = {"prefill": b, "step": n_out(b, self.proposals), "ar_step": 1}
         self._new_len = {"step": m.step_len, "ar_step": 1}  # K/V rows a pass adds
         kv_dtype = m.graphs["prefill"].output(self.present_names[0]).dtype
-        self._kv_row_bytes = hd * _ITEMSIZE[kv_dtype]  # one slot of one head
+        rb = hd * _ITEMSIZE[kv_dtype]  # bytes of one slot of one head
         lo, _, hi = (tuple(s) for s in self._engines["prefill"].get_tensor_profile_shape("input_ids", 0))
         self.min_prompt, self.max_prompt = int(lo[1]), int(hi[1])
 
@@ -276,26 +246,15 @@ class TrtBackend:
         else:
             self.kv_mode = "alias" if all(self._aliased(k) for k in cached) else "pingpong"
         sets = 2 if self.kv_mode == "pingpong" else 1
-        rb = self._kv_row_bytes
-        self._cache = [{name: self._malloc(B * KV * S * rb) for name in self.past_names} for _ in range(sets)]
-        for cache in self._cache:
-            for ptr in cache.values():
-                cu.memset_async(ptr, 0, B * KV * S * rb, self._stream)
-        self._parity = 0  # which cache set holds the committed K/V (ping-pong only)
+        self._alloc_cache(sets, KV, rb)
         # New K/V land here: the prefill's [1, KV, P + b, hd], and in "slice" mode the steps' [B, KV, q, hd].
         scratch = KV * (self.max_prompt + b) * rb
         if self.kv_mode == "slice":
             scratch = max([scratch] + [B * KV * self._new_len[k] * rb for k in cached])
         self._scratch = {name: self._malloc(scratch) for name in self.present_names}
 
-        rows = max([b] + [B * self._rows[k] for k in cached])
-        ids = max([self.max_prompt] + [B * b for k in cached])
-        self._d_tok, self._d_logits = self._malloc(rows * _I64), self._malloc(rows * self.vocab_size * _F32)
-        self._h_tok_ptr, self._h_tok = self._pinned(rows, np.int64)
-        self._h_logits_ptr, self._h_logits = self._pinned(rows * self.vocab_size, np.float32)
-        self._d_ids, self._d_cache_len = self._malloc(ids * _I64), self._malloc(B * _I64)
-        self._h_ids_ptr, self._h_ids = self._pinned(ids, np.int64)
-        self._h_cache_len_ptr, self._h_cache_len = self._pinned(B, np.int64)
+        self._alloc_io(rows=max([b] + [B * self._rows[k] for k in cached]),
+                       ids=max([self.max_prompt] + [B * b for k in cached]))
 
         workspace = max(int(e.device_memory_size_v2) for e in self._engines.values())
         self._workspace = self._malloc(workspace)
@@ -372,29 +331,6 @@ class TrtBackend:
         except CudaError as e:  # an invalidated capture: reported by _capture, which falls back to eager
             return None, str(e)
 
-    def _fetch(self, batch: int, rows: int, want_logits: bool) -> Outputs:
-        """Copy the outputs to the host and wait: the one host synchronization of a pass."""
-        cu, s, n = self._cuda, self._stream, batch * rows
-        cu.memcpy_async(self._h_tok_ptr, self._d_tok, n * _I64, MEMCPY_DEVICE_TO_HOST, s)
-        if want_logits:
-            cu.memcpy_async(self._h_logits_ptr, self._d_logits, n * self.vocab_size * _F32, MEMCPY_DEVICE_TO_HOST, s)
-        cu.stream_synchronize(s)
-        logits = self._h_logits[: n * self.vocab_size].reshape(batch, rows, self.vocab_size) if want_logits else None
-        return Outputs(self._h_tok[:n].reshape(batch, rows), logits)
-
-    def _copy_kv(self, dst_set: dict, row: int, slot: int, count: int, src: dict, src_row: int, src_len: int) -> None:
-        """For every layer and K/V: `count` slots of row `src_row` of a [*, KV, src_len, hd] scratch
-        tensor to slots slot.. of cache row `row`, one strided copy of KV rows each."""
-        KV, S, rb = self.manifest.model["num_kv_heads"], self.max_len, self._kv_row_bytes
-        for past, pres in zip(self.past_names, self.present_names):
-            self._cuda.memcpy2d_async(dst_set[past] + (row * KV * S + slot) * rb, S * rb,
-                                      src[pres] + src_row * KV * src_len * rb, src_len * rb,
-                                      count * rb, KV, MEMCPY_DEVICE_TO_DEVICE, self._stream)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise TiDARError("this TensorRT backend was closed")
-
     def prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         self._check_open()
         prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
@@ -404,82 +340,37 @@ class TrtBackend:
                              f"({self.min_prompt}..{self.max_prompt} tokens)")
         if not 0 <= row < self.max_batch:
             raise TiDARError(f"row {row} is outside the artifact's batch of {self.max_batch}")
-        self._h_ids[:P] = prompt
-        self._cuda.memcpy_async(self._d_ids, self._h_ids_ptr, P * _I64, MEMCPY_HOST_TO_DEVICE, self._stream)
+        self._upload_ids(prompt)
         ctx = self._contexts[("prefill", 0)]
         if not ctx.set_input_shape("input_ids", (1, P)):
             raise TiDARError(f"TensorRT refused the prefill input shape (1, {P})")
         if not ctx.execute_async_v3(self._stream):
             raise TiDARError("TensorRT failed to run the prefill engine (its log above says why)")
-        T = P + self.block_size  # prompt and mask slots; the mask slots' K/V land past L, hidden
-        self._copy_kv(self._cache[self._parity], row, 0, min(T, self.max_len), self._scratch, 0, T)
+        self._commit_prefill_kv(row, P)
         return self._fetch(1, self._rows["prefill"], want_logits)
-
-    def ar_prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
-        out = self.prefill(row, prompt, want_logits)
-        return Outputs(out.token_ids[:, :1], None if out.logits is None else out.logits[:, :1])
 
     def _run_cached(self, kind: str, ids: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
         self._check_open()
         if kind not in self.kinds:
             raise TiDARError(f"the {kind} engine was not loaded (TrtBackend kinds={self.kinds})")
-        B, s = self.max_batch, self._stream
+        B = self.max_batch
         width = self.block_size if kind == "step" else 1
         ids = np.asarray(ids, dtype=np.int64)
         cache_len = np.asarray(cache_len, dtype=np.int64).reshape(-1)
         if ids.shape != (B, width) or cache_len.shape != (B,):
             raise TiDARError(f"{kind}: expected ids [{B}, {width}] and cache_len [{B}], got "
                              f"{list(ids.shape)} and {list(cache_len.shape)}")
-        self._h_ids[: ids.size] = ids.reshape(-1)
-        self._h_cache_len[:] = cache_len
-        self._cuda.memcpy_async(self._d_ids, self._h_ids_ptr, ids.size * _I64, MEMCPY_HOST_TO_DEVICE, s)
-        self._cuda.memcpy_async(self._d_cache_len, self._h_cache_len_ptr, B * _I64, MEMCPY_HOST_TO_DEVICE, s)
+        self._upload_step_inputs(ids, cache_len)
         self._execute((kind, self._parity))
-        if self.kv_mode == "slice":  # write each row's new K/V at its L (the commit is the loop's L += k)
-            new = self._new_len[kind]
-            for row, L in enumerate(cache_len.tolist()):
-                count = min(new, self.max_len - L)
-                if count > 0:
-                    self._copy_kv(self._cache[0], row, L, count, self._scratch, row, new)
-        elif self.kv_mode == "pingpong":  # the pass wrote the whole updated cache into the other set
-            self._parity ^= 1
+        self._commit_step_kv(kind, cache_len)  # "slice": each row's new K/V at its L; "pingpong": swap sets
         return self._fetch(B, self._rows[kind], want_logits)
 
-    def step(self, drafts: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
-        return self._run_cached("step", drafts, cache_len, want_logits)
-
-    def ar_step(self, tokens: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
-        return self._run_cached("ar_step", tokens, cache_len, want_logits)
-
-    # -- teardown -----------------------------------------------------------------------------
-    def close(self) -> None:
-        """Release graphs, contexts, engines and every buffer (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        cu = self._cuda
-        if self._stream is not None:
-            cu.stream_synchronize(self._stream)
+    # -- teardown (close: DeviceBackend) ------------------------------------------------------
+    def _release(self) -> None:
+        """CUDA graphs, then contexts (before the workspace they use and the engines they belong
+        to), then engines."""
         for graph in self._graph_exec.values():
-            cu.graph_exec_destroy(graph)
+            self._cuda.graph_exec_destroy(graph)
         self._graph_exec.clear()
-        self._contexts.clear()  # contexts before the workspace they use and the engines they belong to
+        self._contexts.clear()
         self._engines.clear()
-        for ptr in self._device_allocs:
-            cu.free(ptr)
-        for ptr in self._host_allocs:
-            cu.free_host(ptr)
-        self._device_allocs, self._host_allocs = [], []
-        if self._stream is not None:
-            cu.stream_destroy(self._stream)
-            self._stream = None
-
-    def __enter__(self) -> "TrtBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(CudaError):  # at interpreter exit the driver may already be shutting down
-            self.close()
