@@ -85,12 +85,6 @@ def ort_step_ms(artifact_dir: Path, threads: int, tokens: int, repeats: int) -> 
             "steps_measured": len(step), "tokens_per_forward": round(statistics.mean(tpf), 3)}
 
 
-def _write(path: Path, text: str) -> None:
-    from tidar_export.bench import write_text  # atomic: temp file beside it, then rename
-
-    write_text(path, text)
-
-
 def markdown(report: dict) -> str:
     ort = report["ort"]
     lines = [
@@ -124,6 +118,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from tidar_export.demo import default_artifact_dir, ensure_demo_artifact
+    from tidar_runtime.fileio import write_atomic
 
     machine = _machine()
     artifact, _ = ensure_demo_artifact(Path(args.artifact_dir) if args.artifact_dir else default_artifact_dir(),
@@ -143,8 +138,8 @@ def main(argv=None) -> int:
               "machine": machine, "ort": ort, "loop": loop}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "loop_overhead.json", json.dumps(report, indent=2) + "\n")
-    _write(out / "loop_overhead.md", markdown(report))
+    write_atomic(out / "loop_overhead.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "loop_overhead.md", markdown(report))
     print(markdown(report))
     return 0
 

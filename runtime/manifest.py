@@ -20,11 +20,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tidar_runtime.errors import TiDARError
+from tidar_runtime.fileio import write_atomic
 
 MANIFEST_FORMAT = "tidar-manifest"
 MANIFEST_VERSION = 1
@@ -86,16 +86,7 @@ class Manifest:
 
     def save(self, artifact_dir: str | os.PathLike) -> Path:
         """Write manifest.json atomically (temp file, then rename)."""
-        path = Path(artifact_dir) / MANIFEST_FILE
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomic(Path(artifact_dir) / MANIFEST_FILE, self.to_json())
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":

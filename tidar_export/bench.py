@@ -28,6 +28,7 @@ artifact's tokenizer; an artifact without a tokenizer gets seeded random token i
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from tidar_export.errors import TiDARError
+from tidar_runtime.fileio import write_atomic
 
 DEFAULT_NUM_PROMPTS = 8
 DEFAULT_PROMPT_LEN = 32
@@ -559,34 +561,15 @@ def plot(out: str | os.PathLike, curve: list[dict], sweep: list[dict] | None = N
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, png.getvalue())
 
 
 def _err(spreads):
     spreads = list(spreads)
     return [[s["median"] - s["min"] for s in spreads], [s["max"] - s["median"] for s in spreads]]
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file atomically (temp file beside it, then rename)."""
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- CLI
@@ -632,9 +615,9 @@ def cmd_bench(args) -> int:
                    args.sparse or DEFAULT_SPARSE, args.cost_iters)
     text = markdown(report)
     if args.json_out:
-        write_text(args.json_out, json.dumps(report, indent=2) + "\n")
+        write_atomic(args.json_out, json.dumps(report, indent=2) + "\n")
     if args.markdown:
-        write_text(args.markdown, text)
+        write_atomic(args.markdown, text)
     if args.plot:
         plot(args.plot, report["step_cost"]["points"],
              title=f"{report['artifact']} on {report['machine']['cpu']} ({report['backend']}, {report['threads']} thread)")

@@ -16,11 +16,11 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from tidar_export.errors import TiDARError
+from tidar_runtime.fileio import write_atomic
 
 DEMO_PROMPTS = (
     "def fibonacci(n):\n",
@@ -78,18 +78,6 @@ def _stale_reason(artifact_dir: Path, checkpoint: Path, digest: str) -> str | No
     return f"manifest differs ({', '.join(differ)})" if differ else None
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def ensure_demo_artifact(artifact_dir: Path, log=lambda msg: None) -> tuple[Path, bool]:
     """The demo model's ONNX artifact at `artifact_dir`, exported unless a matching one is there.
@@ -105,7 +93,8 @@ def ensure_demo_artifact(artifact_dir: Path, log=lambda msg: None) -> tuple[Path
     log(f"exporting the demo model to {artifact_dir} ({reason}) ...")
     t0 = time.perf_counter()
     export_artifact(checkpoint, artifact_dir, **EXPORT_OPTIONS, log=lambda m: log(f"  {m}"))
-    _write_json_atomic(artifact_dir / STAMP_FILE, {"checkpoint_digest": digest, "options": EXPORT_OPTIONS})
+    write_atomic(artifact_dir / STAMP_FILE,
+                 json.dumps({"checkpoint_digest": digest, "options": EXPORT_OPTIONS}, indent=2) + "\n")
     log(f"exported in {time.perf_counter() - t0:.1f}s")
     return artifact_dir, True
 

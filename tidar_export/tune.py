@@ -32,6 +32,7 @@ import numpy as np
 
 from tidar_export import bench as B
 from tidar_export.errors import TiDARError
+from tidar_runtime.fileio import write_atomic
 
 
 def candidates(block_sizes, sparse, max_seq_len: int, need: int) -> tuple[list, list]:
@@ -256,9 +257,9 @@ def cmd_tune(args) -> int:
                   args.sparse or B.DEFAULT_SPARSE, args.workdir, args.cost_iters, write=not args.dry_run)
     text = markdown(report)
     if args.json_out:
-        B.write_text(args.json_out, json.dumps(report, indent=2) + "\n")
+        write_atomic(args.json_out, json.dumps(report, indent=2) + "\n")
     if args.markdown:
-        B.write_text(args.markdown, text)
+        write_atomic(args.markdown, text)
     if args.plot:
         B.plot(args.plot, curve_points(report), report["candidates"],
                title=f"{report['artifact']} on {report['machine']['cpu']} ({report['backend']}, "

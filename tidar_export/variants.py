@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from tidar_export.errors import TiDARError
+from tidar_runtime.fileio import write_atomic
 
 _CONFIG_KEYS_IGNORED = ("block_size", "mask_token_id")  # export options, not model shape
 
@@ -91,9 +92,7 @@ class Variants:
         export_artifact(self.checkpoint, out, block_size=block_size, proposals=opts["proposals"],
                         target=opts["target"], precision=opts["precision"], max_seq_len=opts["max_seq_len"],
                         max_batch=opts["max_batch"], mask_token_id=opts["mask_token_id"])
-        tmp = sidecar.with_name(f".{sidecar.name}.tmp")
-        tmp.write_text(json.dumps(want, indent=2) + "\n")
-        os.replace(tmp, sidecar)
+        write_atomic(sidecar, json.dumps(want, indent=2) + "\n")
         if progress:
             progress(f"exported {name} in {time.perf_counter() - t0:.1f}s")
         return out
