@@ -29,7 +29,6 @@ from transformers import (
 
 from tidar_export import masks
 from tidar_export.checkpoint import load_checkpoint, save_checkpoint
-from tidar_export.errors import TiDARError
 from tidar_export.model import TiDARModel
 
 VOCAB = 96

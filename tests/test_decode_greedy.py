@@ -1,6 +1,5 @@
 """TiDAR greedy decoding equals AR greedy decoding, token for token (TIDAR.md 4, beta = 1)."""
 
-import numpy as np
 import pytest
 
 from tidar_export.errors import TiDARError

@@ -8,6 +8,8 @@ import torch
 from tidar_export import masks
 from tidar_export.errors import TiDARError
 
+from .mask_rules import train_mask_entry
+
 BLOCK_SIZES = [1, 2, 3, 4]
 
 
@@ -26,16 +28,7 @@ def test_train_mask_rules(S, b):
     assert m.shape == (2 * S, 2 * S)
     for q in range(2 * S):
         for k in range(2 * S):
-            if q < S and k < S:
-                want = k <= q  # clean -> clean: causal
-            elif q < S:
-                want = False  # clean -> mask: never
-            elif k < S:
-                j = q - S
-                want = k < b * (j // b)  # mask -> clean prefix before its own block
-            else:
-                want = (k - S) // b == (q - S) // b  # mask -> mask: own block only
-            assert bool(m[q, k]) == want, (q, k)
+            assert bool(m[q, k]) == train_mask_entry(q, k, S, b), (q, k)
     assert masks.train_positions(S).tolist() == list(range(S)) * 2
 
 

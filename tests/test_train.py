@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from tidar_export import data
 from tidar_export.checkpoint import load_checkpoint
 from tidar_export.cli import main
-from tidar_export.train import STATE_JSON, TrainSettings, ar_batch, losses, tidar_batch, train
+from tidar_export.train import TrainSettings, ar_batch, losses, tidar_batch, train
+
+from .mask_rules import train_mask_entry
 
 TINY = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             seq_len=16, block_size=4, batch_size=4, warmup=2, lr=1e-2)
@@ -58,15 +60,7 @@ def test_tidar_batch_matches_tidar_md(S, b):
             assert ids[row, S + j] == M and pos[row, S + j] == j and labels[row, S + j] == x[row, j]
     for q in range(2 * S):
         for k in range(2 * S):
-            if q < S and k < S:
-                want = k <= q  # clean -> clean: causal
-            elif q < S:
-                want = False  # clean -> mask: never
-            elif k < S:
-                want = k < b * ((q - S) // b)  # mask -> clean prefix before its own block
-            else:
-                want = (k - S) // b == (q - S) // b  # mask -> mask: own block, bidirectional
-            assert bool(mask[q, k]) == want, (q, k)
+            assert bool(mask[q, k]) == train_mask_entry(q, k, S, b), (q, k)
 
 
 def test_ar_batch_is_plain_next_token():
