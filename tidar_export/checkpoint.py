@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from tidar_export.config import SUPPORTED_ARCHS, TiDARConfig
 from tidar_export.errors import TiDARError
 from tidar_export.model import TiDARModel
+from tidar_runtime.fileio import replace_dir
 
 TIDAR_KEY = "tidar"  # config.json key that holds the TiDAR settings
 HF_ARCH_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -218,9 +219,7 @@ def save_checkpoint(model: TiDARModel, folder: str | os.PathLike, tokenizer_from
                 src = Path(tokenizer_from) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from tidar_export import data
 from tidar_export.errors import TiDARError
+from tidar_runtime.fileio import replace_dir
 
 if TYPE_CHECKING:
     import torch
@@ -226,17 +227,6 @@ def load_optimizer_tensors(opt: torch.optim.AdamW, tensors: dict[str, torch.Tens
 # The run folder
 
 
-def _replace_dir(staging: Path, folder: Path) -> None:
-    """Swap `staging` in for `folder` by renames; the old folder is removed only afterwards."""
-    old = folder.parent / f".{folder.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_run(folder: Path, model: TiDARModel, opt: torch.optim.AdamW, state: dict, tokenizer_dir: Path) -> None:
     """Checkpoint (importer format) + resume state, swapped in atomically."""
     from safetensors.torch import save_file
@@ -250,7 +240,7 @@ def save_run(folder: Path, model: TiDARModel, opt: torch.optim.AdamW, state: dic
     tensors, steps = optimizer_tensors(opt)
     save_file(tensors, str(staging / STATE_TENSORS))
     (staging / STATE_JSON).write_text(json.dumps(state | {"optimizer_steps": steps}, indent=1) + "\n")
-    _replace_dir(staging, folder)
+    replace_dir(staging, folder)
 
 
 def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:

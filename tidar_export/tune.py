@@ -32,7 +32,7 @@ import numpy as np
 
 from tidar_export import bench as B
 from tidar_export.errors import TiDARError
-from tidar_runtime.fileio import write_atomic
+from tidar_runtime.fileio import replace_dir, write_atomic
 
 
 def candidates(block_sizes, sparse, max_seq_len: int, need: int) -> tuple[list, list]:
@@ -178,7 +178,6 @@ def write_choice(artifact: Path, chosen: Path, record: dict) -> None:
     """Replace `artifact` by a copy of `chosen` whose manifest carries `record` (atomically)."""
     from tidar_runtime.manifest import load_manifest
 
-    from tidar_export.export import _swap_in
 
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{artifact.name}.tune.", dir=artifact.parent))
     try:
@@ -189,7 +188,7 @@ def write_choice(artifact: Path, chosen: Path, record: dict) -> None:
         manifest.save(new)
         (new / "manifest.json").chmod((chosen / "manifest.json").stat().st_mode & 0o777)
         load_manifest(new)  # the written manifest reads back
-        _swap_in(new, artifact)
+        replace_dir(new, artifact)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
