@@ -168,14 +168,15 @@ def random_model(preset_name: str, dtype, device: str):
 def step_cost_curve(args, device: str) -> dict:
     import torch
 
-    from tidar_export.bench import parse_sparse, step_width
+    from tidar_export.bench import parse_sparse
+    from tidar_runtime.layout import step_len
 
     model = random_model(args.preset, _dtype(args.dtype), device)
     wanted = [(1, None)] + [(b, None) for b in args.block_sizes] + parse_sparse(args.sparse)
     points, timers = [], []
     L = args.max_len // 2
     for b, rs in wanted:
-        w = 1 if b == 1 else step_width(b, rs or range(1, b + 1))
+        w = 1 if b == 1 else step_len(b, rs or None)
         if L + w > args.max_len:
             continue
         be = GraphedTorchBackend(model, args.max_len, max(b, 2), rs, device, graphs=device == "cuda")

@@ -42,6 +42,7 @@ import numpy as np
 
 from tidar_export.errors import TiDARError
 from tidar_runtime.fileio import write_atomic
+from tidar_runtime.layout import normalize_proposals, step_len
 
 DEFAULT_NUM_PROMPTS = 8
 DEFAULT_PROMPT_LEN = 32
@@ -297,14 +298,8 @@ def time_steps(points, rounds: int, cache_len_for, progress=None, burst: int = 3
     return out
 
 
-def step_width(block_size: int, proposals) -> int:
-    return block_size * (1 + len(proposals))
-
-
 def parse_sparse(specs) -> list[tuple[int, tuple[int, ...]]]:
     """["16:1,4,7,10,16", ...] -> [(16, (1, 4, 7, 10, 16)), ...]; proposals validated."""
-    from tidar_runtime.layout import normalize_proposals
-
     out = []
     for spec in specs:
         b, sep, rs = spec.partition(":")
@@ -357,7 +352,7 @@ def bench(artifact: str | os.PathLike, backend_name: str = "ort", threads: int =
     typical_L = int(np.mean([len(p) for p in prompts]) + max_new // 2)
 
     def cache_len_for(be, kind):
-        w = 1 if kind == "ar_step" else step_width(be.block_size, be.proposals)
+        w = 1 if kind == "ar_step" else step_len(be.block_size, be.proposals)
         return max(0, min(typical_L, be.max_len - w))
 
     points = [({"block_size": 1, "proposals": [], "width": 1, "source": "artifact ar_step"}, backend, "ar_step"),
@@ -373,7 +368,7 @@ def bench(artifact: str | os.PathLike, backend_name: str = "ort", threads: int =
         wanted = [(b, None) for b in curve_block_sizes] + list(parse_sparse(sparse)) if variants else []
         for b, rs in wanted:
             rs = tuple(range(1, b + 1)) if rs is None else rs
-            w = step_width(b, rs)
+            w = step_len(b, rs)
             if (b, tuple(rs)) == (m.block_size, tuple(m.proposals)):
                 continue
             if w + 1 > m.max_seq_len:

@@ -28,9 +28,6 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-_int_list = int_list  # older name, kept while modules move to int_list
-
-
 def _add_tidar_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, help="TiDAR block size b (default: the checkpoint's)")
     p.add_argument("--mask-token-id", type=int, help="TiDAR mask token id (default: the checkpoint's)")

@@ -23,14 +23,6 @@ from tidar_export import data
 from tidar_export.errors import TiDARError
 
 
-def _int_list(text: str) -> list[int]:
-    import argparse
-
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
 
 def heldout_stream(checkpoint: Path, corpus: str, pattern: str, eos_id: int | None):
     tok = data.load_tokenizer(checkpoint)
@@ -165,13 +157,15 @@ def evaluate(checkpoint: str, corpus: str = "stdlib", pattern: str = "*.py", seq
 
 
 def register(subparsers) -> None:
+    from tidar_export.cli import int_list
+
     p = subparsers.add_parser("eval", help="held-out AR loss / accuracy and greedy TiDAR T/NFE of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint folder with tokenizer.json")
     p.add_argument("--corpus", default="stdlib", help="'stdlib' or the folder the model was trained on")
     p.add_argument("--pattern", default="*.py", help="file glob inside the corpus")
     p.add_argument("--seq-len", type=int, help="window of the loss evaluation (default: min(256, max positions))")
     p.add_argument("--max-eval-tokens", type=int, default=65536, help="held-out tokens scored for the loss")
-    p.add_argument("--block-sizes", type=_int_list, default=[4, 8, 16], help="TiDAR block sizes to decode with")
+    p.add_argument("--block-sizes", type=int_list, default=[4, 8, 16], help="TiDAR block sizes to decode with")
     p.add_argument("--num-prompts", type=int, default=20)
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -33,6 +33,7 @@ import numpy as np
 from tidar_export import bench as B
 from tidar_export.errors import TiDARError
 from tidar_runtime.fileio import replace_dir, write_atomic
+from tidar_runtime.layout import step_len
 
 
 def candidates(block_sizes, sparse, max_seq_len: int, need: int) -> tuple[list, list]:
@@ -48,7 +49,7 @@ def candidates(block_sizes, sparse, max_seq_len: int, need: int) -> tuple[list, 
         if (b, rs) in seen:
             continue
         seen.add((b, rs))
-        w = B.step_width(b, rs)
+        w = step_len(b, rs)
         if need + w > max_seq_len:
             skipped.append({"block_size": b, "proposals": list(rs), "width": w,
                             "reason": f"prompt + new tokens {need} + width {w} > max_seq_len {max_seq_len}"})
@@ -95,17 +96,17 @@ def tune(artifact, checkpoint, backend_name: str = "ort", threads: int = 1, prom
             own = (b, rs) == (m.block_size, tuple(m.proposals))
             vdir = artifact if own else variants.get(b, rs, progress=B.log)
             be = B.open_bench_backend(backend_name, vdir, threads, checkpoint)
-            B.log(f"[{n}/{len(cands)}] b={b} proposals {B._rs(rs, b)} (width {B.step_width(b, rs)})")
+            B.log(f"[{n}/{len(cands)}] b={b} proposals {B._rs(rs, b)} (width {step_len(b, rs)})")
             dec = B.measure_decode(be, prompts, max_new, repeats, reference=reference)
             cost = B.time_steps(
                 [({"kind": "ar_step"}, be, "ar_step"), ({"kind": "step"}, be, "step")], cost_iters,
                 lambda bk, kind: max(0, min(typical_L, bk.max_len - (1 if kind == "ar_step" else
-                                                                      B.step_width(bk.block_size, bk.proposals)))))
+                                                                      step_len(bk.block_size, bk.proposals)))))
             ar_ms, step_ms = cost[0]["ms_p50"], cost[1]["ms_p50"]
             tpf = dec["tidar"]["tokens_per_forward"]
             row = {
                 "block_size": b, "proposals": list(rs), "dense": rs == tuple(range(1, b + 1)),
-                "width": B.step_width(b, rs), "source": "artifact" if own else "variant",
+                "width": step_len(b, rs), "source": "artifact" if own else "variant",
                 "tokens_per_forward": tpf,
                 "tidar_tokens_per_s": dec["tidar"]["tokens_per_s"], "ar_tokens_per_s": dec["ar"]["tokens_per_s"],
                 "speedup": dec["speedup"],

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tidar_export.errors import TiDARError
 from tidar_runtime.fileio import write_atomic
+from tidar_runtime.layout import step_len
 
 _CONFIG_KEYS_IGNORED = ("block_size", "mask_token_id")  # export options, not model shape
 
@@ -87,7 +88,7 @@ class Variants:
                 pass  # a damaged sidecar: export again, which rewrites it
         t0 = time.perf_counter()
         if progress:
-            progress(f"exporting variant {name} (width {block_size * (1 + len(proposals))})")
+            progress(f"exporting variant {name} (width {step_len(block_size, proposals)})")
         opts = want["options"]
         export_artifact(self.checkpoint, out, block_size=block_size, proposals=opts["proposals"],
                         target=opts["target"], precision=opts["precision"], max_seq_len=opts["max_seq_len"],
