@@ -93,8 +93,8 @@ def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
     P = max(len(p) for p in prompts)
     max_len = P + max_new + max(block_sizes) * (max(block_sizes) + 1) + 1
     ar_out, ar_time = [], 0.0
+    backend = TorchBackend(model, max_len, block_size=1)  # one cache, reused: each prefill starts at slot 0
     for p in prompts:
-        backend = TorchBackend(model, max_len, block_size=1)
         t0 = time.perf_counter()
         ar_out.append(generate_ar(backend, p, max_new, greedy, stop).tokens)
         ar_time += time.perf_counter() - t0
@@ -102,8 +102,8 @@ def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
     report = {"ar": {"tokens": n_ar, "tokens_per_s_cpu": round(n_ar / ar_time, 1)}, "tidar": {}}
     for b in block_sizes:
         tokens, accepted, hist, mismatched, t_all = 0, [], Counter(), [], 0.0
+        backend = TorchBackend(model, max_len, block_size=b)
         for i, p in enumerate(prompts):
-            backend = TorchBackend(model, max_len, block_size=b)
             t0 = time.perf_counter()
             res = generate_tidar(backend, p, max_new, greedy, stop)
             t_all += time.perf_counter() - t0
