@@ -9,7 +9,6 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 
 from tidar_export.errors import TiDARError
 
@@ -73,26 +72,16 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _prompt_ids(args) -> list[int]:
-    if args.prompt_ids is not None:
-        return args.prompt_ids
-    tok_path = Path(args.checkpoint) / "tokenizer.json"
-    if not tok_path.is_file():
-        raise TiDARError(f"{args.checkpoint} has no tokenizer.json: pass --prompt-ids instead of --prompt")
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(tok_path)).encode(args.prompt).ids
-
-
 def cmd_decode(args) -> int:
     from tidar_export.checkpoint import load_checkpoint
     from tidar_export.reference import TorchBackend
     from tidar_runtime import SamplingParams, generate_ar, generate_tidar
 
-    if args.prompt is None and args.prompt_ids is None:
-        raise TiDARError("give --prompt TEXT or --prompt-ids IDS")
+    from tidar_export.generate import prompt_ids, require_prompt
+
+    require_prompt(args)
     model = load_checkpoint(args.checkpoint, args.block_size, args.mask_token_id)
-    prompt = _prompt_ids(args)
+    prompt = prompt_ids(args.checkpoint, args.prompt, args.prompt_ids)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     stop = [model.cfg.eos_token_id] if model.cfg.eos_token_id is not None else []
     modes = ["ar", "tidar"] if args.mode == "both" else [args.mode]

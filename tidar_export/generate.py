@@ -13,24 +13,30 @@ from pathlib import Path
 from tidar_export.errors import TiDARError
 
 
-def load_tokenizer(artifact_dir):
-    """The artifact's tokenizer, or None when it ships none."""
-    path = Path(artifact_dir) / "tokenizer.json"
+def load_tokenizer(folder):
+    """The tokenizer.json of an artifact or checkpoint folder, or None when it has none."""
+    path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         return None
-    from tokenizers import Tokenizer
+    from tidar_export.data import load_tokenizer as read_tokenizer
 
-    return Tokenizer.from_file(str(path))
+    return read_tokenizer(path)  # a corrupt file is a one-line error
 
 
-def prompt_ids(tokenizer, text: str | None, ids: list[int] | None) -> list[int]:
+def prompt_ids(folder, text: str | None, ids: list[int] | None) -> list[int]:
+    """--prompt-ids as given, or --prompt encoded with the folder's tokenizer (one of them is set:
+    the commands check that before any I/O, see require_prompt)."""
     if ids is not None:
         return ids
-    if text is None:
-        raise TiDARError("give --prompt TEXT or --prompt-ids IDS")
+    tokenizer = load_tokenizer(folder)
     if tokenizer is None:
-        raise TiDARError("the artifact has no tokenizer.json: pass --prompt-ids instead of --prompt")
+        raise TiDARError(f"{folder} has no tokenizer.json: pass --prompt-ids instead of --prompt")
     return tokenizer.encode(text).ids
+
+
+def require_prompt(args) -> None:
+    if args.prompt is None and args.prompt_ids is None:
+        raise TiDARError("give --prompt TEXT or --prompt-ids IDS")
 
 
 def run_generate(args) -> int:
@@ -39,8 +45,7 @@ def run_generate(args) -> int:
     from tidar_runtime.manifest import load_manifest
     from tidar_runtime.stats import summarize
 
-    if args.prompt is None and args.prompt_ids is None:
-        raise TiDARError("give --prompt TEXT or --prompt-ids IDS")
+    require_prompt(args)
     if args.max_new_tokens < 1:
         raise TiDARError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     try:
@@ -51,8 +56,8 @@ def run_generate(args) -> int:
     if args.checkpoint is not None and args.backend != "torch":
         raise TiDARError("--checkpoint is read only by --backend torch (the other backends run the artifact)")
     manifest = load_manifest(args.artifact)  # before the tokenizer and the backend: version, files
+    ids = prompt_ids(args.artifact, args.prompt, args.prompt_ids)
     tok = load_tokenizer(args.artifact)
-    ids = prompt_ids(tok, args.prompt, args.prompt_ids)
     kwargs = {"checkpoint": args.checkpoint} if args.backend == "torch" else {}
     backend = open_backend(args.backend, args.artifact, **kwargs)
     eos = manifest.tokenizer.get("eos_token_id")
