@@ -25,8 +25,8 @@ from importlib import resources
 
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
+from tidar_graphs.passes import infer_shapes
 from tidar_graphs.targets import get_target
 
 # TensorRT's names for ONNX element types, as the operator tables use them.
@@ -256,10 +256,11 @@ def check_graph(model: onnx.ModelProto, target: str, *, dynamic_dims: Iterable[s
             failures.append(f"opset domain '{domain}' is not supported by {target}")
 
     ir_model = ir.serde.deserialize_model(model)
-    common_passes.ShapeInferencePass(strict_mode=False)(ir_model)
+    infer_shapes(ir_model)
     failures += _check_bindings(ir_model.graph, target, table, spec.static_shapes, set(dynamic_dims))
+    schema_opset = min(max(opset, 1), onnx.defs.onnx_opset_version())
     for node in ir.traversal.RecursiveGraphIterator(ir_model.graph):
-        failures += _check_node(node, min(max(opset, 1), onnx.defs.onnx_opset_version()), table, target)
+        failures += _check_node(node, schema_opset, table, target)
     for function in ir_model.functions.values():
         for node in function:
             failures += _check_node(node, opset, table, target)

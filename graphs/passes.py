@@ -217,7 +217,7 @@ def convert_opset(model: ir.Model, opset: int) -> int:
         convert_version(model, opset, fallback=True)
     finally:
         log.setLevel(level)
-    common_passes.ShapeInferencePass(strict_mode=False)(model)
+    infer_shapes(model)
     return 1
 
 

@@ -96,8 +96,7 @@ def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
     run(passes.cleanup)
     for step in spec.decompose:
         run(step)
-    passes.convert_opset(ir_model, spec.opset)
-    passes.infer_shapes(ir_model)
+    passes.convert_opset(ir_model, spec.opset)  # re-infers shapes when it converts
     for step in spec.fuse:
         run(step)
     run(passes.cleanup)

@@ -180,21 +180,28 @@ def build_settings(manifest: Manifest, artifact_dir: str | os.PathLike, *, preci
 # --------------------------------------------------------------------------- TensorRT side
 
 
+def polygraphy_profile(shapes: dict[str, tuple[Shape, Shape, Shape]]):
+    """Polygraphy's optimization Profile for (min, opt, max) shapes by input name (`graph_profile`)."""
+    from polygraphy.backend.trt import Profile
+
+    profile = Profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.add(name, min=lo, opt=opt, max=hi)
+    return profile
+
+
 def polygraphy_loaders(settings: BuildSettings, graph: GraphBuild, trt=None):
     """Polygraphy's (network, config) loaders for one graph; nothing is built until called.
 
     `trt` (the tensorrt module) is needed only to name a hardware compatibility level.
     """
-    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath
 
-    profile = Profile()
-    for name, (lo, opt, hi) in graph.profile.items():
-        profile.add(name, min=lo, opt=opt, max=hi)
     hw_level = None
     if settings.hardware_compat == "ampere+":
         hw_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     config = CreateConfig(
-        profiles=[profile],
+        profiles=[polygraphy_profile(graph.profile)],
         tf32=settings.tf32,
         load_timing_cache=None if settings.timing_cache is None else str(settings.timing_cache),
         builder_optimization_level=settings.optimization_level,

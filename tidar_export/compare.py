@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tidar_export import check
 from tidar_export.errors import TiDARError
 from tidar_runtime.manifest import Manifest, load_manifest
 
@@ -38,15 +39,12 @@ GRAPH_KINDS = ("prefill", "step", "ar_step")
 # (atol, rtol) per precision and output family. fp32/fp16/bf16 are check.py's; int8/fp8 are
 # Q/DQ graphs against the fp32 torch model (measured on the demo model, docs/COMPARE.md).
 TOLERANCES = {
-    "fp32": {"logits": (1e-3, 1e-3), "present": (5e-4, 1e-3)},
-    "fp16": {"logits": (5e-2, 2e-2), "present": (2e-2, 1e-2)},
-    "bf16": {"logits": (2.5e-1, 5e-2), "present": (1e-1, 5e-2)},
+    **check.TOLERANCES,
     "int8": {"logits": (1.0, 0.1), "present": (0.5, 0.1)},
     "fp8": {"logits": (2.0, 0.2), "present": (1.0, 0.2)},
 }
 # Intermediate tensors: max |a - b| relative to max |b| of the tensor, per precision.
 HIDDEN_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 0.1, "fp8": 0.2}
-_KV_TORCH = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 @dataclass
@@ -171,8 +169,6 @@ def torch_runner(model, manifest: Manifest, kind: str, marks: dict[str, str]):
     whose forward output is returned under the tensor's name."""
     import torch
 
-    from tidar_export.check import _torch_reference
-
     class TorchRunner(_base_runner()):
         def __init__(self):
             super().__init__(name="torch", prefix="torch-runner")
@@ -204,7 +200,7 @@ def torch_runner(model, manifest: Manifest, kind: str, marks: dict[str, str]):
                 feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in feed_dict.items()}
                 dtype = next(p.dtype for p in model.parameters())
                 feeds = {k: v.to(dtype) if v.is_floating_point() else v for k, v in feeds.items()}
-                out = _torch_reference(model, manifest, kind, feeds)
+                out = check._torch_reference(model, manifest, kind, feeds)
             finally:
                 for h in handles:
                     h.remove()
@@ -224,17 +220,15 @@ def tensorrt_runner(manifest: Manifest, artifact_dir: Path, kind: str, onnx_path
     """Polygraphy's TrtRunner: the built engine, or (for marked outputs, or when none was built)
     an engine built from the graph with the build command's profile (strongly typed)."""
     from polygraphy.backend.trt import (CreateConfig, EngineFromBytes, EngineFromNetwork, ModifyNetworkOutputs,
-                                        NetworkFromOnnxPath, Profile, TrtRunner)
+                                        NetworkFromOnnxPath, TrtRunner)
     from polygraphy.backend.common import BytesFromPath
 
-    from tidar_export.build import graph_profile
+    from tidar_export.build import graph_profile, polygraphy_profile
 
     spec = manifest.graphs[kind]
     if spec.engine and not marks:
         return TrtRunner(EngineFromBytes(BytesFromPath(str(artifact_dir / spec.engine))), name="tensorrt")
-    profile = Profile()
-    for name, (lo, opt, hi) in graph_profile(manifest, kind).items():
-        profile.add(name, min=lo, opt=opt, max=hi)
+    profile = polygraphy_profile(graph_profile(manifest, kind))
     network = NetworkFromOnnxPath(str(onnx_path or artifact_dir / spec.file), strongly_typed=True)
     if marks:
         network = ModifyNetworkOutputs(network, outputs=[o.name for o in spec.outputs] + marks)
@@ -292,14 +286,14 @@ def _precision(manifest: Manifest) -> str:
 
 def reference_model(checkpoint, manifest: Manifest):
     """The torch model in the dtype of the artifact's graph I/O (fp32 for int8/fp8 Q/DQ graphs)."""
-    from tidar_export.check import load_artifact_model
+    from tidar_export.build import _base_precision
     from tidar_export.tracing import PRECISIONS
 
-    kv = next(t.dtype for t in manifest.graphs["step"].inputs if t.name.startswith("past_key_values."))
-    if kv == "bfloat16":
+    base = _base_precision(manifest)
+    if base == "bf16":
         raise TiDARError("compare cannot feed bfloat16 caches from numpy (ONNX Runtime CPU has no bf16 kernels "
                          "either); compare the fp32 or fp16 artifact")
-    return load_artifact_model(checkpoint, manifest, PRECISIONS[{"float32": "fp32", "float16": "fp16"}[kv]])
+    return check.load_artifact_model(checkpoint, manifest, PRECISIONS[base])
 
 
 # --------------------------------------------------------------------------- comparing
@@ -309,8 +303,6 @@ def _polygraphy_compare(run_results, outputs: list[str], precision: str, pairs, 
                         names: list[str]) -> list:
     """Polygraphy's SimpleCompareFunc on logits and present.*, check's tie rule on token_ids."""
     from polygraphy.comparator import Comparator, SimpleCompareFunc
-
-    from tidar_export.check import OutputResult, _compare_tokens
 
     tol = TOLERANCES[precision]
     family = lambda n: "logits" if n == "logits" else "present"  # noqa: E731
@@ -332,17 +324,17 @@ def _polygraphy_compare(run_results, outputs: list[str], precision: str, pairs, 
         for name in floats:
             r = per_output[name]
             atol, rtol = tol[family(name)]
-            res = OutputResult(kind, f"{case} {pair}", name, float(r.max_absdiff), float(r.mean_absdiff),
-                               float(r.max_reldiff), float(r.mean_reldiff), f"atol={atol:.0e} rtol={rtol:.0e}",
-                               bool(r))
+            res = check.OutputResult(kind, f"{case} {pair}", name, float(r.max_absdiff), float(r.mean_absdiff),
+                                     float(r.max_reldiff), float(r.mean_reldiff), f"atol={atol:.0e} rtol={rtol:.0e}",
+                                     bool(r))
             if not res.ok:
                 res.detail = f"outside {res.tolerance} (max abs {res.max_abs:.3g}, max rel {res.max_rel:.3g})"
             results.append(res)
         ref_out, other_out = run_results[ref][0], run_results[other][0]
         if "token_ids" in outputs:
-            res = _compare_tokens(kind, f"{case} {pair}", np.asarray(other_out["token_ids"]),
-                                  np.asarray(ref_out["token_ids"]), np.asarray(ref_out["logits"], np.float64),
-                                  *tol["logits"])
+            res = check._compare_tokens(kind, f"{case} {pair}", np.asarray(other_out["token_ids"]),
+                                        np.asarray(ref_out["token_ids"]), np.asarray(ref_out["logits"], np.float64),
+                                        *tol["logits"])
             results.append(res)
     return results
 
@@ -439,9 +431,7 @@ def compare_artifact(artifact_dir: str | os.PathLike, checkpoint=None, *, graphs
 
 
 def format_report(reports: list[GraphComparison], verbose: bool = False) -> str:
-    from tidar_export.check import format_table
-
-    lines = [format_table([r for rep in reports for r in rep.results], verbose)]
+    lines = [check.format_table([r for rep in reports for r in rep.results], verbose)]
     for rep in reports:
         for pair, layers in rep.layers.items():
             ref, other = pair
@@ -458,8 +448,6 @@ def format_report(reports: list[GraphComparison], verbose: bool = False) -> str:
 
 
 def cmd_compare(args) -> int:
-    from tidar_export.check import ArtifactCheckError
-
     graphs = tuple(g for g in args.graphs.split(",") if g) if args.graphs else GRAPH_KINDS
     use_trt = False if args.no_trt else None
     if not args.no_trt and not has_tensorrt():
@@ -474,7 +462,7 @@ def cmd_compare(args) -> int:
             if d is not None and not rep.ok:
                 failures.append(f"{rep.kind} {pair[1]} vs {pair[0]} first diverges at {d.module}")
     if failures:
-        raise ArtifactCheckError(failures)
+        raise check.ArtifactCheckError(failures)
     print(f"ok: {sum(len(rep.results) for rep in reports)} comparisons passed")
     return 0
 

@@ -127,12 +127,15 @@ class RecordingBackend:
         self.records[kind].offer(lambda: {**{k: np.array(v) for k, v in feeds.items()},
                                           **{k: v.copy() for k, v in past.items()}})
 
-    def prefill(self, row, prompt, want_logits):
+    def _prompt(self, prompt) -> None:
         self.records["prefill"].offer(lambda: {"input_ids": np.asarray(prompt, np.int64)[None].copy()})
+
+    def prefill(self, row, prompt, want_logits):
+        self._prompt(prompt)
         return self.backend.prefill(row, prompt, want_logits)
 
     def ar_prefill(self, row, prompt, want_logits):
-        self.records["prefill"].offer(lambda: {"input_ids": np.asarray(prompt, np.int64)[None].copy()})
+        self._prompt(prompt)
         return self.backend.ar_prefill(row, prompt, want_logits)
 
     def step(self, drafts, cache_len, want_logits):
@@ -281,7 +284,7 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], precision: str, meth
     root.setLevel(logging.ERROR)  # the quantizer logs "Please consider to run pre-processing" warnings
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # and prints its histogram progress
-                quantize_static(str(src), str(dst), Reader(feeds), quant_format=QuantFormat.QDQ,
+            quantize_static(str(src), str(dst), Reader(feeds), quant_format=QuantFormat.QDQ,
                             activation_type=qtype, weight_type=qtype, per_channel=True,
                             nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"], calibrate_method=calib,
                             use_external_data_format=True, extra_options=options)
