@@ -8,6 +8,14 @@ import tempfile
 from pathlib import Path
 
 
+def usual_mode(folder: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask (mkstemp and mkdtemp
+    create owner-only entries)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write `data` to `path` through a temp file beside it, then rename: readers see the old
     file or the whole new one, never a half-written one. The file gets the umask's usual mode
@@ -18,9 +26,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, usual_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

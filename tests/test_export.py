@@ -302,13 +302,13 @@ def test_failure_mid_export_keeps_the_old_artifact_and_no_temp(artifacts, checkp
     assert (out / WEIGHTS_FILE).read_bytes() == (artifacts("ort") / WEIGHTS_FILE).read_bytes()
 
 
-def test_swap_in_replaces_an_artifact_without_leftovers(tmp_path):
-    from tidar_export.export import _swap_in
+def test_replace_dir_replaces_an_artifact_without_leftovers(tmp_path):
+    from tidar_runtime.fileio import replace_dir
 
     new, out = tmp_path / ".art.tmp", tmp_path / "art"
     new.mkdir()
     (new / "manifest.json").write_text("new")
     out.mkdir()
     (out / "manifest.json").write_text("old")
-    _swap_in(new, out)
+    replace_dir(new, out)
     assert (out / "manifest.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["art"]

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tidar_export.errors import TiDARError
 from tidar_runtime.backends.trt import Platform, import_tensorrt
+from tidar_runtime.fileio import usual_mode
 from tidar_runtime.manifest import Manifest, load_manifest
 
 GRAPH_KINDS = ("prefill", "step", "ar_step")
@@ -273,9 +274,7 @@ def _write_temp(directory: Path, name: str, blob) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates owner-only files; engines get the usual modes
+        os.chmod(tmp, usual_mode())  # mkstemp creates owner-only files; engines get the usual modes
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tidar_export.errors import TiDARError
+from tidar_runtime.fileio import replace_dir, usual_mode
 from tidar_runtime.manifest import MANIFEST_FILE
 
 WEIGHTS_FILE = "weights.bin"
@@ -129,11 +130,9 @@ def _prepare_output(output: Path) -> None:
 
 def _default_permissions(folder: Path) -> None:
     """mkdtemp/mkstemp create owner-only entries; give the artifact the umask's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    os.chmod(folder, usual_mode(folder=True))
     for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
+        os.chmod(f, usual_mode())
 
 
 def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *, block_size: int | None = None,
@@ -217,7 +216,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
 def staged_artifact(output: Path) -> Iterator[tuple[Path, WeightFile]]:
     """A temp folder beside `output` with its open weights file, for the body to fill (it closes
     the weights file and saves the manifest there). When the body returns, the folder gets the
-    usual permissions and replaces `output` (`_swap_in`); when it raises, the folder is removed."""
+    usual permissions and replaces `output` (`fileio.replace_dir`); when it raises, the folder is removed."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     weights = None
@@ -225,29 +224,12 @@ def staged_artifact(output: Path) -> Iterator[tuple[Path, WeightFile]]:
         weights = WeightFile(tmp / WEIGHTS_FILE)
         yield tmp, weights
         _default_permissions(tmp)
-        _swap_in(tmp, output)
+        replace_dir(tmp, output)
     except BaseException:
         if weights is not None:
             weights.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _swap_in(new: Path, output: Path) -> None:
-    """Rename `new` to `output`; an existing artifact there is moved aside first and removed only
-    once the new one is in place (restored if the rename fails)."""
-    if not output.exists():
-        os.replace(new, output)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-    os.replace(output, old / "artifact")
-    try:
-        os.replace(new, output)
-    except BaseException:
-        os.replace(old / "artifact", output)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- command line
