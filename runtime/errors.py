@@ -9,3 +9,10 @@ ordinary exceptions. It lives here, not in tidar_export, so the runtime needs no
 
 class TiDARError(Exception):
     """A user-facing error whose message is a single line."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of a library's exception message (its type name when the message is empty),
+    to quote inside a one-line TiDARError."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

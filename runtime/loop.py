@@ -90,7 +90,7 @@ class _Row:
         self.L = L
         self.anchor = -1
         self.drafts: list[int] = []
-        self.q: np.ndarray | None = None  # proposal distributions of the drafts (sampling)
+        self.q: list[np.ndarray] | None = None  # proposal distributions of the drafts (sampling)
         self.result = DecodeResult([], None if max_new > 0 else "length", DecodeStats())
         self.max_new, self.stop, self.rng = max_new, stop, rng
 
@@ -161,11 +161,11 @@ def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return r / total if total > 0 else p  # total == 0 only if p == q, where nothing is rejected
 
 
-def _choose(ids: np.ndarray, logits: np.ndarray | None, params: SamplingParams, rng) -> list[int]:
-    """One token per row: the graph's argmax when greedy, else a sample of softmax(logits/T)."""
+def _choose(token_id, logits: np.ndarray | None, params: SamplingParams, rng) -> int:
+    """The token of one output row: the graph's argmax when greedy, else a sample of softmax(logits/T)."""
     if params.greedy:
-        return [int(t) for t in ids]
-    return [sample(p, rng) for p in probs(logits, params)]
+        return int(token_id)
+    return sample(probs(logits, params), rng)
 
 
 def _propose(row: _Row, ids: np.ndarray, logits: np.ndarray | None, params: SamplingParams) -> None:
@@ -195,7 +195,7 @@ def _verify(row: _Row, ids: np.ndarray, logits: np.ndarray | None, params: Sampl
                 return k, sample(residual(p_i, q_i), row.rng)
         k += 1
     # All accepted: the next anchor is AR's own token after d_{k-1} (the bonus token).
-    return k, int(ids[k - 1]) if params.greedy else sample(probs(logits[k - 1], params), row.rng)
+    return k, _choose(ids[k - 1], None if logits is None else logits[k - 1], params, row.rng)
 
 
 def _check_prompts(prompts, extra: int, backend) -> list[np.ndarray]:
@@ -213,6 +213,15 @@ def _check_prompts(prompts, extra: int, backend) -> list[np.ndarray]:
             )
         out.append(p)
     return out
+
+
+def _active(rows: list[_Row], need: int, max_len: int) -> list[int]:
+    """Indices of the rows still decoding; a row whose next pass (`need` slots from its L) would
+    not fit the cache finishes with "cache_full"."""
+    for row in rows:
+        if not row.done and row.L + need > max_len:
+            row.result.finish_reason = "cache_full"
+    return [i for i, row in enumerate(rows) if not row.done]
 
 
 def _rows(prompts, max_new, params, stop_tokens) -> list[_Row]:
@@ -233,19 +242,13 @@ def _tidar(backend: Backend, prompts, max_new: int, params: SamplingParams, stop
         out = backend.prefill(i, prompt, want)  # rows: AR at p_{P-1}, mask slots 1..b-1
         row.result.stats.prefill_s = time.perf_counter() - t0
         lg = None if out.logits is None else out.logits[0]
-        row.anchor = _choose(out.token_ids[0, :1], None if lg is None else lg[:1], params, row.rng)[0]
+        row.anchor = _choose(out.token_ids[0, 0], None if lg is None else lg[0], params, row.rng)
         _propose(row, out.token_ids[0, 1:], None if lg is None else lg[1:], params)
         yield i, row.emit([row.anchor])
 
     drafts = np.full((backend.max_batch, b), backend.mask_token_id, dtype=np.int64)
     cache_len = np.zeros(backend.max_batch, dtype=np.int64)
-    while True:
-        for row in rows:
-            if not row.done and row.L + q_len > backend.max_len:
-                row.result.finish_reason = "cache_full"
-        active = [i for i, row in enumerate(rows) if not row.done]
-        if not active:
-            break
+    while active := _active(rows, q_len, backend.max_len):
         drafts.fill(backend.mask_token_id)
         cache_len.fill(0)  # finished and padding rows compute harmlessly at L = 0
         for i in active:
@@ -267,8 +270,8 @@ def _tidar(backend: Backend, prompts, max_new: int, params: SamplingParams, stop
             # Next drafts: the block that assumed exactly this outcome (largest r <= k);
             # block r slot t predicts L_old + r + t, so the new L + j is slot k - r + j.
             r = max(x for x in rs if x <= k)
-            lo = block_out_row(b, rs, r) + (k - r + 1) - 1
-            hi = block_out_row(b, rs, r) + (b - 1)
+            row1 = block_out_row(b, rs, r)  # slot t of block r is output row row1 + t - 1
+            lo, hi = row1 + (k - r + 1) - 1, row1 + (b - 1)  # slots k-r+1 .. b-1
             _propose(row, ids[lo:hi], None if lg is None else lg[lo:hi], params)
             yield i, row.emit(accepted + [anchor])
     return [row.result for row in rows]
@@ -282,17 +285,11 @@ def _ar(backend: Backend, prompts, max_new: int, params: SamplingParams, stop_to
         t0 = time.perf_counter()
         out = backend.ar_prefill(i, prompt, want)
         row.result.stats.prefill_s = time.perf_counter() - t0
-        row.anchor = _choose(out.token_ids[0], None if out.logits is None else out.logits[0], params, row.rng)[0]
+        row.anchor = _choose(out.token_ids[0, 0], None if out.logits is None else out.logits[0, 0], params, row.rng)
         yield i, row.emit([row.anchor])
     tokens = np.full((backend.max_batch, 1), backend.mask_token_id, dtype=np.int64)
     cache_len = np.zeros(backend.max_batch, dtype=np.int64)
-    while True:
-        for row in rows:
-            if not row.done and row.L + 1 > backend.max_len:
-                row.result.finish_reason = "cache_full"
-        active = [i for i, row in enumerate(rows) if not row.done]
-        if not active:
-            break
+    while active := _active(rows, 1, backend.max_len):
         tokens.fill(backend.mask_token_id)
         cache_len.fill(0)
         for i in active:
@@ -305,8 +302,8 @@ def _ar(backend: Backend, prompts, max_new: int, params: SamplingParams, stop_to
             row.L += 1
             row.result.stats.accepted.append(1)
             row.result.stats.step_s.append(dt)
-            lg = None if out.logits is None else out.logits[i]
-            row.anchor = _choose(out.token_ids[i], lg, params, row.rng)[0]
+            lg = None if out.logits is None else out.logits[i, 0]
+            row.anchor = _choose(out.token_ids[i, 0], lg, params, row.rng)
             yield i, row.emit([row.anchor])
     return [row.result for row in rows]
 

@@ -36,6 +36,7 @@ from tidar_runtime.backends.cuda import (
 )
 from tidar_runtime.backends.ort import read_artifact
 from tidar_runtime.errors import TiDARError
+from tidar_runtime.layout import n_out
 from tidar_runtime.loop import Outputs
 from tidar_runtime.manifest import Manifest
 
@@ -59,10 +60,9 @@ class DeviceBackend:
     """Buffers, K/V commits, output fetch and teardown of a backend on one CUDA stream.
 
     A subclass sets `_closed = True` first thing in its constructor, `_cuda` (see `load_cuda`),
-    calls `_read_manifest`, `_start_buffers`, `_alloc_cache` and `_alloc_io`, fills `_rows`
-    (output rows per graph kind) and `_new_len` (K/V slots a step or ar_step pass adds) and
-    `_scratch` (present.* name -> device buffer of the new K/V), and implements `prefill`,
-    `_run_cached` (one step or ar_step pass) and `_release`.
+    calls `_read_manifest`, `_start_buffers`, `_alloc_cache` and `_alloc_io`, fills `_scratch`
+    (present.* name -> device buffer of the new K/V), and implements `prefill`, `_run_cached`
+    (one step or ar_step pass) and `_release`.
     """
 
     _what = "backend"  # named by the error after close, e.g. "TensorRT backend"
@@ -71,8 +71,13 @@ class DeviceBackend:
     manifest: Manifest
 
     def _read_manifest(self, artifact_dir: str | os.PathLike) -> Manifest:
-        """Load the artifact's manifest and set the decode loop's attributes from it (as OrtBackend)."""
-        return read_artifact(self, artifact_dir)
+        """Load the artifact's manifest and set the decode loop's attributes from it (as OrtBackend),
+        `_rows` (output rows per graph kind) and `_new_len` (K/V slots a step or ar_step pass adds)."""
+        m = read_artifact(self, artifact_dir)
+        b = self.block_size
+        self._rows = {"prefill": b, "step": n_out(b, self.proposals), "ar_step": 1}
+        self._new_len = {"step": m.step_len, "ar_step": 1}
+        return m
 
     def _start_buffers(self) -> None:
         """Start recording allocations (from here on `close` has something to release) and

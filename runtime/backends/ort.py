@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tidar_runtime.errors import TiDARError
+from tidar_runtime.errors import TiDARError, first_line
 from tidar_runtime.layout import n_out
 from tidar_runtime.loop import Outputs
 from tidar_runtime.manifest import Manifest, load_manifest
@@ -37,9 +37,12 @@ def _np_dtype(name: str):
 def read_artifact(backend, artifact_dir: str | os.PathLike) -> Manifest:
     """Load an artifact's manifest and set on `backend` the attributes every backend reads from
     it: dir, manifest, block_size, proposals, max_len, max_batch, mask_token_id, vocab_size and
-    the cache binding names past_names / present_names (one per layer and K/V)."""
+    the cache binding names past_names / present_names (one per layer and K/V). A kv_update
+    other than "slice" or "inplace" is refused."""
     backend.dir = Path(artifact_dir)
     backend.manifest = m = load_manifest(backend.dir)
+    if m.kv_update not in ("slice", "inplace"):
+        raise TiDARError(f"unknown kv_update {m.kv_update!r} in the manifest")
     backend.block_size, backend.proposals = m.block_size, tuple(m.proposals)
     backend.max_len, backend.max_batch, backend.mask_token_id = m.max_seq_len, m.max_batch, m.mask_token_id
     backend.vocab_size = m.model["vocab_size"]
@@ -59,8 +62,6 @@ class OrtBackend:
         self._ort = ort
         m = read_artifact(self, artifact_dir)
         self.inplace = m.kv_update == "inplace"
-        if m.kv_update not in ("slice", "inplace"):
-            raise TiDARError(f"unknown kv_update {m.kv_update!r} in the manifest")
         self.providers = providers or ["CPUExecutionProvider"]
         self._opts = ort.SessionOptions()
         self._opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -73,10 +74,8 @@ class OrtBackend:
         shape = (m.max_batch, m.model["num_kv_heads"], m.max_seq_len, m.model["head_dim"])
         self.cache = [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
         self._spare = [np.zeros(shape, self.kv_dtype) for _ in self.past_names] if self.inplace else None
-        b, rows = self.block_size, n_out(self.block_size, self.proposals)
-        q = b * (1 + len(self.proposals))
         self._out = {  # preallocated outputs of the static-shape graphs
-            "step": self._alloc_outputs(rows, q),
+            "step": self._alloc_outputs(n_out(self.block_size, self.proposals), m.step_len),
             "ar_step": self._alloc_outputs(1, 1),
         }
 
@@ -97,8 +96,7 @@ class OrtBackend:
                 self._sessions[kind] = self._ort.InferenceSession(
                     str(self.dir / spec.file), self._opts, providers=self.providers)
             except Exception as e:  # ORT raises its own types for corrupt/truncated models
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise TiDARError(f"{self.dir / spec.file}: ONNX Runtime cannot load it ({first})") from None
+                raise TiDARError(f"{self.dir / spec.file}: ONNX Runtime cannot load it ({first_line(e)})") from None
         return self._sessions[kind]
 
     # -- passes ------------------------------------------------------------------------------

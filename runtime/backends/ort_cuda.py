@@ -36,8 +36,7 @@ import numpy as np
 
 from tidar_runtime.backends.device import DeviceBackend, load_cuda
 from tidar_runtime.backends.ort import _np_dtype
-from tidar_runtime.errors import TiDARError
-from tidar_runtime.layout import n_out
+from tidar_runtime.errors import TiDARError, first_line
 from tidar_runtime.loop import Outputs
 
 
@@ -74,8 +73,6 @@ class OrtCudaBackend(DeviceBackend):
         cuda_api = load_cuda(cuda_api)  # one-line CudaError without a driver or GPU
         self._ort, self._cuda, self.device = ort, cuda_api, device
         m = self._read_manifest(artifact_dir)
-        if m.kv_update not in ("slice", "inplace"):
-            raise TiDARError(f"unknown kv_update {m.kv_update!r} in the manifest")
         self.kv_dtype = _np_dtype(m.graphs["step"].input(self.past_names[0]).dtype)
         self.kv_mode = "slice" if m.kv_update == "slice" else "pingpong"
         self.cuda_graphs = cuda_graphs and self.kv_mode == "slice" and ort_device == "cuda"
@@ -96,8 +93,6 @@ class OrtCudaBackend(DeviceBackend):
         KV, hd = m.model["num_kv_heads"], m.model["head_dim"]
         self._kv_shape = (B, KV, S, hd)
         rb = hd * np.dtype(self.kv_dtype).itemsize  # bytes of one slot of one head
-        self._rows = {"prefill": b, "step": n_out(b, self.proposals), "ar_step": 1}
-        self._new_len = {"step": m.step_len, "ar_step": 1}
         self._alloc_cache(2 if self.kv_mode == "pingpong" else 1, KV, rb)
         # new K/V: the prefill's [1, KV, P + b, hd] (P <= S), and in "slice" mode the steps' [B, KV, q, hd]
         scratch = max(KV * (S + b) * rb, B * KV * m.step_len * rb)
@@ -122,7 +117,7 @@ class OrtCudaBackend(DeviceBackend):
         try:
             sess = ort.InferenceSession(str(self.dir / spec.file), opts, providers=self._providers(cuda_graph))
         except Exception as e:  # ORT raises its own types (a corrupt graph, a refused CUDA graph)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             if cuda_graph:  # e.g. nodes left on the CPU provider: run this session without a graph
                 self.cuda_graph_status[kind] = f"eager: ONNX Runtime refused the CUDA graph ({first})"
                 return self._session(kind, False)
@@ -169,7 +164,7 @@ class OrtCudaBackend(DeviceBackend):
     def prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         self._check_open()
         prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
-        P, b, (B, KV, S, hd) = prompt.size, self.block_size, self._kv_shape
+        P, b, (_, KV, S, hd) = prompt.size, self.block_size, self._kv_shape
         if not 1 <= P <= S:
             raise TiDARError(f"a prompt of {P} tokens does not fit the KV cache of {S} slots")
         self._upload_ids(prompt)

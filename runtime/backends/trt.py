@@ -46,8 +46,7 @@ import numpy as np
 
 from tidar_runtime.backends.cuda import CudaError
 from tidar_runtime.backends.device import DeviceBackend, load_cuda
-from tidar_runtime.errors import TiDARError
-from tidar_runtime.layout import n_out
+from tidar_runtime.errors import TiDARError, first_line
 from tidar_runtime.loop import Outputs
 
 GRAPH_KINDS = ("prefill", "step", "ar_step")
@@ -63,7 +62,7 @@ def import_tensorrt():
     try:
         import tensorrt
     except (ImportError, OSError) as e:  # OSError: the Python bindings are there, libnvinfer is not
-        detail = "" if isinstance(e, ModuleNotFoundError) else f" ({str(e).strip().splitlines()[0]})"
+        detail = "" if isinstance(e, ModuleNotFoundError) else f" ({first_line(e)})"
         raise TiDARError(
             "TensorRT is not installed: pip install tensorrt (needs NVIDIA's package index / a GPU machine)"
             f"{detail}; the ONNX Runtime backend runs the same artifact without it") from None
@@ -160,8 +159,6 @@ class TrtBackend(DeviceBackend):
             if spec.engine is None:
                 raise TiDARError(f"{self.dir}: no TensorRT engine for the {kind} graph; run "
                                  f"`tidar-export build {self.dir}` on a GPU first")
-        if m.kv_update not in ("slice", "inplace"):
-            raise TiDARError(f"unknown kv_update {m.kv_update!r} in the manifest")
         self.cuda_graphs = cuda_graphs
 
         cuda_api.set_device(device)
@@ -234,8 +231,6 @@ class TrtBackend(DeviceBackend):
         B, b = self.max_batch, self.block_size
         KV, hd = m.model["num_kv_heads"], m.model["head_dim"]
         cached = [k for k in ("step", "ar_step") if k in self.kinds]
-        self._rows = {"prefill": b, "step": n_out(b, self.proposals), "ar_step": 1}
-        self._new_len = {"step": m.step_len, "ar_step": 1}  # K/V rows a pass adds
         kv_dtype = m.graphs["prefill"].output(self.present_names[0]).dtype
         rb = hd * _ITEMSIZE[kv_dtype]  # bytes of one slot of one head
         lo, _, hi = (tuple(s) for s in self._engines["prefill"].get_tensor_profile_shape("input_ids", 0))
@@ -254,7 +249,7 @@ class TrtBackend(DeviceBackend):
         self._scratch = {name: self._malloc(scratch) for name in self.present_names}
 
         self._alloc_io(rows=max([b] + [B * self._rows[k] for k in cached]),
-                       ids=max([self.max_prompt] + [B * b for k in cached]))
+                       ids=max([self.max_prompt] + [B * (b if k == "step" else 1) for k in cached]))
 
         workspace = max(int(e.device_memory_size_v2) for e in self._engines.values())
         self._workspace = self._malloc(workspace)
