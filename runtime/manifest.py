@@ -29,6 +29,7 @@ from tidar_runtime.fileio import write_atomic
 MANIFEST_FORMAT = "tidar-manifest"
 MANIFEST_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+GRAPH_KINDS = ("prefill", "step", "ar_step")  # the graphs of every artifact, in export order
 
 
 @dataclass
@@ -40,7 +41,7 @@ class TensorSpec:
 
 @dataclass
 class GraphSpec:
-    kind: str  # "prefill" | "step" | "ar_step"
+    kind: str  # one of GRAPH_KINDS
     file: str  # ONNX file, relative to the artifact directory
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]

@@ -29,12 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidar_export.errors import TiDARError
+from tidar_export.errors import TiDARError, first_line
 from tidar_runtime.backends.trt import Platform, import_tensorrt
 from tidar_runtime.fileio import usual_mode
-from tidar_runtime.manifest import Manifest, load_manifest
+from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
 
-GRAPH_KINDS = ("prefill", "step", "ar_step")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 QUANTIZED = ("int8", "fp8")  # need an artifact of explicit Q/DQ graphs (`tidar-export quantize`)
 KV_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # ONNX activation dtype -> name
@@ -243,8 +242,7 @@ class PolygraphyCompiler:
         try:
             return EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)()
         except PolygraphyException as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TiDARError(f"{graph.kind}: TensorRT could not build {graph.onnx} ({first}); "
+            raise TiDARError(f"{graph.kind}: TensorRT could not build {graph.onnx} ({first_line(e)}); "
                              "its log above has the details") from None
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tidar_export.errors import TiDARError
+from tidar_export.errors import TiDARError, first_line
 from tidar_runtime.layout import step_out_rows
 from tidar_runtime.manifest import GraphSpec, Manifest, load_manifest
 
@@ -297,9 +297,8 @@ def numeric_results(artifact_dir: Path, manifest: Manifest, model, seed: int = 0
         try:
             session = _ort_session(artifact_dir / spec.file)
         except ort_errors as e:  # e.g. bf16 kernels that the CPU provider lacks
-            msg = str(e).strip().splitlines()[0]
             results.append(OutputResult(kind, "session", "*", np.nan, np.nan, np.nan, np.nan, "-", False,
-                                        f"ONNX Runtime (CPU) cannot load it: {msg}"))
+                                        f"ONNX Runtime (CPU) cannot load it: {first_line(e)}"))
             continue
         names = [o.name for o in session.get_outputs()]
         for batch, lengths in _cases(manifest, kind, rng):
@@ -310,9 +309,8 @@ def numeric_results(artifact_dir: Path, manifest: Manifest, model, seed: int = 0
             try:
                 got = dict(zip(names, session.run(names, {k: _to_ort(v) for k, v in feeds.items()})))
             except ort_errors as e:
-                msg = str(e).strip().splitlines()[0]
                 results.append(OutputResult(kind, case, "*", np.nan, np.nan, np.nan, np.nan, "-", False,
-                                            f"ONNX Runtime failed: {msg}"))
+                                            f"ONNX Runtime failed: {first_line(e)}"))
                 continue
             for name in names:
                 if name == "token_ids":

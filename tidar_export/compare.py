@@ -33,9 +33,8 @@ import numpy as np
 
 from tidar_export import check
 from tidar_export.errors import TiDARError
-from tidar_runtime.manifest import Manifest, load_manifest
+from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
 
-GRAPH_KINDS = ("prefill", "step", "ar_step")
 # (atol, rtol) per precision and output family. fp32/fp16/bf16 are check.py's; int8/fp8 are
 # Q/DQ graphs against the fp32 torch model (measured on the demo model, docs/COMPARE.md).
 TOLERANCES = {

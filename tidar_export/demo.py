@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from tidar_export.errors import TiDARError
+from tidar_export.errors import TiDARError, first_line
 from tidar_runtime.fileio import write_atomic
 
 DEMO_PROMPTS = (
@@ -67,7 +67,7 @@ def _stale_reason(artifact_dir: Path, checkpoint: Path, digest: str) -> str | No
         manifest = load_manifest(artifact_dir)
         stamp = json.loads((artifact_dir / STAMP_FILE).read_text())
     except (TiDARError, OSError, ValueError) as e:
-        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        return f"unreadable ({first_line(e)})"
     cfg = read_config(checkpoint)
     if stamp.get("checkpoint_digest") != digest:
         return "exported from another demo checkpoint"

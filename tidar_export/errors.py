@@ -1,5 +1,5 @@
-"""Re-export of the shared user-error type (defined torch-free in tidar_runtime.errors)."""
+"""Re-export of the shared user-error type and its helper (defined torch-free in tidar_runtime.errors)."""
 
-from tidar_runtime.errors import TiDARError
+from tidar_runtime.errors import TiDARError, first_line
 
-__all__ = ["TiDARError"]
+__all__ = ["TiDARError", "first_line"]

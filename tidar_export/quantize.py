@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tidar_export.errors import TiDARError
-from tidar_runtime.manifest import Manifest, load_manifest
+from tidar_export.errors import TiDARError, first_line
+from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
 
 PRECISIONS = ("int8", "fp8")
 INT8_METHODS = ("minmax", "percentile")  # activation range calibration for int8
@@ -48,7 +48,6 @@ DEFAULT_CALIBRATION = Path(__file__).resolve().parent.parent / "calibration" / "
 PROMPT_SEPARATOR = "# %%"  # a line of its own before each prompt of a calibration text file
 FP8_MIN_OPSET = 19  # DequantizeLinear takes float8 inputs from opset 19 on
 SIDECAR = "quantization.json"
-GRAPH_KINDS = ("prefill", "step", "ar_step")
 # Scopes whose MatMuls stay unquantized: the LM head (its error reaches every logit that the
 # verification compares) -- node names are module paths (docs/EXPORT.md).
 EXCLUDED_SCOPES = ("/lm_head/",)
@@ -289,8 +288,7 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], precision: str, meth
                             nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"], calibrate_method=calib,
                             use_external_data_format=True, extra_options=options)
     except (ValueError, RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TiDARError(f"{src.name}: ONNX Runtime's quantizer failed ({first})") from None
+        raise TiDARError(f"{src.name}: ONNX Runtime's quantizer failed ({first_line(e)})") from None
     finally:
         root.setLevel(level)
     return {"nodes": len(nodes), "calibration_samples": len(feeds)}

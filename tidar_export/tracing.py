@@ -27,13 +27,12 @@ from tidar_export import masks
 from tidar_export.errors import TiDARError
 from tidar_export.model import TiDARModel
 from tidar_runtime.layout import n_out, normalize_proposals, step_len, step_out_rows
-from tidar_runtime.manifest import TensorSpec
+from tidar_runtime.manifest import GRAPH_KINDS, TensorSpec
 
 # Opset the tracer emits: torchlib's native opset, so torch.onnx runs no version converter.
 # Targets that want newer ops (opset-23 Attention, opset-24 TensorScatter) get them from
 # tidar_graphs.lower; the manifest records the opsets of the lowered graphs.
 EXPORT_OPSET = 18
-GRAPH_KINDS = ("prefill", "step", "ar_step")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # How each target updates the KV cache (docs/EXPORT.md). "slice": the cached graphs return only

@@ -48,8 +48,8 @@ from tidar_runtime.backends.cuda import CudaError
 from tidar_runtime.backends.device import DeviceBackend, load_cuda
 from tidar_runtime.errors import TiDARError, first_line
 from tidar_runtime.loop import Outputs
+from tidar_runtime.manifest import GRAPH_KINDS
 
-GRAPH_KINDS = ("prefill", "step", "ar_step")
 # TensorRT DataType names -> the manifest's dtype names
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
            "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8e4m3fn"}
