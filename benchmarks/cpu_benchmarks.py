@@ -41,7 +41,7 @@ def main() -> int:
     p.add_argument("extra", nargs="*", help="flags passed to every bench/tune call (after --)")
     args = p.parse_args()
     if args.checkpoint is None:
-        from tidar_export.demo import demo_model_path
+        from tidar_export.bench.demo import demo_model_path
 
         args.checkpoint = str(demo_model_path())
     out = Path(args.out)

@@ -33,9 +33,9 @@ DEMO = ROOT / "tidar_export" / "demo_model"
 def _child_make_checkpoint(preset_name: str, out: str) -> None:
     import torch
 
-    from tidar_export.checkpoint import save_checkpoint
-    from tidar_export.config import preset
-    from tidar_export.model import TiDARModel
+    from tidar_export.model.checkpoint import save_checkpoint
+    from tidar_export.model.config import preset
+    from tidar_export.model.transformer import TiDARModel
 
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -55,7 +55,7 @@ def _child_make_checkpoint(preset_name: str, out: str) -> None:
 def _child_export(checkpoint: str, out: str, target: str, dtype: str, max_seq_len: int | None,
                   max_batch: int) -> None:
     t0 = time.perf_counter()
-    from tidar_export.export import export_artifact
+    from tidar_export.export.artifact import export_artifact
 
     lines: list[str] = []
     export_artifact(checkpoint, out, target=target, precision=dtype, max_seq_len=max_seq_len,
@@ -82,7 +82,7 @@ def run(model: str, target: str, dtype: str, max_seq_len: int | None, max_batch:
            str(max_seq_len or 0), str(max_batch)]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     result = json.loads(res.stdout.strip().splitlines()[-1])
-    from tidar_export.checkpoint import read_config
+    from tidar_export.model.checkpoint import read_config
 
     cfg = read_config(checkpoint)
     result.update({"model": model if made or not Path(model).is_dir() else checkpoint.name,

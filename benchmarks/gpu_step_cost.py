@@ -14,9 +14,9 @@ eagerly on the CPU (no CUDA graphs, `--preset tiny` advised) to check it, not to
    the cache in-graph at L with an in-place scatter, as the ORT "slice" graphs + runtime do)
    and replayed. Points are timed round-robin with CUDA events, --iters replays each, at a
    cache length of --max-len / 2.
-2. The demo model (tidar_export.demo.demo_model_path(), or --demo-checkpoint) decoded by the
+2. The demo model (tidar_export.bench.demo.demo_model_path(), or --demo-checkpoint) decoded by the
    runtime's loop over `GraphedTorchBackend` (below): AR and TiDAR alternating, exactly as
-   `tidar-export bench` measures (tidar_export.bench.measure_decode), at the checkpoint's
+   `tidar-export bench` measures (tidar_export.bench.measure.measure_decode), at the checkpoint's
    block size and at --demo-block-sizes.
 """
 
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tidar_runtime.layout import prefill_out_rows
 from tidar_runtime.loop import Outputs
 
 
@@ -47,7 +48,7 @@ class GraphedTorchBackend:
                  graphs: bool = True):
         import torch
 
-        from tidar_export import masks
+        from tidar_export.model import masks
         from tidar_runtime.layout import normalize_proposals, step_out_rows
 
         self.torch, self.model, self.device, self.graphs = torch, model.eval(), device, graphs
@@ -133,7 +134,7 @@ class GraphedTorchBackend:
     def prefill(self, row, prompt, want_logits=False):
         torch, m, b, P = self.torch, self._masks, self.block_size, len(prompt)
         ids = torch.cat([torch.as_tensor(prompt, dtype=torch.long), torch.full((b,), self.mask_token_id)])
-        return self._eager(ids, m.prefill_positions(P, b), m.prefill_mask(P, b), [P - 1, *range(P + 1, P + b)])
+        return self._eager(ids, m.prefill_positions(P, b), m.prefill_mask(P, b), prefill_out_rows(P, b))
 
     def ar_prefill(self, row, prompt, want_logits=False):
         torch, P = self.torch, len(prompt)
@@ -149,8 +150,8 @@ class GraphedTorchBackend:
 def random_model(preset_name: str, dtype, device: str):
     import torch
 
-    from tidar_export.config import preset
-    from tidar_export.model import TiDARModel
+    from tidar_export.model.config import preset
+    from tidar_export.model.transformer import TiDARModel
 
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -168,7 +169,7 @@ def random_model(preset_name: str, dtype, device: str):
 def step_cost_curve(args, device: str) -> dict:
     import torch
 
-    from tidar_export.bench import parse_sparse
+    from tidar_export.bench.measure import parse_sparse
     from tidar_runtime.layout import step_len
 
     model = random_model(args.preset, _dtype(args.dtype), device)
@@ -213,10 +214,10 @@ def step_cost_curve(args, device: str) -> dict:
 
 
 def demo_decode(args, device: str) -> list[dict]:
-    from tidar_export import data
-    from tidar_export.bench import default_prompts, measure_decode
-    from tidar_export.checkpoint import load_checkpoint
-    from tidar_export.demo import demo_model_path
+    from tidar_export.train import data
+    from tidar_export.bench.measure import default_prompts, measure_decode
+    from tidar_export.model.checkpoint import load_checkpoint
+    from tidar_export.bench.demo import demo_model_path
 
     ckpt = Path(args.demo_checkpoint or demo_model_path())
     model = load_checkpoint(ckpt).to(device).eval()
@@ -258,7 +259,7 @@ def markdown(report: dict) -> str:
 
 
 def main() -> int:
-    from tidar_export.bench import DEFAULT_SPARSE, block_size_range
+    from tidar_export.bench.measure import DEFAULT_SPARSE, block_size_range
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="qwen2.5-1.5b")

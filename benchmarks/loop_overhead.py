@@ -64,12 +64,12 @@ def loop_overhead(block_size: int, vocab: int, accept: int, mode: str, sampling:
 
 def ort_step_ms(artifact_dir: Path, threads: int, tokens: int, repeats: int) -> dict:
     """Median wall time of OrtBackend.step / ar_step on the artifact (milliseconds)."""
-    from tidar_export.generate import load_tokenizer
+    from tidar_runtime.tokenizer import folder_tokenizer
     from tidar_runtime import generate_ar, generate_tidar
     from tidar_runtime.backends.ort import OrtBackend
 
     backend = OrtBackend(artifact_dir, intra_op_threads=threads)
-    tok = load_tokenizer(artifact_dir)
+    tok = folder_tokenizer(artifact_dir)
     prompt = tok.encode("def main():\n    ").ids if tok is not None else [5, 17, 42, 9]
     generate_tidar(backend, prompt, 8)  # sessions and first-run allocations
     generate_ar(backend, prompt, 8)
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output folder")
     args = parser.parse_args(argv)
 
-    from tidar_export.demo import default_artifact_dir, ensure_demo_artifact
+    from tidar_export.bench.demo import default_artifact_dir, ensure_demo_artifact
     from tidar_runtime.fileio import write_atomic
 
     machine = _machine()

@@ -4,7 +4,7 @@
 
 Exports the checkpoint (fp32, target ort), quantizes it (int8 MinMax, int8 percentile, fp8)
 with the shipped calibration prompts (calibration/prompts.txt), and measures every artifact
-on prompts cut from the held-out files of the stdlib corpus (tidar_export/data.py; never seen
+on prompts cut from the held-out files of the stdlib corpus (tidar_export/train/data.py; never seen
 by training or calibration):
 - greedy token agreement with the fp32 artifact: per token (the AR graphs fed the fp32
   artifact's greedy output, argmax compared at every position) and up to the first difference
@@ -36,7 +36,7 @@ BEGIN, END = "<!-- quant_eval:begin -->", "<!-- quant_eval:end -->"
 
 
 def measure(artifact: Path, prompts, windows, max_new: int, reference=None) -> dict:
-    from tidar_export.quantize import greedy_agreement, teacher_forced, token_agreement
+    from tidar_export.engines.quantize import greedy_agreement, teacher_forced, token_agreement
     from tidar_runtime import SamplingParams, generate_ar, generate_tidar
     from tidar_runtime.backends.ort import OrtBackend
 
@@ -115,10 +115,10 @@ def main() -> int:
 
     import onnxruntime
 
-    from tidar_export.checkpoint import read_config
-    from tidar_export.evaluate import heldout_stream, prompts_from
-    from tidar_export.export import export_artifact
-    from tidar_export.quantize import quantize_artifact
+    from tidar_export.model.checkpoint import read_config
+    from tidar_export.train.evaluate import heldout_stream, prompts_from
+    from tidar_export.export.artifact import export_artifact
+    from tidar_export.engines.quantize import quantize_artifact
 
     ckpt = Path(args.checkpoint)
     cfg = read_config(ckpt)

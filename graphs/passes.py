@@ -4,7 +4,7 @@ Every pass takes an `onnx_ir.Model`, changes it in place and returns how many ti
 fired, so that a pipeline can log what happened and tests can assert that a fusion fired.
 Fusions and decompositions are onnxscript rewriter rules (`onnxscript.rewriter.pattern`), one
 class per pattern. They are written for the graphs torch's dynamo exporter produces from
-`tidar_export.model` (opset 18 or later; see docs/GRAPHS.md for the exact node chains) and
+`tidar_export.model.transformer` (opset 18 or later; see docs/GRAPHS.md for the exact node chains) and
 check shapes/constants before firing, so a graph that only looks similar is left alone.
 
 Every `OrValue` names a `tag_var`: with `commute=True` onnxscript 0.7.2 clones patterns, and

@@ -35,6 +35,10 @@ class Target:
     opset: int  # default-domain opset of the lowered graphs
     table: str  # operator table in graphs/optables/, read by the checker
     static_shapes: bool  # graph inputs/outputs must be static, except dims the caller allows
+    # How the cached graphs update the KV cache (docs/EXPORT.md). "slice": they return only the
+    # new K/V [B, KV, T, hd] and the runtime writes them at each row's L. "inplace": they
+    # return the whole cache with the new K/V scattered in at L, meant to alias the past buffers.
+    kv_update: str
     decompose: tuple[Pass, ...] = ()  # before the opset conversion
     fuse: tuple[Pass, ...] = ()  # after the opset conversion
     fixups: tuple[Pass, ...] = ()  # after the final cleanup
@@ -49,20 +53,20 @@ _TARGETS = {
     # ScatterElements: ORT's TensorScatter copies the cache unless the caller binds it in place
     # and logs a warning on every run otherwise.
     "ort": Target(
-        name="ort", opset=23, table="ort.json", static_shapes=False,
+        name="ort", opset=23, table="ort.json", static_shapes=False, kv_update="slice",
         decompose=(passes.decompose_tensor_scatter,),
         fuse=(passes.fuse_rms_norm, passes.fuse_rotary, passes.fuse_attention, passes.fuse_attention_gqa),
     ),
     # TensorRT 10.3 (JetPack 6): no Attention / RMSNormalization / RotaryEmbedding /
     # TensorScatter in its ONNX parser, so everything stays decomposed, at opset 18.
     "trt-10.3": Target(
-        name="trt-10.3", opset=18, table="trt-10.3.json", static_shapes=True,
+        name="trt-10.3", opset=18, table="trt-10.3.json", static_shapes=True, kv_update="slice",
         decompose=_DECOMPOSE_ALL,
         fixups=(passes.int_clip_to_min_max,),
     ),
     # TensorRT 10.15: opset-23 fused ops and the opset-24 in-place cache write.
     "trt-10.15": Target(
-        name="trt-10.15", opset=24, table="trt-10.15.json", static_shapes=True,
+        name="trt-10.15", opset=24, table="trt-10.15.json", static_shapes=True, kv_update="inplace",
         fuse=(passes.fuse_rms_norm, passes.fuse_rotary, passes.fuse_attention,
               passes.fuse_attention_gqa, passes.kv_scatter_to_tensor_scatter),
         fixups=(passes.int_clip_to_min_max, passes.drop_default_attention_attributes),

@@ -5,6 +5,9 @@ Decode step outputs, per batch row, `n_out = b + R * (b - 1)` rows:
 AR row i predicts position L+i+1; block r slot t predicts position L+r+t. Slot 0 of a block
 predicts the anchor's position, which always comes from AR, so it is not returned.
 Prefill outputs b rows: [AR at p_{P-1} | mask slots 1..b-1].
+
+The binding names of the KV cache are fixed here too: `past_key_values.{i}.key/value` in,
+`present.{i}.key/value` out, layer i = 0..num_layers-1, key before value.
 """
 
 from __future__ import annotations
@@ -55,3 +58,26 @@ def step_out_rows(block_size: int, proposals: Sequence[int]) -> list[int]:
     for n in range(len(proposals)):
         rows += [b + n * b + t for t in range(1, b)]
     return rows
+
+
+def prefill_out_rows(prompt_len: int, block_size: int) -> list[int]:
+    """For each prefill output row, its row among the P + b input rows: AR at p_{P-1} (row P-1),
+    then mask slots 1..b-1 (rows P+1 .. P+b-1). Slot 0 would predict p_P, which AR decides."""
+    P, b = prompt_len, block_size
+    return [P - 1, *range(P + 1, P + b)]
+
+
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values", "present"
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    """KV binding names of every layer, key before value: `{prefix}.{i}.key`, `{prefix}.{i}.value`."""
+    return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def past_names(num_layers: int) -> list[str]:
+    return kv_names(num_layers, PAST_PREFIX)
+
+
+def present_names(num_layers: int) -> list[str]:
+    return kv_names(num_layers, PRESENT_PREFIX)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tidar_runtime.errors import TiDARError
 from tidar_runtime.fileio import write_atomic
+from tidar_runtime.layout import past_names, present_names, step_len
 
 MANIFEST_FORMAT = "tidar-manifest"
 MANIFEST_VERSION = 1
@@ -80,7 +81,7 @@ class Manifest:
 
     @property
     def step_len(self) -> int:
-        return self.block_size * (1 + len(self.proposals))
+        return step_len(self.block_size, self.proposals)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -137,4 +138,21 @@ def load_manifest(artifact_dir: str | os.PathLike) -> Manifest:
         if w.stat().st_size != m.weights["bytes"]:
             raise TiDARError(f"{artifact_dir}: {m.weights['file']} has {w.stat().st_size} bytes, the manifest "
                              f"says {m.weights['bytes']} (truncated or modified after export)")
+    return m
+
+
+def read_artifact(backend, artifact_dir: str | os.PathLike) -> Manifest:
+    """Load an artifact's manifest and set on `backend` the attributes every backend reads from
+    it: dir, manifest, block_size, proposals, max_len, max_batch, mask_token_id, vocab_size and
+    the cache binding names past_names / present_names (one per layer and K/V). A kv_update
+    other than "slice" or "inplace" is refused."""
+    backend.dir = Path(artifact_dir)
+    backend.manifest = m = load_manifest(backend.dir)
+    if m.kv_update not in ("slice", "inplace"):
+        raise TiDARError(f"unknown kv_update {m.kv_update!r} in the manifest")
+    backend.block_size, backend.proposals = m.block_size, tuple(m.proposals)
+    backend.max_len, backend.max_batch, backend.mask_token_id = m.max_seq_len, m.max_batch, m.mask_token_id
+    backend.vocab_size = m.model["vocab_size"]
+    layers = m.model["num_layers"]
+    backend.past_names, backend.present_names = past_names(layers), present_names(layers)
     return m

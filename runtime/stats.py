@@ -14,11 +14,23 @@ def percentiles_ms(seconds: list[float], qs=(50, 90, 99)) -> dict[str, float | N
     return {f"p{q}": round(float(v), 3) for q, v in zip(qs, ms)}
 
 
+def rate(tokens: float, seconds: float) -> float | None:
+    """tokens / seconds, or None when either is zero."""
+    return tokens / seconds if seconds > 0 and tokens > 0 else None
+
+
+def tokens_per_s(results: list[DecodeResult]) -> float | None:
+    """The decode rate, the one definition of tokens/s in this project: the tokens after each
+    row's first (which the prefill produced) over the decode forwards' time (step_s). Callers
+    that time whole decode calls (bench) use `rate` with the same numerator."""
+    return rate(sum(max(0, len(r.tokens) - 1) for r in results), sum(sum(r.stats.step_s) for r in results))
+
+
 def summarize(result: DecodeResult) -> dict:
     """JSON-ready figures of one decoded row."""
     st = result.stats
-    decode_s = sum(st.step_s)
     n = len(result.tokens)
+    tps = tokens_per_s([result])
     return {
         "new_tokens": n,
         "finish_reason": result.finish_reason,
@@ -27,6 +39,5 @@ def summarize(result: DecodeResult) -> dict:
         "accepted_histogram": {str(k): v for k, v in st.histogram.items()},
         "prefill_ms": round(st.prefill_s * 1e3, 3),
         "step_ms": percentiles_ms(st.step_s),
-        # decode rate: tokens after the first (which the prefill produced) over decode time
-        "tokens_per_s": round((n - 1) / decode_s, 2) if decode_s > 0 and n > 1 else None,
+        "tokens_per_s": None if tps is None else round(tps, 2),
     }

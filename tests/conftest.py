@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tidar_export.config import preset
-from tidar_export.model import TiDARModel
+from tidar_export.model.config import preset
+from tidar_export.model.transformer import TiDARModel
 
 
 def random_model(seed: int = 0, **overrides) -> TiDARModel:

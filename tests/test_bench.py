@@ -11,7 +11,9 @@ import sys
 import pytest
 
 from tests.conftest import random_model
-from tidar_export import bench, cli, tune
+from tidar_export.bench import measure as bench
+from tidar_export import cli
+from tidar_export.bench import report, tune
 from tidar_export.errors import TiDARError
 from tidar_runtime.manifest import load_manifest
 
@@ -20,8 +22,8 @@ SMALL = ["--num-prompts", "2", "--prompt-len", "5", "--max-new-tokens", "6", "--
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tidar_export.checkpoint import save_checkpoint
-    from tidar_export.export import export_artifact
+    from tidar_export.model.checkpoint import save_checkpoint
+    from tidar_export.export.artifact import export_artifact
 
     root = tmp_path_factory.mktemp("bench")
     ckpt = save_checkpoint(random_model(seed=3), root / "ckpt")
@@ -148,7 +150,7 @@ def test_manifest_without_tuning_still_loads(tiny, tmp_path):
 
 
 def test_tune_refuses_another_checkpoint(tiny, tmp_path):
-    from tidar_export.checkpoint import save_checkpoint
+    from tidar_export.model.checkpoint import save_checkpoint
 
     _, art = tiny
     other = save_checkpoint(random_model(seed=1, num_layers=1), tmp_path / "other")
@@ -164,7 +166,7 @@ def test_plot_writes_a_png(tmp_path):
     s = bench.spread([10.0, 12.0])
     sweep = [{"block_size": 2, "proposals": [1, 2], "dense": True, "tidar_tokens_per_s": s, "ar_tokens_per_s": s},
              {"block_size": 4, "proposals": [1, 2], "dense": False, "tidar_tokens_per_s": s, "ar_tokens_per_s": s}]
-    out = bench.plot(tmp_path / "p.png", curve, sweep, title="t")
+    out = report.plot(tmp_path / "p.png", curve, sweep, title="t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]  # written via a temp file, renamed
 

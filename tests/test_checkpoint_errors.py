@@ -16,7 +16,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tidar_export import cli
-from tidar_export.checkpoint import load_checkpoint, read_config
+from tidar_export.model.checkpoint import load_checkpoint, read_config
 from tidar_export.errors import TiDARError
 
 VOCAB = 96

@@ -27,9 +27,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from tidar_export import masks
-from tidar_export.checkpoint import load_checkpoint, save_checkpoint
-from tidar_export.model import TiDARModel
+from tidar_export.model import masks
+from tidar_export.model.checkpoint import load_checkpoint, save_checkpoint
+from tidar_export.model.transformer import TiDARModel
 
 VOCAB = 96
 MASK_ID = 95  # not the TiDARConfig default (0), so reading it back proves it was stored

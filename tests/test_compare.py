@@ -11,10 +11,10 @@ import onnx
 import pytest
 
 from tests.conftest import random_model
-from tidar_export.checkpoint import save_checkpoint
+from tidar_export.model.checkpoint import save_checkpoint
 from tidar_export.cli import main
-from tidar_export.compare import compare_artifact, format_report, module_scopes, scope_outputs
-from tidar_export.export import export_artifact
+from tidar_export.engines.compare import compare_artifact, format_report, module_scopes, scope_outputs
+from tidar_export.export.artifact import export_artifact
 
 pytest.importorskip("polygraphy", reason="compare uses Polygraphy's comparator (pip install polygraphy)")
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

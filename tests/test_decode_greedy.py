@@ -3,7 +3,7 @@
 import pytest
 
 from tidar_export.errors import TiDARError
-from tidar_export.reference import TorchBackend
+from tidar_export.model.reference import TorchBackend
 from tidar_runtime import Outputs, generate_ar, generate_tidar
 from tidar_runtime.layout import block_out_row
 

@@ -15,8 +15,8 @@ from scipy.stats import chi2
 
 import tidar_runtime.loop as loop
 from tests.conftest import random_model
-from tidar_export import masks
-from tidar_export.reference import TorchBackend
+from tidar_export.model import masks
+from tidar_export.model.reference import TorchBackend
 from tidar_runtime import SamplingParams, generate_ar, generate_tidar
 from tidar_runtime.sampling import probs
 

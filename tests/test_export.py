@@ -14,12 +14,12 @@ import onnx
 import pytest
 
 from tests.conftest import random_model
-from tidar_export.check import ArtifactCheckError, check_artifact, format_table
-from tidar_export.checkpoint import load_checkpoint, save_checkpoint
+from tidar_export.export.check import ArtifactCheckError, check_artifact, format_table
+from tidar_export.model.checkpoint import load_checkpoint, save_checkpoint
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
-from tidar_export.export import WEIGHTS_FILE, export_artifact
-from tidar_export.reference import TorchBackend
+from tidar_export.export.artifact import WEIGHTS_FILE, export_artifact
+from tidar_export.model.reference import TorchBackend
 from tidar_runtime import SamplingParams, generate_ar_batch, generate_tidar_batch
 from tidar_runtime.backends.ort import OrtBackend
 from tidar_runtime.manifest import load_manifest

@@ -23,7 +23,7 @@ from onnx import TensorProto
 
 import tidar_graphs
 from tests.conftest import random_model
-from tidar_export import masks
+from tidar_export.model import masks
 from tidar_graphs import checker, passes
 from tidar_runtime.errors import TiDARError
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from tidar_export import masks
+from tidar_export.model import masks
 from tidar_export.errors import TiDARError
 
 from .mask_rules import train_mask_entry

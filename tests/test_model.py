@@ -2,7 +2,7 @@
 
 import torch
 
-from tidar_export import masks
+from tidar_export.model import masks
 
 
 def test_concat_and_scatter_agree(tiny_model):

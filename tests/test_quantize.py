@@ -18,12 +18,12 @@ import pytest
 
 import tidar_graphs
 from tests.conftest import random_model
-from tidar_export import quantize as quant
-from tidar_export.build import build_settings
-from tidar_export.checkpoint import save_checkpoint
+from tidar_export.engines import quantize as quant
+from tidar_export.engines.build import build_settings
+from tidar_export.model.checkpoint import save_checkpoint
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
-from tidar_export.export import export_artifact
+from tidar_export.export.artifact import export_artifact
 from tidar_runtime import SamplingParams, generate_tidar
 from tidar_runtime.backends.ort import OrtBackend
 from tidar_runtime.manifest import load_manifest
@@ -249,7 +249,7 @@ def test_cli_errors_are_one_line(artifacts, tmp_path, capsys):
 
 
 def test_shipped_prompts_parse_and_are_not_held_out_text(tmp_path):
-    from tidar_export import data
+    from tidar_export.train import data
 
     prompts = quant.read_prompt_file(quant.DEFAULT_CALIBRATION)
     assert len(prompts) >= 32 and sum(p.count("\n") for p in prompts) >= 300

@@ -18,11 +18,11 @@ import pytest
 from tests.conftest import random_model
 from tests.fake_trt import FakeCuda
 from tests.test_decode_sampling import N_NEW, PROMPT, chi_square_pvalue, exact_ar_distribution
-from tidar_export.checkpoint import save_checkpoint
+from tidar_export.model.checkpoint import save_checkpoint
 from tidar_export.cli import main
-from tidar_export.demo import STAMP_FILE, _stale_reason, checkpoint_digest, demo_model_path
-from tidar_export.export import export_artifact
-from tidar_export.reference import TorchBackend
+from tidar_export.bench.demo import STAMP_FILE, stale_reason, checkpoint_digest, demo_model_path
+from tidar_export.export.artifact import export_artifact
+from tidar_export.model.reference import TorchBackend
 from tidar_runtime import (
     SamplingParams,
     generate_ar,
@@ -343,8 +343,8 @@ def test_demo_runs_end_to_end_and_reuses_its_artifact(demo):
 def test_demo_cache_is_invalidated_by_another_checkpoint(demo):
     art = demo[0]
     digest = checkpoint_digest(demo_model_path())
-    assert _stale_reason(art, demo_model_path(), digest) is None
-    assert "another demo checkpoint" in _stale_reason(art, demo_model_path(), "0" * 32)
+    assert stale_reason(art, demo_model_path(), digest) is None
+    assert "another demo checkpoint" in stale_reason(art, demo_model_path(), "0" * 32)
 
 
 def test_demo_exits_nonzero_when_outputs_differ(demo, monkeypatch):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tidar_export import data
-from tidar_export.checkpoint import load_checkpoint
+from tidar_export.train import data
+from tidar_export.model.checkpoint import load_checkpoint
 from tidar_export.cli import main
-from tidar_export.train import TrainSettings, ar_batch, losses, tidar_batch, train
+from tidar_export.train.trainer import TrainSettings, ar_batch, losses, tidar_batch, train
 
 from .mask_rules import train_mask_entry
 
@@ -201,8 +201,8 @@ def test_user_errors_are_one_line(corpus, tmp_path, capsys):
 
 
 def test_demo_model_decodes_and_tidar_equals_ar():
-    from tidar_export.demo import demo_model_path
-    from tidar_export.reference import TorchBackend
+    from tidar_export.bench.demo import demo_model_path
+    from tidar_export.model.reference import TorchBackend
     from tidar_runtime import generate_ar, generate_tidar
 
     path = demo_model_path()

@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import random_model
 from tests.fake_trt import FAKE_PLATFORM, FakeCompiler, FakeCuda, fake_tensorrt
-from tidar_export.build import DEFAULT_PREFILL_OPT_LEN, build_engines, build_settings, polygraphy_loaders
+from tidar_export.engines.build import DEFAULT_PREFILL_OPT_LEN, build_engines, build_settings, polygraphy_loaders
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
 from tidar_runtime import SamplingParams, generate_ar_batch, generate_tidar_batch
@@ -363,8 +363,8 @@ TARGETS = {"trt-10.3": {"proposals": [1, 3]}, "trt-10.15": {}}  # kv_update "sli
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """target -> (checkpoint, artifact) on the tiny random model, exported on first use."""
-    from tidar_export.checkpoint import save_checkpoint
-    from tidar_export.export import export_artifact
+    from tidar_export.model.checkpoint import save_checkpoint
+    from tidar_export.export.artifact import export_artifact
 
     ckpt = save_checkpoint(random_model(seed=5), tmp_path_factory.mktemp("ckpt") / "tiny")
     made = {}

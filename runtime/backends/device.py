@@ -34,11 +34,10 @@ from tidar_runtime.backends.cuda import (
     CudaError,
     pinned_array,
 )
-from tidar_runtime.backends.ort import read_artifact
 from tidar_runtime.errors import TiDARError
 from tidar_runtime.layout import n_out
 from tidar_runtime.loop import Outputs
-from tidar_runtime.manifest import Manifest
+from tidar_runtime.manifest import Manifest, read_artifact
 
 _I64 = 8  # bytes of an int64 (token ids, cache lengths)
 _F32 = 4  # bytes of a float32 (logits)

@@ -15,41 +15,22 @@ invisible to prompt tokens); the mask slots' K/V land past L and are hidden, the
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
 from tidar_runtime.errors import TiDARError, first_line
 from tidar_runtime.layout import n_out
 from tidar_runtime.loop import Outputs
-from tidar_runtime.manifest import Manifest, load_manifest
+from tidar_runtime.manifest import read_artifact
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
-def _np_dtype(name: str):
+def np_dtype(name: str):
     try:
         return _NP_DTYPES[name]
     except KeyError:
         raise TiDARError(f"the ONNX Runtime backend cannot hold {name} tensors on the host") from None
-
-
-def read_artifact(backend, artifact_dir: str | os.PathLike) -> Manifest:
-    """Load an artifact's manifest and set on `backend` the attributes every backend reads from
-    it: dir, manifest, block_size, proposals, max_len, max_batch, mask_token_id, vocab_size and
-    the cache binding names past_names / present_names (one per layer and K/V). A kv_update
-    other than "slice" or "inplace" is refused."""
-    backend.dir = Path(artifact_dir)
-    backend.manifest = m = load_manifest(backend.dir)
-    if m.kv_update not in ("slice", "inplace"):
-        raise TiDARError(f"unknown kv_update {m.kv_update!r} in the manifest")
-    backend.block_size, backend.proposals = m.block_size, tuple(m.proposals)
-    backend.max_len, backend.max_batch, backend.mask_token_id = m.max_seq_len, m.max_batch, m.mask_token_id
-    backend.vocab_size = m.model["vocab_size"]
-    layers = m.model["num_layers"]
-    backend.past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    backend.present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    return m
 
 
 class OrtBackend:
@@ -70,7 +51,7 @@ class OrtBackend:
         self._sessions: dict = {}
 
         spec = m.graphs["step"].input(self.past_names[0])
-        self.kv_dtype = _np_dtype(spec.dtype)
+        self.kv_dtype = np_dtype(spec.dtype)
         shape = (m.max_batch, m.model["num_kv_heads"], m.max_seq_len, m.model["head_dim"])
         self.cache = [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
         self._spare = [np.zeros(shape, self.kv_dtype) for _ in self.past_names] if self.inplace else None

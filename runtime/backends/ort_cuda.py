@@ -35,7 +35,7 @@ import os
 import numpy as np
 
 from tidar_runtime.backends.device import DeviceBackend, load_cuda
-from tidar_runtime.backends.ort import _np_dtype
+from tidar_runtime.backends.ort import np_dtype
 from tidar_runtime.errors import TiDARError, first_line
 from tidar_runtime.loop import Outputs
 
@@ -73,7 +73,7 @@ class OrtCudaBackend(DeviceBackend):
         cuda_api = load_cuda(cuda_api)  # one-line CudaError without a driver or GPU
         self._ort, self._cuda, self.device = ort, cuda_api, device
         m = self._read_manifest(artifact_dir)
-        self.kv_dtype = _np_dtype(m.graphs["step"].input(self.past_names[0]).dtype)
+        self.kv_dtype = np_dtype(m.graphs["step"].input(self.past_names[0]).dtype)
         self.kv_mode = "slice" if m.kv_update == "slice" else "pingpong"
         self.cuda_graphs = cuda_graphs and self.kv_mode == "slice" and ort_device == "cuda"
         self.cuda_graph_status: dict[str, str] = {}

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import os
 
+from collections.abc import Callable
+
 from tidar_runtime.errors import TiDARError
 
 BACKENDS = ("ort", "ort-cuda", "trt", "torch")
+
+# Backends that live outside the runtime, registered by the package that provides them: the
+# torch reference is registered by tidar_export (the runtime itself never imports torch).
+_REGISTERED: dict[str, Callable] = {}
+
+
+def register_backend(name: str, opener: Callable) -> None:
+    """Make `open_backend(name, artifact_dir, **kwargs)` call `opener(artifact_dir, **kwargs)`."""
+    _REGISTERED[name] = opener
 
 
 def open_backend(name: str, artifact_dir: str | os.PathLike, **kwargs):
@@ -31,10 +42,9 @@ def open_backend(name: str, artifact_dir: str | os.PathLike, **kwargs):
         from tidar_runtime.backends.trt import TrtBackend
 
         return TrtBackend(artifact_dir, **kwargs)
+    if name in _REGISTERED:
+        return _REGISTERED[name](artifact_dir, **kwargs)
     if name == "torch":
-        try:
-            from tidar_export.reference import TorchBackend
-        except ImportError:
-            raise TiDARError("backend torch needs the tidar_export package and torch installed") from None
-        return TorchBackend.from_artifact(artifact_dir, **kwargs)
+        raise TiDARError("backend torch is the reference model of the tidar_export package: import tidar_export "
+                         "(pip install 'tidar-export[export]' for torch)")
     raise TiDARError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -2,7 +2,7 @@
 
     manifest.json   prefill.onnx   step.onnx   ar_step.onnx   weights.bin   [tokenizer.json]
 
-The three graphs are traced by tidar_export.tracing and lowered for the target by
+The three graphs are traced by tidar_export.export.tracing and lowered for the target by
 `tidar_graphs.lower`. Weights: every initializer of at least EXTERNAL_MIN_BYTES goes to
 weights.bin, once per distinct content (the three graphs point at the same offsets), so models
 over 2 GB work and the data is stored once. The artifact is written into a temp directory
@@ -26,7 +26,7 @@ import numpy as np
 
 from tidar_export.errors import TiDARError
 from tidar_runtime.fileio import replace_dir, usual_mode
-from tidar_runtime.manifest import MANIFEST_FILE
+from tidar_runtime.manifest import GRAPH_KINDS, MANIFEST_FILE
 
 WEIGHTS_FILE = "weights.bin"
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph (shapes, axes, small masks)
@@ -120,7 +120,7 @@ class WeightFile:
 # --------------------------------------------------------------------------- artifact
 
 
-def _prepare_output(output: Path) -> None:
+def prepare_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise TiDARError(f"{output} exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
@@ -151,13 +151,13 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     import torch
 
     import tidar_export
-    from tidar_export.checkpoint import load_checkpoint, read_config
-    from tidar_export.tracing import EXPORT_OPSET, GRAPH_KINDS, graph_io, make_plan, manifest_dims, trace
+    from tidar_export.model.checkpoint import load_checkpoint, read_config
+    from tidar_export.export.tracing import EXPORT_OPSET, graph_io, make_plan, manifest_dims, trace
     from tidar_runtime.manifest import GraphSpec, Manifest
 
     output = Path(output)
     log = log or (lambda msg: None)
-    _prepare_output(output)
+    prepare_output(output)
     cfg = read_config(checkpoint, block_size, mask_token_id)
     plan = make_plan(cfg, block_size, proposals, target, precision, max_seq_len, max_batch)  # before loading
     model = load_checkpoint(checkpoint, block_size, mask_token_id, dtype=plan.dtype)
@@ -235,33 +235,7 @@ def staged_artifact(output: Path) -> Iterator[tuple[Path, WeightFile]]:
 # --------------------------------------------------------------------------- command line
 
 
-def cmd_export(args) -> int:
-    t0 = time.perf_counter()
-    out = export_artifact(args.checkpoint, args.output, block_size=args.block_size, proposals=args.proposals,
-                          target=args.target, precision=args.dtype, max_seq_len=args.max_seq_len,
-                          max_batch=args.max_batch, mask_token_id=args.mask_token_id, log=print)
-    print_written(args.target, out, t0)
-    return 0
-
-
 def print_written(what: str, out: Path, t0: float) -> None:
     """The commands' last line: `what` artifact, its size, where, and the seconds since `t0`."""
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {what} artifact ({size / 2**20:.1f} MiB) to {out} in {time.perf_counter() - t0:.1f}s")
-
-
-def register(subparsers) -> None:
-    from tidar_export.cli import int_list
-
-    p = subparsers.add_parser("export", help="export prefill, step and ar_step graphs to an ONNX artifact")
-    p.add_argument("checkpoint", help="TiDAR checkpoint folder (config.json + safetensors)")
-    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    p.add_argument("--block-size", type=int, help="TiDAR block size b (default: the checkpoint's)")
-    p.add_argument("--mask-token-id", type=int, help="TiDAR mask token id (default: the checkpoint's)")
-    p.add_argument("--proposals", type=int_list, help="sparse proposal blocks, e.g. 1,4,7 (default: all)")
-    p.add_argument("--target", default="ort", help="ort | trt-10.3 | trt-10.15 (default: ort)")
-    p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 (default: fp32)")
-    p.add_argument("--max-seq-len", type=int, help="KV cache slots per row (default: 2048, at most the "
-                   "checkpoint's max_position_embeddings)")
-    p.add_argument("--max-batch", type=int, default=1, help="rows of the step graphs (default: 1)")
-    p.set_defaults(func=cmd_export)

@@ -44,7 +44,7 @@ PRECISIONS = ("int8", "fp8")
 INT8_METHODS = ("minmax", "percentile")  # activation range calibration for int8
 DEFAULT_INT8_METHOD = "minmax"  # equal to percentile within noise on the demo model, and cheaper (docs/QUANTIZATION.md)
 DEFAULT_PERCENTILE = 99.999
-DEFAULT_CALIBRATION = Path(__file__).resolve().parent.parent / "calibration" / "prompts.txt"
+DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "calibration" / "prompts.txt"
 PROMPT_SEPARATOR = "# %%"  # a line of its own before each prompt of a calibration text file
 FP8_MIN_OPSET = 19  # DequantizeLinear takes float8 inputs from opset 19 on
 SIDECAR = "quantization.json"
@@ -77,7 +77,7 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
 
 
 def tokenize_prompts(artifact_dir: Path, manifest: Manifest, texts: Sequence[str]) -> list[list[int]]:
-    from tidar_export.data import load_tokenizer
+    from tidar_export.train.data import load_tokenizer
 
     file = manifest.tokenizer.get("file")
     if not file:
@@ -317,7 +317,7 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
     import onnxruntime
 
     import tidar_export
-    from tidar_export.export import WEIGHTS_FILE, _prepare_output, staged_artifact
+    from tidar_export.export.artifact import WEIGHTS_FILE, prepare_output, staged_artifact
 
     log = log or (lambda msg: None)
     artifact, output = Path(artifact), Path(output)
@@ -338,7 +338,7 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
                          f"graphs of {artifact} are opset {opset}: export for target ort or trt-10.15")
     if artifact.resolve() == output.resolve():
         raise TiDARError("the quantized artifact must go to another directory than its source (-o)")
-    _prepare_output(output)
+    prepare_output(output)
     if prompts is None:
         calibration = Path(calibration) if calibration is not None else DEFAULT_CALIBRATION
         prompts = tokenize_prompts(artifact, manifest, read_prompt_file(calibration))
@@ -450,30 +450,3 @@ def token_agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def cmd_quantize(args) -> int:
-    from tidar_export.export import print_written
-
-    t0 = time.perf_counter()
-    out = quantize_artifact(args.artifact, args.output, args.precision, calibration=args.calibration,
-                            samples=args.samples, max_new_tokens=args.max_new_tokens, method=args.method,
-                            percentile=args.percentile, seed=args.seed, log=print)
-    print_written(args.precision, out, t0)
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("quantize", help="INT8/FP8 Q/DQ artifact from an exported one (ONNX Runtime calibration)")
-    p.add_argument("artifact", help="fp32/fp16 artifact directory written by `tidar-export export`")
-    p.add_argument("-o", "--output", required=True, help="quantized artifact directory to write")
-    p.add_argument("--precision", choices=PRECISIONS, default="int8")
-    p.add_argument("--calibration", metavar="FILE",
-                   help="calibration prompts, each after a line '# %%%%' (default: calibration/prompts.txt)")
-    p.add_argument("--samples", type=int, default=64, help="calibration inputs kept per graph (default 64)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens decoded per calibration prompt")
-    p.add_argument("--method", choices=INT8_METHODS, default=DEFAULT_INT8_METHOD,
-                   help="int8 activation ranges (fp8 always uses ONNX Runtime's distribution calibrator)")
-    p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE, help="for --method percentile")
-    p.add_argument("--seed", type=int, default=0, help="seed of the reservoir that picks calibration inputs")
-    p.set_defaults(func=cmd_quantize)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tidar_export import check
+from tidar_export.export import check
 from tidar_export.errors import TiDARError
 from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
 
@@ -168,6 +168,8 @@ def torch_runner(model, manifest: Manifest, kind: str, marks: dict[str, str]):
     whose forward output is returned under the tensor's name."""
     import torch
 
+    from tidar_export.model.reference import reference_outputs
+
     class TorchRunner(_base_runner()):
         def __init__(self):
             super().__init__(name="torch", prefix="torch-runner")
@@ -199,7 +201,7 @@ def torch_runner(model, manifest: Manifest, kind: str, marks: dict[str, str]):
                 feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in feed_dict.items()}
                 dtype = next(p.dtype for p in model.parameters())
                 feeds = {k: v.to(dtype) if v.is_floating_point() else v for k, v in feeds.items()}
-                out = check._torch_reference(model, manifest, kind, feeds)
+                out = reference_outputs(model, manifest, kind, feeds)
             finally:
                 for h in handles:
                     h.remove()
@@ -222,7 +224,7 @@ def tensorrt_runner(manifest: Manifest, artifact_dir: Path, kind: str, onnx_path
                                         NetworkFromOnnxPath, TrtRunner)
     from polygraphy.backend.common import BytesFromPath
 
-    from tidar_export.build import graph_profile, polygraphy_profile
+    from tidar_export.engines.build import graph_profile, polygraphy_profile
 
     spec = manifest.graphs[kind]
     if spec.engine and not marks:
@@ -285,14 +287,15 @@ def _precision(manifest: Manifest) -> str:
 
 def reference_model(checkpoint, manifest: Manifest):
     """The torch model in the dtype of the artifact's graph I/O (fp32 for int8/fp8 Q/DQ graphs)."""
-    from tidar_export.build import _base_precision
-    from tidar_export.tracing import PRECISIONS
+    from tidar_export.engines.build import base_precision
+    from tidar_export.export.tracing import PRECISIONS
+    from tidar_export.model.reference import load_artifact_model
 
-    base = _base_precision(manifest)
+    base = base_precision(manifest)
     if base == "bf16":
         raise TiDARError("compare cannot feed bfloat16 caches from numpy (ONNX Runtime CPU has no bf16 kernels "
                          "either); compare the fp32 or fp16 artifact")
-    return check.load_artifact_model(checkpoint, manifest, PRECISIONS[base])
+    return load_artifact_model(checkpoint, manifest, PRECISIONS[base])
 
 
 # --------------------------------------------------------------------------- comparing
@@ -331,7 +334,7 @@ def _polygraphy_compare(run_results, outputs: list[str], precision: str, pairs, 
             results.append(res)
         ref_out, other_out = run_results[ref][0], run_results[other][0]
         if "token_ids" in outputs:
-            res = check._compare_tokens(kind, f"{case} {pair}", np.asarray(other_out["token_ids"]),
+            res = check.compare_tokens(kind, f"{case} {pair}", np.asarray(other_out["token_ids"]),
                                         np.asarray(ref_out["token_ids"]), np.asarray(ref_out["logits"], np.float64),
                                         *tol["logits"])
             results.append(res)
@@ -444,36 +447,3 @@ def format_report(reports: list[GraphComparison], verbose: bool = False) -> str:
                                  f"{'ok' if d.ok else 'DIVERGED'}")
         lines += [f"{rep.kind}: note: {n}" for n in rep.notes]
     return "\n".join(lines)
-
-
-def cmd_compare(args) -> int:
-    graphs = tuple(g for g in args.graphs.split(",") if g) if args.graphs else GRAPH_KINDS
-    use_trt = False if args.no_trt else None
-    if not args.no_trt and not has_tensorrt():
-        print("tensorrt is not installed: comparing torch and ONNX Runtime only")
-    reports = compare_artifact(args.artifact, args.checkpoint, graphs=graphs, use_trt=use_trt,
-                               localize=args.localize, seed=args.seed, log=print)
-    print(format_report(reports, args.verbose))
-    failures = [r.failure() for rep in reports for r in rep.results if not r.ok]
-    for rep in reports:
-        for pair in rep.layers:
-            d = rep.first_divergence(pair)
-            if d is not None and not rep.ok:
-                failures.append(f"{rep.kind} {pair[1]} vs {pair[0]} first diverges at {d.module}")
-    if failures:
-        raise check.ArtifactCheckError(failures)
-    print(f"ok: {sum(len(rep.results) for rep in reports)} comparisons passed")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("compare", help="torch vs ONNX Runtime vs TensorRT per output; localize divergence")
-    p.add_argument("artifact", help="artifact directory (manifest.json + graphs)")
-    p.add_argument("--checkpoint", help="the checkpoint it was exported from (the torch runner)")
-    p.add_argument("--graphs", help="comma-separated subset of prefill,step,ar_step (default: all)")
-    p.add_argument("--localize", action="store_true",
-                   help="always mark intermediate outputs and report per-module errors (default: on failure)")
-    p.add_argument("--no-trt", action="store_true", help="skip TensorRT even where it is installed")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
-    p.add_argument("--verbose", action="store_true", help="every present.* row and every marked module")
-    p.set_defaults(func=cmd_compare)

@@ -22,9 +22,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tidar_export.config import SUPPORTED_ARCHS, TiDARConfig
+from tidar_export.model.config import SUPPORTED_ARCHS, TiDARConfig
 from tidar_export.errors import TiDARError
-from tidar_export.model import TiDARModel
+from tidar_export.model.transformer import TiDARModel
 from tidar_runtime.fileio import replace_dir
 
 TIDAR_KEY = "tidar"  # config.json key that holds the TiDAR settings

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from tidar_export.errors import TiDARError
+from tidar_runtime.tokenizer import load_tokenizer  # noqa: F401 (re-exported: the training side reads it as data.load_tokenizer)
 
 EOS_TOKEN = "<|endoftext|>"  # document separator and stop token
 MASK_TOKEN = "<|mask|>"  # the TiDAR mask token M; never produced from text
@@ -119,20 +120,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_path: str | Path)
         "mask_token": MASK_TOKEN, "pad_token": EOS_TOKEN, "model_max_length": 1 << 20,
     }, indent=2) + "\n")
     return out_path
-
-
-def load_tokenizer(path: str | Path):
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise TiDARError(f"tokenizer not found: {path}")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise TiDARError(f"{path}: cannot read tokenizer ({e})") from None
 
 
 def special_id(tokenizer, token: str) -> int | None:

@@ -23,11 +23,11 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from tidar_export import masks
+from tidar_export.model import masks
 from tidar_export.errors import TiDARError
-from tidar_export.model import TiDARModel
-from tidar_runtime.layout import n_out, normalize_proposals, step_len, step_out_rows
-from tidar_runtime.manifest import GRAPH_KINDS, TensorSpec
+from tidar_export.model.transformer import TiDARModel
+from tidar_runtime.layout import n_out, normalize_proposals, past_names, prefill_out_rows, present_names, step_len, step_out_rows
+from tidar_runtime.manifest import TensorSpec
 
 # Opset the tracer emits: torchlib's native opset, so torch.onnx runs no version converter.
 # Targets that want newer ops (opset-23 Attention, opset-24 TensorScatter) get them from
@@ -35,10 +35,6 @@ from tidar_runtime.manifest import GRAPH_KINDS, TensorSpec
 EXPORT_OPSET = 18
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-# How each target updates the KV cache (docs/EXPORT.md). "slice": the cached graphs return only
-# the new K/V [B, KV, T, hd] and the runtime writes them at each row's L. "inplace": they
-# return the whole cache with the new K/V scattered in at L, meant to alias the past buffers.
-KV_UPDATE = {"ort": "slice", "trt-10.3": "slice", "trt-10.15": "inplace"}
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
@@ -73,9 +69,8 @@ class PrefillGraph(_GraphModule):
     def __init__(self, model: TiDARModel, block_size: int):
         super().__init__(model)
         self.block_size = block_size
-        t = torch.arange(block_size)
-        # output row t sits at P - 1 + t, skipping mask slot 0 (row P): [P-1, P+1, ..., P+b-1]
-        self.register_buffer("row_offsets", t + (t > 0).long() - 1, persistent=False)
+        # the output rows relative to P (the prompt length is a dynamic dim): [P-1, P+1, ..., P+b-1]
+        self.register_buffer("row_offsets", torch.tensor(prefill_out_rows(0, block_size)), persistent=False)
 
     def forward(self, input_ids: torch.Tensor):
         B, P = input_ids.shape
@@ -146,7 +141,9 @@ class ExportPlan:
 
     @property
     def kv_update(self) -> str:
-        return KV_UPDATE[self.target]
+        import tidar_graphs
+
+        return tidar_graphs.get_target(self.target).kv_update  # how the target writes the cache
 
     @property
     def q_len(self) -> int:
@@ -166,9 +163,7 @@ def make_plan(cfg, block_size: int | None = None, proposals: Sequence[int] | Non
     """Validate the export options against the model config (one-line TiDARError for each problem)."""
     import tidar_graphs
 
-    if target not in tidar_graphs.TARGETS or target not in KV_UPDATE:
-        known = [t for t in tidar_graphs.TARGETS if t in KV_UPDATE]
-        raise TiDARError(f"unknown target {target!r}: choose one of {', '.join(known)}")
+    tidar_graphs.get_target(target)  # one-line error for an unknown target
     if precision not in PRECISIONS:
         raise TiDARError(f"unknown dtype {precision!r}: choose one of {', '.join(PRECISIONS)}")
     b = block_size or cfg.block_size
@@ -199,10 +194,6 @@ def graph_module(model: TiDARModel, plan: ExportPlan, kind: str) -> _GraphModule
     raise ValueError(kind)
 
 
-def kv_names(num_layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
 def graph_io(cfg, plan: ExportPlan, kind: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Binding names, dtypes and named shapes of one graph (the manifest's GraphSpec I/O)."""
     kv_dtype = DTYPE_NAMES[plan.dtype]
@@ -215,14 +206,14 @@ def graph_io(cfg, plan: ExportPlan, kind: str) -> tuple[list[TensorSpec], list[T
         inputs = [TensorSpec(first, "int64", ["batch", "block_size" if kind == "step" else 1]),
                   TensorSpec("cache_len", "int64", ["batch"])]
         inputs += [TensorSpec(name, kv_dtype, ["batch", "kv_heads", "max_seq_len", "head_dim"])
-                   for name in kv_names(n, "past_key_values")]
+                   for name in past_names(n)]
         rows, batch = ("n_out", "batch") if kind == "step" else (1, "batch")
         new_len = "q_len" if kind == "step" else 1
         present_len = new_len if plan.kv_update == "slice" else "max_seq_len"
     outputs = [TensorSpec("token_ids", "int64", [batch, rows]),
                TensorSpec("logits", "float32", [batch, rows, "vocab"])]
     outputs += [TensorSpec(name, kv_dtype, [batch, "kv_heads", present_len, "head_dim"])
-                for name in kv_names(n, "present")]
+                for name in present_names(n)]
     return inputs, outputs
 
 

@@ -1,6 +1,6 @@
 """`tidar-export eval`: held-out quality and TiDAR tokens per forward of a checkpoint.
 
-Reports, on the held-out files of a corpus (`tidar_export.data`: never seen in training):
+Reports, on the held-out files of a corpus (`tidar_export.train.data`: never seen in training):
 - AR-mode loss and next-token accuracy: plain causal next-token prediction over windows of
   `--seq-len` tokens (what the model is worth as an AR model);
 - the diffusion loss of the training objective at the checkpoint's block size, and the
@@ -15,13 +15,11 @@ Decoding uses `TorchBackend` under the runtime's loop, batch 1 as in the paper.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from tidar_export import data
+from tidar_export.train import data
 from tidar_export.errors import TiDARError
-
 
 
 def heldout_stream(checkpoint: Path, corpus: str, pattern: str, eos_id: int | None):
@@ -35,8 +33,8 @@ def lm_metrics(model, stream, seq_len: int, max_tokens: int, batch: int = 8) -> 
     import torch
     import torch.nn.functional as F
 
-    from tidar_export import masks
-    from tidar_export.train import tidar_batch
+    from tidar_export.model import masks
+    from tidar_export.train.trainer import tidar_batch
 
     S = seq_len
     n_win = min((len(stream) - 1) // S, max(1, max_tokens // S))
@@ -86,7 +84,7 @@ def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
     """Greedy AR, then TiDAR at each b: T/NFE, histogram, TiDAR == AR per prompt."""
     from collections import Counter
 
-    from tidar_export.reference import TorchBackend
+    from tidar_export.model.reference import TorchBackend
     from tidar_runtime import SamplingParams, generate_ar, generate_tidar
 
     greedy = SamplingParams()
@@ -126,7 +124,7 @@ def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
 def evaluate(checkpoint: str, corpus: str = "stdlib", pattern: str = "*.py", seq_len: int | None = None,
              max_eval_tokens: int = 65536, block_sizes=(4, 8, 16), num_prompts: int = 20,
              prompt_len: int = 64, max_new_tokens: int = 128) -> dict:
-    from tidar_export.checkpoint import load_checkpoint
+    from tidar_export.model.checkpoint import load_checkpoint
 
     ckpt = Path(checkpoint)
     model = load_checkpoint(ckpt)
@@ -154,35 +152,3 @@ def evaluate(checkpoint: str, corpus: str = "stdlib", pattern: str = "*.py", seq
                         "greedy": True} | decode_metrics(model, prompts, list(block_sizes), max_new_tokens, stop)
     report["eval_s"] = round(time.perf_counter() - t0, 1)
     return report
-
-
-def register(subparsers) -> None:
-    from tidar_export.cli import int_list
-
-    p = subparsers.add_parser("eval", help="held-out AR loss / accuracy and greedy TiDAR T/NFE of a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint folder with tokenizer.json")
-    p.add_argument("--corpus", default="stdlib", help="'stdlib' or the folder the model was trained on")
-    p.add_argument("--pattern", default="*.py", help="file glob inside the corpus")
-    p.add_argument("--seq-len", type=int, help="window of the loss evaluation (default: min(256, max positions))")
-    p.add_argument("--max-eval-tokens", type=int, default=65536, help="held-out tokens scored for the loss")
-    p.add_argument("--block-sizes", type=int_list, default=[4, 8, 16], help="TiDAR block sizes to decode with")
-    p.add_argument("--num-prompts", type=int, default=20)
-    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("-o", "--output", help="also write the report to this JSON file")
-    p.set_defaults(func=cmd_eval)
-
-
-def cmd_eval(args) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    report = evaluate(args.checkpoint, args.corpus, args.pattern, args.seq_len, args.max_eval_tokens,
-                      tuple(args.block_sizes), args.num_prompts, args.prompt_len, args.max_new_tokens)
-    text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    print(text)
-    return 0

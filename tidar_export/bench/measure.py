@@ -14,7 +14,7 @@ What one run measures (docs/BENCHMARKS.md has the definitions and measured figur
    percentiles, whether TiDAR's tokens equal AR's, and the process's peak RSS.
 2. The step-cost curve: the latency of one forward against its width (q_len): 1 (ar_step),
    the artifact's own step, and, with --checkpoint, step graphs of other block sizes and
-   sparse proposal sets exported from that checkpoint into --workdir (tidar_export.variants).
+   sparse proposal sets exported from that checkpoint into --workdir (tidar_export.export.variants).
    The points are timed round-robin for the same drift reason (see `time_steps`).
    projected speedup = tokens per forward x cost(1) / cost(width); conversion ratio = measured
    speedup / tokens per forward.
@@ -22,13 +22,12 @@ What one run measures (docs/BENCHMARKS.md has the definitions and measured figur
 Prompts: `--prompts FILE` is either JSONL (name ends in .jsonl: one JSON value per line, a
 string of text, {"text": ...} or {"ids": [...]}) or plain text, one prompt per line. Without
 it: --num-prompts windows of --prompt-len tokens, evenly spaced over the held-out files of the
-Python standard library (tidar_export.data, never seen in training), tokenized with the
+Python standard library (tidar_export.train.data, never seen in training), tokenized with the
 artifact's tokenizer; an artifact without a tokenizer gets seeded random token ids.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
@@ -41,7 +40,6 @@ from pathlib import Path
 import numpy as np
 
 from tidar_export.errors import TiDARError
-from tidar_runtime.fileio import write_atomic
 from tidar_runtime.layout import normalize_proposals, step_len
 
 DEFAULT_NUM_PROMPTS = 8
@@ -106,8 +104,8 @@ def default_prompts(tokenizer, vocab_size: int, mask_token_id: int, num: int, pr
         rng = np.random.default_rng(seed)
         allowed = np.setdiff1d(np.arange(vocab_size), [mask_token_id])
         return [rng.choice(allowed, prompt_len).tolist() for _ in range(num)], "random-ids"
-    from tidar_export import data
-    from tidar_export.evaluate import prompts_from
+    from tidar_export.train import data
+    from tidar_export.train.evaluate import prompts_from
 
     split = data.find_corpus("stdlib")
     stream = data.token_stream(tokenizer, data.read_texts(split.heldout), None)
@@ -118,7 +116,7 @@ def artifact_tokenizer(artifact_dir: Path, manifest):
     name = (manifest.tokenizer or {}).get("file")
     if not name:
         return None
-    from tidar_export import data
+    from tidar_export.train import data
 
     return data.load_tokenizer(artifact_dir / name)
 
@@ -198,6 +196,7 @@ def measure_decode(backend, prompts, max_new: int, repeats: int, progress=None, 
     that differs from it counts as a mismatch too.
     """
     from tidar_runtime import generate_ar_batch, generate_tidar_batch
+    from tidar_runtime.stats import rate
 
     run = {"ar": generate_ar_batch, "tidar": generate_tidar_batch}
     if repeats < 1:
@@ -230,8 +229,8 @@ def measure_decode(backend, prompts, max_new: int, repeats: int, progress=None, 
                 if tokens[mode][i] != res.tokens:
                     raise TiDARError(f"{mode} decode of prompt {i} is not deterministic across repeats")
         for mode in run:
-            rates[mode].append(dec_tokens[mode] / dec_s[mode] if dec_s[mode] else 0.0)
-            e2e[mode].append((dec_tokens[mode] + len(prompts)) / tot_s[mode] if tot_s[mode] else 0.0)
+            rates[mode].append(rate(dec_tokens[mode], dec_s[mode]) or 0.0)
+            e2e[mode].append(rate(dec_tokens[mode] + len(prompts), tot_s[mode]) or 0.0)
         if progress:
             progress(f"repeat {rep + 1}/{repeats}: AR {rates['ar'][-1]:.1f} tok/s, "
                      f"TiDAR {rates['tidar'][-1]:.1f} tok/s")
@@ -361,7 +360,7 @@ def bench(artifact: str | os.PathLike, backend_name: str = "ort", threads: int =
     skipped = []
     variants = None
     if checkpoint is not None:
-        from tidar_export.variants import Variants
+        from tidar_export.export.variants import Variants
 
         variants = Variants(checkpoint, m, workdir)
     try:
@@ -429,192 +428,4 @@ def _version() -> str:
 # --------------------------------------------------------------------------- output
 
 
-def _fmt(s: dict, digits: int = 1) -> str:
-    if s.get("median") is None:
-        return "-"
-    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
-
-
-def _rs(proposals, b) -> str:
-    if not proposals:
-        return "-"
-    if list(proposals) == list(range(1, b + 1)):
-        return f"1..{b}"
-    return ",".join(str(r) for r in proposals)
-
-
-def markdown(r: dict) -> str:
-    """Markdown tables of a bench report (what docs/BENCHMARKS.md shows)."""
-    b = r["block_size"]
-    mc = r["machine"]
-    lines = [
-        f"Artifact `{r['artifact']}`: b = {b}, proposals {_rs(r['proposals'], b)}, step width {r['step_width']}, "
-        f"max_seq_len {r['max_seq_len']}, {r['precision']}, target {r['target']}; backend {r['backend']}, "
-        f"{r['threads'] or 'default'} intra-op thread(s); {r['prompts']['count']} prompts "
-        f"({r['prompts']['source']}, mean {r['prompts']['mean_len']} tokens) x {r['prompts']['max_new_tokens']} "
-        f"new tokens, {r['repeats']} repeats; {mc['cpu']}, {mc['cores']} cores, load {mc.get('load_avg_1m')}.",
-        "",
-        "| mode | decode tokens/s, median [min, max] | end-to-end tokens/s | tokens/forward | prefill ms p50 / p99 | step ms p50 / p90 / p99 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for mode, name in (("ar", "AR"), ("tidar", "TiDAR")):
-        d = r[mode]
-        lines.append(f"| {name} | {_fmt(d['tokens_per_s'])} | {_fmt(d['e2e_tokens_per_s'])} | "
-                     f"{d['tokens_per_forward']:.2f} | {d['prefill_ms']['p50']} / {d['prefill_ms']['p99']} | "
-                     f"{d['step_ms']['p50']} / {d['step_ms']['p90']} / {d['step_ms']['p99']} |")
-    sp = r["speedup"]
-    lines += [
-        "",
-        f"- TiDAR / AR tokens/s: **{sp['median']:.2f}x** median over {sp['n']} repeats "
-        f"(min {sp['min']:.2f}, quartiles {sp['p25']:.2f} / {sp['p75']:.2f}, max {sp['max']:.2f})",
-        f"- projected speedup (T/NFE x cost(1) / cost({r['step_width']})): {r['projected_speedup']:.2f}x; "
-        f"conversion ratio (measured speedup / T/NFE): {r['conversion_ratio']:.2f}",
-        f"- TiDAR output equal to AR: {'yes' if r['equal_to_ar'] else 'NO, prompts ' + str(r['mismatched_prompts'])}",
-        f"- peak RSS (ru_maxrss, after the decode runs): {r['peak_rss_mib']} MiB",
-        "",
-        "Accepted length k per TiDAR step (first repeat, all prompts):",
-        "",
-    ]
-    hist = r["tidar"]["accepted_histogram"]
-    ks = sorted(hist, key=int)
-    lines += ["| k | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks),
-              "| steps | " + " | ".join(str(hist[k]) for k in ks) + " |", ""]
-    lines += curve_markdown(r["step_cost"])
-    return "\n".join(lines) + "\n"
-
-
-def curve_markdown(cost: dict) -> list[str]:
-    lines = [f"Step-cost curve (one forward; median of {cost['iters']} rounds x {cost.get('burst', 3)} calls, "
-             "round-robin over the points, each call after one untimed call of the same graph):", "",
-             "| b | proposals | width | ms p50 | ms min | cost / cost(1) |", "|---|---|---|---|---|---|"]
-    for p in cost["points"]:
-        lines.append(f"| {p['block_size'] if p['width'] > 1 else 'AR'} | {_rs(p['proposals'], p['block_size'])} | "
-                     f"{p['width']} | {p['ms_p50']:.3f} | {p['ms_min']:.3f} | {p['cost_ratio']:.2f} |")
-    for s in cost.get("skipped", []):
-        lines.append(f"| {s['block_size']} | {_rs(s['proposals'], s['block_size'])} | {s['width']} | "
-                     f"skipped: {s['reason']} | | |")
-    return lines + [""]
-
-
-def require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise TiDARError("--plot needs matplotlib: pip install 'tidar-export[plot]'") from None
-
-
-def plot(out: str | os.PathLike, curve: list[dict], sweep: list[dict] | None = None, title: str = "") -> Path:
-    """PNG: the step-cost curve, and (with a tune sweep) tokens/s against block size."""
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = 2 if sweep else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
-    ax = axes[0][0]
-    dense = [p for p in curve if p["width"] == 1 or p["proposals"] == list(range(1, p["block_size"] + 1))]
-    sparse = [p for p in curve if p not in dense]
-    ax.plot([p["width"] for p in dense], [p["ms_p50"] for p in dense], "o-", label="dense proposals (and AR, width 1)")
-    for p in dense:
-        if p["width"] > 1:
-            ax.annotate(f"b={p['block_size']}", (p["width"], p["ms_p50"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, -9))
-    if sparse:
-        ax.plot([p["width"] for p in sparse], [p["ms_p50"] for p in sparse], "s", label="sparse proposals")
-        for i, p in enumerate(sparse):
-            ax.annotate(f"b={p['block_size']} {{{_rs(p['proposals'], p['block_size'])}}}", (p["width"], p["ms_p50"]),
-                        fontsize=7, textcoords="offset points", xytext=(-40 if i % 2 else 3, 4))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("step width (tokens per forward pass, q_len)")
-    ax.set_ylabel("latency of one forward (ms, median)")
-    ax.set_title("step-cost curve")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    if sweep:
-        ax = axes[0][1]
-        dense_rows = sorted((s for s in sweep if s["dense"]), key=lambda s: s["block_size"])
-        xs = [s["block_size"] for s in dense_rows]
-        ax.errorbar(xs, [s["tidar_tokens_per_s"]["median"] for s in dense_rows],
-                    yerr=_err(s["tidar_tokens_per_s"] for s in dense_rows), fmt="o-", capsize=3, label="TiDAR")
-        ax.errorbar(xs, [s["ar_tokens_per_s"]["median"] for s in dense_rows],
-                    yerr=_err(s["ar_tokens_per_s"] for s in dense_rows), fmt="x--", capsize=3, label="AR (interleaved)")
-        for i, s in enumerate(s for s in sweep if not s["dense"]):
-            ax.plot([s["block_size"]], [s["tidar_tokens_per_s"]["median"]], "s", color="C2")
-            ax.annotate(f"{{{_rs(s['proposals'], s['block_size'])}}}", (s["block_size"], s["tidar_tokens_per_s"]["median"]),
-                        fontsize=7, textcoords="offset points", xytext=(4, 4 if i % 2 else -10))
-        from matplotlib.ticker import MaxNLocator
-
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("block size b")
-        ax.set_ylabel("decode tokens/s (median, bars: min..max)")
-        ax.set_title("tokens/s vs block size (squares: sparse proposals)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    return write_atomic(out, png.getvalue())
-
-
-def _err(spreads):
-    spreads = list(spreads)
-    return [[s["median"] - s["min"] for s in spreads], [s["max"] - s["median"] for s in spreads]]
-
-
 # --------------------------------------------------------------------------- CLI
-
-
-def add_measure_flags(p) -> None:
-    """Flags shared by bench and tune."""
-    from tidar_runtime.backends.select import BACKENDS
-
-    p.add_argument("--backend", choices=BACKENDS, default="ort")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1; 0 = ORT's default)")
-    p.add_argument("--prompts", help="prompts file: .jsonl (text or {\"text\"}/{\"ids\"} per line) or one text prompt per line")
-    p.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="built-in held-out prompts to use")
-    p.add_argument("--prompt-len", type=int, default=DEFAULT_PROMPT_LEN, help="tokens per built-in prompt")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW)
-    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="alternating AR/TiDAR repeats")
-    p.add_argument("--workdir", help="where step-graph variants exported from --checkpoint are kept and reused "
-                   "(default: a temp dir, removed at the end)")
-    p.add_argument("--sparse", action="append", metavar="B:R,R,..",
-                   help=f"sparse proposal set to include (repeatable; default {' '.join(DEFAULT_SPARSE)})")
-    p.add_argument("--cost-iters", type=int, default=DEFAULT_COST_ITERS, help="step-cost rounds (each times 3 calls per point)")
-    p.add_argument("--json", dest="json_out", metavar="OUT", help="write the report as JSON")
-    p.add_argument("--markdown", metavar="OUT", help="write the report's markdown tables")
-    p.add_argument("--plot", metavar="OUT.png", help="write a PNG plot (needs the `plot` extra: matplotlib)")
-
-
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="AR vs TiDAR tokens/s of an artifact, and the step-cost curve")
-    p.add_argument("artifact", help="artifact directory written by `tidar-export export`")
-    p.add_argument("--checkpoint", help="checkpoint the artifact came from: adds step graphs of other block sizes "
-                   "and proposal sets to the step-cost curve (exported into --workdir)")
-    p.add_argument("--curve-block-sizes", type=block_size_range, default=list(range(2, 17)),
-                   help="dense block sizes of the curve with --checkpoint (default 2-16)")
-    add_measure_flags(p)
-    p.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args) -> int:
-    if args.plot:
-        require_matplotlib()
-    report = bench(args.artifact, args.backend, args.threads, args.prompts, args.num_prompts, args.prompt_len,
-                   args.max_new_tokens, args.repeats, args.checkpoint, args.workdir, args.curve_block_sizes,
-                   args.sparse or DEFAULT_SPARSE, args.cost_iters)
-    text = markdown(report)
-    if args.json_out:
-        write_atomic(args.json_out, json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        write_atomic(args.markdown, text)
-    if args.plot:
-        plot(args.plot, report["step_cost"]["points"],
-             title=f"{report['artifact']} on {report['machine']['cpu']} ({report['backend']}, {report['threads']} thread)")
-    print(text)
-    return 0

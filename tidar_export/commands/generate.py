@@ -8,35 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
+from tidar_export.commands.args import int_list, prompt_ids, require_prompt
 from tidar_export.errors import TiDARError
-
-
-def load_tokenizer(folder):
-    """The tokenizer.json of an artifact or checkpoint folder, or None when it has none."""
-    path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tidar_export.data import load_tokenizer as read_tokenizer
-
-    return read_tokenizer(path)  # a corrupt file is a one-line error
-
-
-def prompt_ids(folder, text: str | None, ids: list[int] | None) -> list[int]:
-    """--prompt-ids as given, or --prompt encoded with the folder's tokenizer (one of them is set:
-    the commands check that before any I/O, see require_prompt)."""
-    if ids is not None:
-        return ids
-    tokenizer = load_tokenizer(folder)
-    if tokenizer is None:
-        raise TiDARError(f"{folder} has no tokenizer.json: pass --prompt-ids instead of --prompt")
-    return tokenizer.encode(text).ids
-
-
-def require_prompt(args) -> None:
-    if args.prompt is None and args.prompt_ids is None:
-        raise TiDARError("give --prompt TEXT or --prompt-ids IDS")
+from tidar_runtime.tokenizer import folder_tokenizer
 
 
 def run_generate(args) -> int:
@@ -57,7 +32,7 @@ def run_generate(args) -> int:
         raise TiDARError("--checkpoint is read only by --backend torch (the other backends run the artifact)")
     manifest = load_manifest(args.artifact)  # before the tokenizer and the backend: version, files
     ids = prompt_ids(args.artifact, args.prompt, args.prompt_ids)
-    tok = load_tokenizer(args.artifact)
+    tok = folder_tokenizer(args.artifact)
     kwargs = {"checkpoint": args.checkpoint} if args.backend == "torch" else {}
     backend = open_backend(args.backend, args.artifact, **kwargs)
     eos = manifest.tokenizer.get("eos_token_id")
@@ -88,7 +63,6 @@ def run_generate(args) -> int:
 
 
 def register(sub) -> None:
-    from tidar_export.cli import int_list
     from tidar_runtime.backends.select import BACKENDS
 
     p = sub.add_parser("generate", help="decode with an exported artifact (ONNX Runtime, TensorRT or torch)")

@@ -47,7 +47,7 @@ def checkpoint_fingerprint(checkpoint: Path) -> str:
 
 class Variants:
     def __init__(self, checkpoint: str | os.PathLike, base_manifest, workdir: str | os.PathLike | None = None):
-        from tidar_export.checkpoint import read_config
+        from tidar_export.model.checkpoint import read_config
 
         self.checkpoint = Path(checkpoint)
         if not self.checkpoint.is_dir():
@@ -73,7 +73,7 @@ class Variants:
 
     def get(self, block_size: int, proposals, progress=None) -> Path:
         """The artifact directory of this variant, exported now unless a matching one exists."""
-        from tidar_export.export import export_artifact
+        from tidar_export.export.artifact import export_artifact
 
         if self._fingerprint is None:
             self._fingerprint = checkpoint_fingerprint(self.checkpoint)

@@ -34,14 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tidar_export import data
+from tidar_export.train import data
 from tidar_export.errors import TiDARError
 from tidar_runtime.fileio import replace_dir
 
 if TYPE_CHECKING:
     import torch
 
-    from tidar_export.model import TiDARModel
+    from tidar_export.model.transformer import TiDARModel
 
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
@@ -112,7 +112,7 @@ def tidar_batch(x: torch.Tensor, block_size: int, mask_token_id: int):
     """
     import torch
 
-    from tidar_export import masks
+    from tidar_export.model import masks
 
     B, S = x.shape[0], x.shape[1] - 1
     clean = x[:, :S]  # x_0..x_{S-1}
@@ -126,7 +126,7 @@ def ar_batch(x: torch.Tensor):
     """Plain causal LM batch from windows x [B, S+1]: ids [B, S], positions, causal mask, labels."""
     import torch
 
-    from tidar_export import masks
+    from tidar_export.model import masks
 
     B, S = x.shape[0], x.shape[1] - 1
     pos = torch.arange(S)[None].expand(B, -1)
@@ -231,7 +231,7 @@ def save_run(folder: Path, model: TiDARModel, opt: torch.optim.AdamW, state: dic
     """Checkpoint (importer format) + resume state, swapped in atomically."""
     from safetensors.torch import save_file
 
-    from tidar_export.checkpoint import save_checkpoint
+    from tidar_export.model.checkpoint import save_checkpoint
 
     staging = folder.parent / f".{folder.name}.staging"
     if staging.exists():
@@ -267,8 +267,8 @@ def _fmt_time(s: float) -> str:
 
 
 def _fresh_model(s: TrainSettings, tok, tokenizer_vocab: int) -> TiDARModel:
-    from tidar_export.config import TiDARConfig
-    from tidar_export.model import TiDARModel
+    from tidar_export.model.config import TiDARConfig
+    from tidar_export.model.transformer import TiDARModel
 
     mask_id = data.special_id(tok, data.MASK_TOKEN)
     eos_id = data.special_id(tok, data.EOS_TOKEN)
@@ -294,7 +294,7 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
           log_every: int = 50, progress: bool = True, log=print) -> dict:
     """Run (or resume) a training run into the folder `out`; returns the final state dict."""
     import torch
-    from tidar_export.checkpoint import load_checkpoint
+    from tidar_export.model.checkpoint import load_checkpoint
 
     out = Path(out)
     t_setup = time.perf_counter()
@@ -433,72 +433,3 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
 
 # ---------------------------------------------------------------------------------------------
 # Command line
-
-_FLAGS = {  # TrainSettings field -> (flag, type, help)
-    "mode": ("--mode", str, "tidar (TIDAR.md 2 objective) or ar (next-token loss only: the baseline)"),
-    "corpus": ("--corpus", str, "'stdlib' (the Python standard library's .py source) or a folder of text files"),
-    "pattern": ("--pattern", str, "file glob inside the corpus (default *.py)"),
-    "arch": ("--arch", str, "llama | qwen2 | qwen3 (fresh runs)"),
-    "vocab_size": ("--vocab-size", int, "BPE vocabulary size (fresh runs)"),
-    "hidden_size": ("--hidden-size", int, "model width (fresh runs)"),
-    "intermediate_size": ("--intermediate-size", int, "SwiGLU width (fresh runs)"),
-    "num_layers": ("--layers", int, "decoder blocks (fresh runs)"),
-    "num_heads": ("--heads", int, "query heads (fresh runs)"),
-    "num_kv_heads": ("--kv-heads", int, "key/value heads (fresh runs)"),
-    "seq_len": ("--seq-len", int, "S: clean tokens per training sequence"),
-    "block_size": ("--block-size", int, "b: TiDAR training block size"),
-    "ar_weight": ("--ar-weight", float, "a: weight of the AR term"),
-    "batch_size": ("--batch-size", int, "sequences per step"),
-    "steps": ("--steps", int, "total optimizer steps (the LR schedule spans them)"),
-    "lr": ("--lr", float, "peak learning rate"),
-    "min_lr_ratio": ("--min-lr-ratio", float, "final LR as a fraction of the peak"),
-    "warmup": ("--warmup", int, "linear warm-up steps"),
-    "weight_decay": ("--weight-decay", float, "AdamW weight decay on matrices"),
-    "grad_clip": ("--grad-clip", float, "gradient-norm clip (0 disables)"),
-    "seed": ("--seed", int, "seed of the init and the batch sampler"),
-    "init_from": ("--init-from", str, "continue from this (imported AR) checkpoint folder instead of scratch"),
-}
-
-
-def register(subparsers) -> None:
-    defaults = TrainSettings()
-    p = subparsers.add_parser("train", help="train a TiDAR model (or its AR-only baseline) on a text corpus")
-    p.add_argument("-o", "--output", required=True, help="run folder: checkpoint + resume state")
-    for field, (flag, typ, text) in _FLAGS.items():
-        p.add_argument(flag, dest=field, type=typ, default=None,
-                       help=f"{text} [default: {getattr(defaults, field)}]")
-    p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
-    p.add_argument("--mask-token-id", type=int, help="mask token id for --init-from (default: the checkpoint's)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
-    p.add_argument("--stop-at", type=int, help="save and stop at this step (continue later with --resume)")
-    p.add_argument("--save-every", type=int, default=500, help="steps between saves")
-    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar, log lines only")
-    p.set_defaults(func=cmd_train)
-
-
-def cmd_train(args) -> int:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    given = {f: getattr(args, f) for f in _FLAGS if getattr(args, f) is not None}
-    if args.resume:
-        state, _ = read_state(Path(args.output))
-        base = state["settings"]
-    else:
-        base = dataclasses.asdict(TrainSettings())
-    try:
-        s = TrainSettings(**(base | given))
-    except TypeError as e:
-        raise TiDARError(f"invalid training settings ({e})") from None
-    if args.save_every < 1 or args.log_every < 1:
-        raise TiDARError("--save-every and --log-every must be >= 1")
-    final = train(s, args.output, resume=args.resume, tokenizer=args.tokenizer, mask_token_id=args.mask_token_id,
-                  stop_at=args.stop_at, save_every=args.save_every, log_every=args.log_every,
-                  progress=not args.no_progress, log=lambda m: print(m, flush=True))
-    last = final["history"][-1] if final["history"] else {}
-    print(json.dumps({"output": str(args.output), "step": final["step"], "elapsed_s": final["elapsed_s"],
-                      "tokens_seen": final["tokens_seen"], "last": last}), flush=True)
-    return 0

@@ -1,4 +1,5 @@
-"""The torch reference backend: runs the reference model under the runtime's decode loop.
+"""The torch reference: the backend that runs the reference model under the runtime's decode
+loop, and the outputs each exported graph must produce (what `check` and `compare` test against).
 
 It implements `tidar_runtime.loop.Backend` with the same contract as the exported graphs
 (docs/EXPORT.md): a preallocated cache [B, KV, max_len, hd] per layer, each pass attends over
@@ -8,16 +9,18 @@ It implements `tidar_runtime.loop.Backend` with the same contract as the exporte
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from tidar_export import masks
+from tidar_export.model import masks
 from tidar_export.errors import TiDARError
-from tidar_export.model import TiDARModel
-from tidar_runtime.layout import normalize_proposals, step_out_rows
+from tidar_export.model.checkpoint import load_checkpoint
+from tidar_export.model.transformer import TiDARModel
+from tidar_runtime.layout import normalize_proposals, past_names, prefill_out_rows, present_names, step_out_rows
 from tidar_runtime.loop import Outputs
 from tidar_runtime.manifest import Manifest, load_manifest
 
@@ -49,8 +52,6 @@ class TorchBackend:
         if checkpoint is None:
             raise TiDARError("backend torch needs the checkpoint the artifact was exported from (the artifact "
                              "holds no torch weights): pass --checkpoint DIR")
-        from tidar_export.check import reference_model
-
         model = reference_model(checkpoint, manifest)
         backend = cls(model, manifest.max_seq_len, manifest.block_size, manifest.proposals, manifest.max_batch)
         backend.manifest = manifest
@@ -74,7 +75,7 @@ class TorchBackend:
     def prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         P, b = len(prompt), self.block_size
         ids = torch.cat([torch.as_tensor(prompt), torch.full((b,), self.mask_token_id)])[None]
-        out_rows = torch.tensor([P - 1, *range(P + 1, P + b)])  # AR at p_{P-1}, then mask slots 1..b-1 (rows P+1..)
+        out_rows = torch.tensor(prefill_out_rows(P, b))
         return self._run(slice(row, row + 1), ids, masks.prefill_positions(P, b)[None],
                          masks.prefill_mask(P, b), torch.zeros(1, dtype=torch.long), out_rows, want_logits)
 
@@ -96,3 +97,62 @@ class TorchBackend:
         L = torch.as_tensor(cache_len)
         return self._run(slice(0, len(L)), torch.as_tensor(tokens), L[:, None], masks.causal_mask(1), L,
                          torch.tensor([0]), want_logits)
+
+
+def reference_outputs(model, manifest: Manifest, kind: str, feeds: dict) -> dict[str, np.ndarray]:
+    """The outputs the graph must produce, from the reference model's own forward."""
+    b, n = manifest.block_size, model.cfg.num_layers
+    with torch.no_grad():
+        if kind == "prefill":
+            prompt = feeds["input_ids"]
+            B, P = prompt.shape
+            ids = torch.cat([prompt, torch.full((B, b), manifest.mask_token_id)], dim=1)
+            logits, keys, values = model(ids, masks.prefill_positions(P, b)[None].expand(B, -1),
+                                         masks.prefill_mask(P, b))
+            rows = torch.tensor(prefill_out_rows(P, b))
+            present = [(k, v) for k, v in zip(keys, values)]
+        else:
+            L = feeds["cache_len"]
+            past = [feeds[name].clone() for name in past_names(n)]
+            past_k, past_v = past[0::2], past[1::2]
+            if kind == "step":
+                rs = manifest.proposals
+                B = L.shape[0]
+                ids = torch.full((B, manifest.step_len), manifest.mask_token_id)
+                ids[:, :b] = feeds["draft_ids"]
+                offsets, in_step = masks.step_offsets(b, rs), masks.step_mask(b, rs)
+                rows = torch.tensor(step_out_rows(b, rs))
+            else:
+                ids = feeds["input_ids"]
+                offsets, in_step, rows = torch.zeros(1, dtype=torch.long), masks.causal_mask(1), torch.tensor([0])
+            T = ids.shape[1]
+            logits, keys, values = model(ids, L[:, None] + offsets, in_step, past_k, past_v, L, kv_write="scatter")
+            if manifest.kv_update == "slice":  # the new K/V only: slots L..L+T-1 of each row
+                pick = lambda c: torch.stack([c[j, :, l : l + T] for j, l in enumerate(L.tolist())])  # noqa: E731
+                present = [(pick(k), pick(v)) for k, v in zip(keys, values)]
+            else:
+                present = list(zip(keys, values))
+        logits = logits[:, rows].float()
+        out = {"token_ids": logits.argmax(-1).numpy(), "logits": logits.numpy()}
+        for name, t in zip(present_names(n), (t for kv in present for t in kv)):
+            out[name] = t.float().numpy()
+    return out
+
+
+def reference_model(checkpoint: str | os.PathLike, manifest: Manifest):
+    """The torch model of `checkpoint` as the artifact was exported (block size, mask id, dtype)."""
+    from tidar_export.export.tracing import PRECISIONS
+
+    return load_artifact_model(checkpoint, manifest, PRECISIONS[manifest.precision])
+
+
+def load_artifact_model(checkpoint: str | os.PathLike, manifest: Manifest, dtype):
+    """The torch model of `checkpoint` in `dtype` with the artifact's block size and mask id; a
+    TiDARError naming the first config field that differs from the manifest's model."""
+    model = load_checkpoint(checkpoint, manifest.block_size, manifest.mask_token_id, dtype=dtype)
+    have = dataclasses.asdict(model.cfg)
+    differ = [k for k, v in manifest.model.items() if have.get(k) != v]
+    if differ:
+        raise TiDARError(f"checkpoint {checkpoint} is not the model of this artifact: {differ[0]} is "
+                         f"{have.get(differ[0])!r}, the manifest says {manifest.model[differ[0]]!r}")
+    return model

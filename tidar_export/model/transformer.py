@@ -5,7 +5,7 @@ checkpoints load by name. Written for torch.onnx's dynamo exporter: the KV cache
 list of tensors (no cache objects), and the attention mask is built from tensor ops.
 
 One forward serves every pass. The caller gives the new tokens, their position ids, the
-in-step mask pattern (`tidar_export.masks`) and, for cached passes, the preallocated cache and
+in-step mask pattern (`tidar_export.model.masks`) and, for cached passes, the preallocated cache and
 each row's committed length L. The new keys/values are written at slots L..L+T-1 (TIDAR.md 5)
 and the updated cache is returned; nothing else of the cache changes.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tidar_export.config import TiDARConfig
-from tidar_export.masks import cache_then_step, with_cache
+from tidar_export.model.config import TiDARConfig
+from tidar_export.model.masks import cache_then_step, with_cache
 
 
 class RMSNorm(nn.Module):

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tidar_export.errors import TiDARError, first_line
-from tidar_runtime.layout import step_out_rows
 from tidar_runtime.manifest import GraphSpec, Manifest, load_manifest
 
 # (atol, rtol) per precision and output family: an element fails if |ort - torch| > atol + rtol * |torch|.
@@ -177,57 +175,12 @@ def _ort_session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _torch_reference(model, manifest: Manifest, kind: str, feeds: dict) -> dict[str, np.ndarray]:
-    """The outputs the graph must produce, from the reference model's own forward."""
-    import torch
-
-    from tidar_export import masks
-
-    b, n = manifest.block_size, model.cfg.num_layers
-    with torch.no_grad():
-        if kind == "prefill":
-            prompt = feeds["input_ids"]
-            B, P = prompt.shape
-            ids = torch.cat([prompt, torch.full((B, b), manifest.mask_token_id)], dim=1)
-            logits, keys, values = model(ids, masks.prefill_positions(P, b)[None].expand(B, -1),
-                                         masks.prefill_mask(P, b))
-            rows = torch.tensor([P - 1] + list(range(P + 1, P + b)))
-            present = [(k, v) for k, v in zip(keys, values)]
-        else:
-            L = feeds["cache_len"]
-            past_k = [feeds[f"past_key_values.{i}.key"].clone() for i in range(n)]
-            past_v = [feeds[f"past_key_values.{i}.value"].clone() for i in range(n)]
-            if kind == "step":
-                rs = manifest.proposals
-                B = L.shape[0]
-                ids = torch.full((B, manifest.step_len), manifest.mask_token_id)
-                ids[:, :b] = feeds["draft_ids"]
-                offsets, in_step = masks.step_offsets(b, rs), masks.step_mask(b, rs)
-                rows = torch.tensor(step_out_rows(b, rs))
-            else:
-                ids = feeds["input_ids"]
-                offsets, in_step, rows = torch.zeros(1, dtype=torch.long), masks.causal_mask(1), torch.tensor([0])
-            T = ids.shape[1]
-            logits, keys, values = model(ids, L[:, None] + offsets, in_step, past_k, past_v, L, kv_write="scatter")
-            if manifest.kv_update == "slice":  # the new K/V only: slots L..L+T-1 of each row
-                pick = lambda c: torch.stack([c[j, :, l : l + T] for j, l in enumerate(L.tolist())])  # noqa: E731
-                present = [(pick(k), pick(v)) for k, v in zip(keys, values)]
-            else:
-                present = list(zip(keys, values))
-        logits = logits[:, rows].float()
-        out = {"token_ids": logits.argmax(-1).numpy(), "logits": logits.numpy()}
-        for i, (k, v) in enumerate(present):
-            out[f"present.{i}.key"] = k.float().numpy()
-            out[f"present.{i}.value"] = v.float().numpy()
-    return out
-
-
 def _random_feeds(manifest: Manifest, kind: str, batch: int, lengths, rng) -> dict:
     """Random graph inputs as torch tensors, caches already in the artifact's precision (so that
     torch and ORT see the same values)."""
     import torch
 
-    from tidar_export.tracing import PRECISIONS
+    from tidar_export.export.tracing import PRECISIONS
 
     V, n = manifest.model["vocab_size"], manifest.model["num_layers"]
     ids = lambda *shape: torch.from_numpy(rng.integers(0, V, size=shape).astype(np.int64))  # noqa: E731
@@ -264,7 +217,7 @@ def _compare(graph: str, case: str, name: str, got: np.ndarray, want: np.ndarray
     return res
 
 
-def _compare_tokens(graph: str, case: str, got: np.ndarray, want: np.ndarray, ref_logits: np.ndarray,
+def compare_tokens(graph: str, case: str, got: np.ndarray, want: np.ndarray, ref_logits: np.ndarray,
                     atol: float, rtol: float) -> OutputResult:
     """Exact agreement, except at near ties: ORT may pick another token only if torch's logit for
     it is within the logits tolerance of torch's maximum."""
@@ -289,6 +242,8 @@ def _compare_tokens(graph: str, case: str, got: np.ndarray, want: np.ndarray, re
 
 def numeric_results(artifact_dir: Path, manifest: Manifest, model, seed: int = 0) -> list[OutputResult]:
     """ORT against torch for every graph, case and output. One ORT session alive at a time."""
+    from tidar_export.model.reference import reference_outputs
+
     rng = np.random.default_rng(seed)
     tol = TOLERANCES[manifest.precision]
     results = []
@@ -303,7 +258,7 @@ def numeric_results(artifact_dir: Path, manifest: Manifest, model, seed: int = 0
         names = [o.name for o in session.get_outputs()]
         for batch, lengths in _cases(manifest, kind, rng):
             feeds = _random_feeds(manifest, kind, batch, lengths, rng)
-            want = _torch_reference(model, manifest, kind, feeds)
+            want = reference_outputs(model, manifest, kind, feeds)
             case = (f"batch={batch} prompt_len={lengths}" if kind == "prefill"
                     else f"batch={batch} cache_len={list(map(int, lengths))}")
             try:
@@ -314,7 +269,7 @@ def numeric_results(artifact_dir: Path, manifest: Manifest, model, seed: int = 0
                 continue
             for name in names:
                 if name == "token_ids":
-                    results.append(_compare_tokens(kind, case, got[name], want[name], want["logits"],
+                    results.append(compare_tokens(kind, case, got[name], want[name], want["logits"],
                                                    *tol["logits"]))
                 else:
                     family = "logits" if name == "logits" else "present"
@@ -359,32 +314,13 @@ def check_artifact(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLik
         report.failures += [f"{kind} ({manifest.target}): {msg}"
                             for msg in tidar_graphs.check_graph(proto, manifest.target, dynamic_dims=allowed)]
     if checkpoint is not None:
+        from tidar_export.model.reference import reference_model
+
         model = reference_model(checkpoint, manifest)
         report.results = numeric_results(artifact_dir, manifest, model, seed)
         report.numerics = True
         report.failures += [r.failure() for r in report.results if not r.ok]
     return report
-
-
-def reference_model(checkpoint: str | os.PathLike, manifest: Manifest):
-    """The torch model of `checkpoint` as the artifact was exported (block size, mask id, dtype)."""
-    from tidar_export.tracing import PRECISIONS
-
-    return load_artifact_model(checkpoint, manifest, PRECISIONS[manifest.precision])
-
-
-def load_artifact_model(checkpoint: str | os.PathLike, manifest: Manifest, dtype):
-    """The torch model of `checkpoint` in `dtype` with the artifact's block size and mask id; a
-    TiDARError naming the first config field that differs from the manifest's model."""
-    from tidar_export.checkpoint import load_checkpoint
-
-    model = load_checkpoint(checkpoint, manifest.block_size, manifest.mask_token_id, dtype=dtype)
-    have = dataclasses.asdict(model.cfg)
-    differ = [k for k, v in manifest.model.items() if have.get(k) != v]
-    if differ:
-        raise TiDARError(f"checkpoint {checkpoint} is not the model of this artifact: {differ[0]} is "
-                         f"{have.get(differ[0])!r}, the manifest says {manifest.model[differ[0]]!r}")
-    return model
 
 
 def format_table(results: list[OutputResult], verbose: bool = False) -> str:
@@ -417,28 +353,3 @@ def format_table(results: list[OutputResult], verbose: bool = False) -> str:
         lines.append((r.graph, r.case, r.output, *nums, r.tolerance, "ok" if r.ok else "FAIL"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
-
-
-def cmd_check(args) -> int:
-    t0 = time.perf_counter()
-    report = check_artifact(args.artifact, args.checkpoint, args.seed)
-    if report.results:
-        print(format_table(report.results, args.verbose))
-    m = report.manifest
-    print(f"{args.artifact}: target {m.target}, {m.precision}, b={m.block_size}, proposals {m.proposals}, "
-          f"max_seq_len {m.max_seq_len}, max_batch {m.max_batch} ({time.perf_counter() - t0:.1f}s)")
-    if not report.numerics:
-        print("numeric comparison skipped: pass --checkpoint DIR to run ONNX Runtime against torch")
-    report.raise_for_failures()
-    print(f"ok: manifest, {len(m.graphs)} graphs, target checks"
-          + (f" and {len(report.results)} ORT-vs-torch comparisons" if report.numerics else "") + " passed")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("check", help="verify an artifact: files, target checks, ORT against torch")
-    p.add_argument("artifact", help="artifact directory (manifest.json + graphs)")
-    p.add_argument("--checkpoint", help="the checkpoint it was exported from; enables the ORT-vs-torch comparison")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    p.add_argument("--verbose", action="store_true", help="one table row per present.* output")
-    p.set_defaults(func=cmd_check)

@@ -5,7 +5,7 @@
 
 For every candidate (each dense block size of --block-sizes, and each --sparse set) that fits
 the artifact's KV cache with the prompts (longest prompt + --max-new-tokens + step width <=
-max_seq_len), tune exports the candidate from the checkpoint (tidar_export.variants: same
+max_seq_len), tune exports the candidate from the checkpoint (tidar_export.export.variants: same
 target, precision, cache and batch as the artifact) and measures it exactly as `bench` does:
 alternating AR / TiDAR decodes of the same prompts, `--repeats` times, plus the latency of its
 step and ar_step (round-robin). The AR graph is the same in every candidate, so ranking by the
@@ -21,7 +21,6 @@ proposals from the manifest as before, so every runtime decodes with the tuned s
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -30,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tidar_export import bench as B
+from tidar_export.bench import measure as B
+from tidar_export.bench.report import proposal_text
 from tidar_export.errors import TiDARError
-from tidar_runtime.fileio import replace_dir, write_atomic
+from tidar_runtime.fileio import replace_dir
 from tidar_runtime.layout import step_len
 
 
@@ -65,7 +65,7 @@ def tune(artifact, checkpoint, backend_name: str = "ort", threads: int = 1, prom
     from tidar_runtime import generate_ar_batch
     from tidar_runtime.manifest import load_manifest
 
-    from tidar_export.variants import Variants
+    from tidar_export.export.variants import Variants
 
     artifact = Path(artifact)
     m = load_manifest(artifact)
@@ -96,7 +96,7 @@ def tune(artifact, checkpoint, backend_name: str = "ort", threads: int = 1, prom
             own = (b, rs) == (m.block_size, tuple(m.proposals))
             vdir = artifact if own else variants.get(b, rs, progress=B.log)
             be = B.open_bench_backend(backend_name, vdir, threads, checkpoint)
-            B.log(f"[{n}/{len(cands)}] b={b} proposals {B._rs(rs, b)} (width {step_len(b, rs)})")
+            B.log(f"[{n}/{len(cands)}] b={b} proposals {proposal_text(rs, b)} (width {step_len(b, rs)})")
             dec = B.measure_decode(be, prompts, max_new, repeats, reference=reference)
             cost = B.time_steps(
                 [({"kind": "ar_step"}, be, "ar_step"), ({"kind": "step"}, be, "step")], cost_iters,
@@ -192,77 +192,3 @@ def write_choice(artifact: Path, chosen: Path, record: dict) -> None:
         replace_dir(new, artifact)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def markdown(r: dict) -> str:
-    mc = r["machine"]
-    c = r["choice"]
-    lines = [
-        f"Tuned `{r['artifact']}` (was b = {r['before']['block_size']}, proposals "
-        f"{B._rs(r['before']['proposals'], r['before']['block_size'])}); backend {r['backend']}, "
-        f"{r['threads'] or 'default'} intra-op thread(s); {r['prompts']['count']} prompts ({r['prompts']['source']}) "
-        f"x {r['prompts']['max_new_tokens']} new tokens, {r['repeats']} repeats per candidate; {mc['cpu']}, "
-        f"{mc['cores']} cores, load {mc.get('load_avg_1m')}.",
-        "",
-        "| b | proposals | width | T/NFE | TiDAR tokens/s | AR tokens/s (interleaved) | speedup median [min, max] "
-        "| step ms / AR step ms | projected | conversion | equal to AR |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in sorted(r["candidates"], key=lambda x: (x["block_size"], x["width"])):
-        mark = " **(chosen)**" if (row["block_size"], row["proposals"]) == (c["block_size"], c["proposals"]) else ""
-        lines.append(
-            f"| {row['block_size']}{mark} | {B._rs(row['proposals'], row['block_size'])} | {row['width']} | "
-            f"{row['tokens_per_forward']:.2f} | {B._fmt(row['tidar_tokens_per_s'])} | {B._fmt(row['ar_tokens_per_s'])} | "
-            f"{B._fmt(row['speedup'], 2)} | {row['step_ms']:.2f} / {row['ar_step_ms']:.3f} | "
-            f"{row['projected_speedup']:.2f} | {row['conversion_ratio']:.2f} | {'yes' if row['equal_to_ar'] else 'NO'} |")
-    for s in r["skipped"]:
-        lines.append(f"| {s['block_size']} | {B._rs(s['proposals'], s['block_size'])} | {s['width']} | "
-                     f"skipped: {s['reason']} | | | | | | | |")
-    lines += ["", f"Choice: b = {c['block_size']}, proposals {B._rs(c['proposals'], c['block_size'])} (width "
-              f"{c['width']}): {c['speedup']:.2f}x AR, {c['tidar_tokens_per_s']:.1f} vs {c['ar_tokens_per_s']:.1f} "
-              f"tokens/s, T/NFE {c['tokens_per_forward']:.2f}; "
-              + ("written into the artifact's manifest." if r["written"] else "not written (--dry-run).")
-              + (" TiDAR is slower than AR at every candidate here: AR decoding is the faster choice on this "
-                 "device for this model." if c["speedup"] < 1 else ""), ""]
-    return "\n".join(lines) + "\n"
-
-
-def curve_points(r: dict) -> list[dict]:
-    """The step-cost curve of a tune sweep: width 1 (median AR step over candidates) and each step."""
-    ar = float(np.median([row["ar_step_ms"] for row in r["candidates"]]))
-    pts = [{"block_size": 1, "proposals": [], "width": 1, "ms_p50": ar}]
-    pts += [{"block_size": row["block_size"], "proposals": row["proposals"], "width": row["width"],
-             "ms_p50": row["step_ms"]} for row in r["candidates"]]
-    return sorted(pts, key=lambda p: p["width"])
-
-
-def register(sub) -> None:
-    p = sub.add_parser("tune", help="pick the block size / proposal set with the highest measured tokens/s "
-                       "and write it into the artifact")
-    p.add_argument("artifact", help="artifact directory written by `tidar-export export`")
-    p.add_argument("--checkpoint", required=True, help="the checkpoint the artifact was exported from "
-                   "(candidates are exported from it)")
-    p.add_argument("--block-sizes", type=B.block_size_range, default=list(range(2, 17)),
-                   help="dense block sizes to try (default 2-16; those that do not fit the cache are skipped)")
-    p.add_argument("--dry-run", action="store_true", help="measure and report, leave the artifact alone")
-    B.add_measure_flags(p)
-    p.set_defaults(func=cmd_tune)
-
-
-def cmd_tune(args) -> int:
-    if args.plot:
-        B.require_matplotlib()
-    report = tune(args.artifact, args.checkpoint, args.backend, args.threads, args.prompts, args.num_prompts,
-                  args.prompt_len, args.max_new_tokens, args.repeats, args.block_sizes,
-                  args.sparse or B.DEFAULT_SPARSE, args.workdir, args.cost_iters, write=not args.dry_run)
-    text = markdown(report)
-    if args.json_out:
-        write_atomic(args.json_out, json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        write_atomic(args.markdown, text)
-    if args.plot:
-        B.plot(args.plot, curve_points(report), report["candidates"],
-               title=f"{report['artifact']} on {report['machine']['cpu']} ({report['backend']}, "
-                     f"{report['threads']} thread)")
-    print(text)
-    return 0

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ STAMP_FILE = "demo.json"  # beside the manifest: which checkpoint the cached art
 
 def demo_model_path() -> Path:
     """Folder of the shipped demo checkpoint (config.json, model.safetensors, tokenizer.json)."""
-    return Path(__file__).resolve().parent / "demo_model"
+    return Path(__file__).resolve().parent.parent / "demo_model"
 
 
 def default_artifact_dir() -> Path:
@@ -56,9 +55,9 @@ def checkpoint_digest(checkpoint: Path) -> str:
     return h.hexdigest()
 
 
-def _stale_reason(artifact_dir: Path, checkpoint: Path, digest: str) -> str | None:
+def stale_reason(artifact_dir: Path, checkpoint: Path, digest: str) -> str | None:
     """Why the artifact at `artifact_dir` cannot be reused (None: it can)."""
-    from tidar_export.checkpoint import read_config
+    from tidar_export.model.checkpoint import read_config
     from tidar_runtime.manifest import MANIFEST_FILE, load_manifest
 
     if not (artifact_dir / MANIFEST_FILE).is_file():
@@ -78,15 +77,14 @@ def _stale_reason(artifact_dir: Path, checkpoint: Path, digest: str) -> str | No
     return f"manifest differs ({', '.join(differ)})" if differ else None
 
 
-
 def ensure_demo_artifact(artifact_dir: Path, log=lambda msg: None) -> tuple[Path, bool]:
     """The demo model's ONNX artifact at `artifact_dir`, exported unless a matching one is there.
     Returns (directory, whether it was exported now)."""
-    from tidar_export.export import export_artifact
+    from tidar_export.export.artifact import export_artifact
 
     checkpoint = demo_model_path()
     digest = checkpoint_digest(checkpoint)
-    reason = _stale_reason(artifact_dir, checkpoint, digest)
+    reason = stale_reason(artifact_dir, checkpoint, digest)
     if reason is None:
         log(f"reusing the demo artifact in {artifact_dir}")
         return artifact_dir, False
@@ -99,25 +97,17 @@ def ensure_demo_artifact(artifact_dir: Path, log=lambda msg: None) -> tuple[Path
     return artifact_dir, True
 
 
-def _rate(results) -> float | None:
-    """Decode tokens per second over several results: tokens after the prefill's first one,
-    over the decode forwards' wall time."""
-    tokens = sum(max(0, len(r.tokens) - 1) for r in results)
-    seconds = sum(sum(r.stats.step_s) for r in results)
-    return tokens / seconds if seconds > 0 and tokens > 0 else None
-
-
 def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log=lambda msg: None) -> dict:
     """Decode the built-in prompts in AR and TiDAR mode over ONNX Runtime; a JSON-ready report."""
-    from tidar_export.generate import load_tokenizer
+    from tidar_runtime.tokenizer import folder_tokenizer
     from tidar_runtime import generate_ar, generate_tidar
     from tidar_runtime.backends.ort import OrtBackend
-    from tidar_runtime.stats import summarize
+    from tidar_runtime.stats import summarize, tokens_per_s
 
     artifact_dir, exported = ensure_demo_artifact(artifact_dir, log)
     backend = OrtBackend(artifact_dir, intra_op_threads=threads)
     m = backend.manifest
-    tok = load_tokenizer(artifact_dir)
+    tok = folder_tokenizer(artifact_dir)
     if tok is None:
         raise TiDARError(f"{artifact_dir}: the demo artifact has no tokenizer.json")
     eos = m.tokenizer.get("eos_token_id")
@@ -143,7 +133,7 @@ def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log
         log(f"prompt {n}/{len(DEMO_PROMPTS)}: {len(td.tokens)} tokens, equal: {rows[-1]['equal']}, "
             f"TiDAR {s_td['tokens_per_forward']} tokens/forward")
     forwards = sum(r.stats.forwards for r in td_all)
-    ar_rate, td_rate = _rate(ar_all), _rate(td_all)
+    ar_rate, td_rate = tokens_per_s(ar_all), tokens_per_s(td_all)
     return {
         "model": {"name": "demo_model", "arch": m.model["arch"], "block_size": m.block_size,
                   "vocab_size": m.model["vocab_size"], "num_layers": m.model["num_layers"]},
@@ -156,48 +146,3 @@ def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log
         "tidar_tokens_per_s": None if td_rate is None else round(td_rate, 1),
         "speed_ratio": None if not (ar_rate and td_rate) else round(td_rate / ar_rate, 3),
     }
-
-
-def _print_report(report: dict) -> None:
-    for n, r in enumerate(report["prompts"], 1):
-        print(f"=== prompt {n}: {r['prompt']!r}")
-        print(f"--- AR ({r['ar_tokens_per_s']} tokens/s)")
-        print(r["prompt"] + r["ar_text"])
-        print(f"--- TiDAR ({r['tokens_per_forward']} tokens/forward, {r['tidar_tokens_per_s']} tokens/s)")
-        print(r["prompt"] + r["tidar_text"])
-        print(f"--- identical token for token: {'yes' if r['equal'] else 'NO'} ({r['new_tokens']} tokens, "
-              f"{r['finish_reason']})")
-        print()
-    n = len(report["prompts"])
-    same = "TiDAR == AR on all" if report["all_equal"] else "TiDAR != AR on some"
-    print(f"{same} {n} prompts; TiDAR {report['tokens_per_forward']} tokens/forward (b = "
-          f"{report['model']['block_size']}); tokens/s TiDAR / AR = {report['speed_ratio']} "
-          f"({report['tidar_tokens_per_s']} / {report['ar_tokens_per_s']}, {report['backend']})")
-
-
-def cmd_demo(args) -> int:
-    if args.max_new_tokens < 1:
-        raise TiDARError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    artifact_dir = Path(args.artifact_dir) if args.artifact_dir else default_artifact_dir()
-    report = run_demo(artifact_dir, args.max_new_tokens, args.threads,
-                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    if args.json:
-        print(json.dumps(report))
-    else:
-        _print_report(report)
-    if not report["all_equal"]:
-        bad = [str(n) for n, r in enumerate(report["prompts"], 1) if not r["equal"]]
-        print(f"error: TiDAR output differs from AR output on prompt(s) {', '.join(bad)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="export the embedded demo model and decode Python prompts in AR and "
-                              "TiDAR mode over ONNX Runtime")
-    p.add_argument("--artifact-dir", help="where the demo artifact is cached (default: "
-                   "$XDG_CACHE_HOME/tidar-export/demo or ~/.cache/tidar-export/demo)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: its own choice)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_demo)

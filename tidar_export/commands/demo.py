@@ -1,0 +1,55 @@
+"""`tidar-export demo`: the README's main job on the embedded demo model (tidar_export.bench.demo)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tidar_export.bench.demo import default_artifact_dir, run_demo
+from tidar_export.errors import TiDARError
+
+
+def _print_report(report: dict) -> None:
+    for n, r in enumerate(report["prompts"], 1):
+        print(f"=== prompt {n}: {r['prompt']!r}")
+        print(f"--- AR ({r['ar_tokens_per_s']} tokens/s)")
+        print(r["prompt"] + r["ar_text"])
+        print(f"--- TiDAR ({r['tokens_per_forward']} tokens/forward, {r['tidar_tokens_per_s']} tokens/s)")
+        print(r["prompt"] + r["tidar_text"])
+        print(f"--- identical token for token: {'yes' if r['equal'] else 'NO'} ({r['new_tokens']} tokens, "
+              f"{r['finish_reason']})")
+        print()
+    n = len(report["prompts"])
+    same = "TiDAR == AR on all" if report["all_equal"] else "TiDAR != AR on some"
+    print(f"{same} {n} prompts; TiDAR {report['tokens_per_forward']} tokens/forward (b = "
+          f"{report['model']['block_size']}); tokens/s TiDAR / AR = {report['speed_ratio']} "
+          f"({report['tidar_tokens_per_s']} / {report['ar_tokens_per_s']}, {report['backend']})")
+
+
+def cmd_demo(args) -> int:
+    if args.max_new_tokens < 1:
+        raise TiDARError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    artifact_dir = Path(args.artifact_dir) if args.artifact_dir else default_artifact_dir()
+    report = run_demo(artifact_dir, args.max_new_tokens, args.threads,
+                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_report(report)
+    if not report["all_equal"]:
+        bad = [str(n) for n, r in enumerate(report["prompts"], 1) if not r["equal"]]
+        print(f"error: TiDAR output differs from AR output on prompt(s) {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="export the embedded demo model and decode Python prompts in AR and "
+                              "TiDAR mode over ONNX Runtime")
+    p.add_argument("--artifact-dir", help="where the demo artifact is cached (default: "
+                   "$XDG_CACHE_HOME/tidar-export/demo or ~/.cache/tidar-export/demo)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: its own choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_demo)

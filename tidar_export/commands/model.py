@@ -1,0 +1,121 @@
+"""`tidar-export init | import | info | decode`: checkpoints and the torch reference decode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tidar_export.commands.args import int_list, prompt_ids, require_prompt
+
+
+def _add_tidar_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-size", type=int, help="TiDAR block size b (default: the checkpoint's)")
+    p.add_argument("--mask-token-id", type=int, help="TiDAR mask token id (default: the checkpoint's)")
+
+
+def cmd_init(args) -> int:
+    import torch
+
+    from tidar_export.model.checkpoint import save_checkpoint
+    from tidar_export.model.config import preset
+    from tidar_export.model.transformer import TiDARModel
+
+    cfg = preset(args.preset)
+    if args.block_size:
+        cfg = cfg.replace(block_size=args.block_size)
+    torch.manual_seed(args.seed)
+    model = TiDARModel(cfg)
+    for p in model.parameters():  # HF-style init: N(0, 0.02) for weights
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    out = save_checkpoint(model, args.output)
+    print(f"wrote random {args.preset} checkpoint ({cfg.num_params() / 1e6:.2f}M params) to {out}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from tidar_export.model.checkpoint import load_checkpoint, save_checkpoint
+
+    model = load_checkpoint(args.checkpoint, args.block_size, args.mask_token_id)
+    out = save_checkpoint(model, args.output, tokenizer_from=args.checkpoint)
+    print(f"imported {model.cfg.arch} checkpoint ({model.cfg.num_params() / 1e6:.1f}M params) to {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import dataclasses
+
+    from tidar_export.model.checkpoint import read_config
+
+    cfg = read_config(args.checkpoint, args.block_size, args.mask_token_id)
+    info = dataclasses.asdict(cfg) | {"num_params": cfg.num_params()}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_decode(args) -> int:
+    from tidar_export.model.checkpoint import load_checkpoint
+    from tidar_export.model.reference import TorchBackend
+    from tidar_runtime import SamplingParams, generate_ar, generate_tidar
+    from tidar_runtime.stats import summarize
+
+
+    require_prompt(args)
+    model = load_checkpoint(args.checkpoint, args.block_size, args.mask_token_id)
+    prompt = prompt_ids(args.checkpoint, args.prompt, args.prompt_ids)
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    stop = [model.cfg.eos_token_id] if model.cfg.eos_token_id is not None else []
+    modes = ["ar", "tidar"] if args.mode == "both" else [args.mode]
+    results = {}
+    for mode in modes:
+        backend = TorchBackend(model, args.max_len, args.block_size, args.proposals)
+        run = generate_tidar if mode == "tidar" else generate_ar
+        res = run(backend, prompt, args.max_new_tokens, params, stop)
+        results[mode] = {
+            "tokens": res.tokens,
+            "finish_reason": res.finish_reason,
+            "forwards": res.stats.forwards,
+            "tokens_per_forward": round(res.stats.tokens_per_forward, 3),
+            "accepted_histogram": res.stats.histogram,
+            "tokens_per_s": summarize(res)["tokens_per_s"],
+        }
+    if len(modes) == 2:
+        results["tidar_equals_ar"] = results["tidar"]["tokens"] == results["ar"]["tokens"]
+    print(json.dumps(results, indent=None if args.json else 2))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("init", help="write a randomly initialised checkpoint of a preset shape")
+    p.add_argument("--preset", default="tiny", help="tiny | qwen2.5-1.5b | qwen3-8b")
+    p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
+    p.add_argument("--block-size", type=int, help="TiDAR block size to record")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("import", help="import a local HF Llama/Qwen2/Qwen3 folder with TiDAR settings")
+    p.add_argument("checkpoint", help="HF-format folder (config.json + safetensors)")
+    p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
+    _add_tidar_flags(p)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("info", help="print the model config of a checkpoint")
+    p.add_argument("checkpoint")
+    _add_tidar_flags(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("decode", help="decode with the torch reference model (TiDAR and/or AR)")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
+    p.add_argument("--prompt-ids", type=int_list, help="prompt as comma-separated token ids")
+    p.add_argument("--mode", choices=["tidar", "ar", "both"], default="both")
+    p.add_argument("--proposals", type=int_list, help="sparse proposal blocks, e.g. 1,4,7 (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=512, help="KV cache slots")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print one compact JSON line")
+    _add_tidar_flags(p)
+    p.set_defaults(func=cmd_decode)
