@@ -32,6 +32,7 @@ from pathlib import Path
 from tidar_export.errors import TiDARError, first_line
 from tidar_runtime.backends.trt import Platform, import_tensorrt
 from tidar_runtime.fileio import usual_mode
+from tidar_runtime.layout import PAST_PREFIX
 from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
@@ -80,7 +81,7 @@ class BuildSettings:
 
 def base_precision(manifest: Manifest) -> str:
     """The float dtype the artifact's graphs were exported with (its KV cache dtype)."""
-    kv = next((t.dtype for t in manifest.graphs["step"].inputs if t.name.startswith("past_key_values.")), None)
+    kv = next((t.dtype for t in manifest.graphs["step"].inputs if t.name.startswith(PAST_PREFIX + ".")), None)
     if kv not in KV_PRECISION:
         raise TiDARError(f"the artifact's step graph has KV cache dtype {kv!r}; expected one of "
                          f"{', '.join(KV_PRECISION)}")

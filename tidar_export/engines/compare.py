@@ -33,6 +33,7 @@ import numpy as np
 
 from tidar_export.export import check
 from tidar_export.errors import TiDARError
+from tidar_runtime.layout import PAST_PREFIX
 from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
 
 # (atol, rtol) per precision and output family. fp32/fp16/bf16 are check.py's; int8/fp8 are
@@ -272,7 +273,7 @@ def compare_inputs(manifest: Manifest, kind: str, seed: int = 0) -> tuple[str, O
     feeds["draft_ids" if kind == "step" else "input_ids"] = rng.integers(0, V, (B, b if kind == "step" else 1))
     feeds["cache_len"] = lengths
     for t in spec.inputs:
-        if t.name.startswith("past_key_values."):
+        if t.name.startswith(PAST_PREFIX + "."):
             shape = [d if isinstance(d, int) else manifest.dims[d] for d in t.shape]
             dtype = np.float16 if t.dtype == "float16" else np.float32
             feeds[t.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tidar_export.errors import TiDARError, first_line
+from tidar_runtime.layout import PRESENT_PREFIX, past_names
 from tidar_runtime.manifest import GraphSpec, Manifest, load_manifest
 
 # (atol, rtol) per precision and output family: an element fails if |ort - torch| > atol + rtol * |torch|.
@@ -191,10 +192,8 @@ def _random_feeds(manifest: Manifest, kind: str, batch: int, lengths, rng) -> di
              "cache_len": torch.as_tensor(np.asarray(lengths, dtype=np.int64))}
     shape = (batch, manifest.dims["kv_heads"], manifest.max_seq_len, manifest.dims["head_dim"])
     dtype = PRECISIONS[manifest.precision]
-    for i in range(n):
-        for kv in ("key", "value"):
-            cache = rng.standard_normal(shape, dtype=np.float32)
-            feeds[f"past_key_values.{i}.{kv}"] = torch.from_numpy(cache).to(dtype)
+    for name in past_names(n):
+        feeds[name] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(dtype)
     return feeds
 
 
@@ -329,10 +328,10 @@ def format_table(results: list[OutputResult], verbose: bool = False) -> str:
     rows: list[OutputResult] = []
     slot: dict[tuple, int] = {}  # merged present.* row -> its index in rows
     for r in results:
-        if verbose or not r.output.startswith("present."):
+        if verbose or not r.output.startswith(PRESENT_PREFIX + "."):
             rows.append(r)
             continue
-        key = (r.graph, r.case, "present.*." + r.output.rsplit(".", 1)[1])
+        key = (r.graph, r.case, f"{PRESENT_PREFIX}.*." + r.output.rsplit(".", 1)[1])
         merged = dataclasses.replace(r, output=f"{key[2]} (worst {r.output})")
         if key not in slot:
             slot[key] = len(rows)
