@@ -26,7 +26,7 @@ from importlib import resources
 import onnx
 import onnx_ir as ir
 
-from tidar_graphs.passes import infer_shapes
+from tidar_graphs.cleanup import infer_shapes
 from tidar_graphs.targets import get_target
 
 # TensorRT's names for ONNX element types, as the operator tables use them.

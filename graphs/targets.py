@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
-from tidar_graphs import passes
+from tidar_graphs import cleanup, decompositions, fixups, fusions
 from tidar_runtime.errors import TiDARError
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ class Target:
     fixups: tuple[Pass, ...] = ()  # after the final cleanup
 
 
-_DECOMPOSE_ALL = (passes.decompose_attention, passes.decompose_rms_norm, passes.decompose_rotary,
-                  passes.decompose_tensor_scatter)
+_DECOMPOSE_ALL = (decompositions.decompose_attention, decompositions.decompose_rms_norm, decompositions.decompose_rotary,
+                  decompositions.decompose_tensor_scatter)
 
 _TARGETS = {
     # ONNX Runtime: opset-23 Attention / RMSNormalization / RotaryEmbedding, which measured
@@ -54,22 +54,22 @@ _TARGETS = {
     # and logs a warning on every run otherwise.
     "ort": Target(
         name="ort", opset=23, table="ort.json", static_shapes=False, kv_update="slice",
-        decompose=(passes.decompose_tensor_scatter,),
-        fuse=(passes.fuse_rms_norm, passes.fuse_rotary, passes.fuse_attention, passes.fuse_attention_gqa),
+        decompose=(decompositions.decompose_tensor_scatter,),
+        fuse=(fusions.fuse_rms_norm, fusions.fuse_rotary, fusions.fuse_attention, fusions.fuse_attention_gqa),
     ),
     # TensorRT 10.3 (JetPack 6): no Attention / RMSNormalization / RotaryEmbedding /
     # TensorScatter in its ONNX parser, so everything stays decomposed, at opset 18.
     "trt-10.3": Target(
         name="trt-10.3", opset=18, table="trt-10.3.json", static_shapes=True, kv_update="slice",
         decompose=_DECOMPOSE_ALL,
-        fixups=(passes.int_clip_to_min_max,),
+        fixups=(fixups.int_clip_to_min_max,),
     ),
     # TensorRT 10.15: opset-23 fused ops and the opset-24 in-place cache write.
     "trt-10.15": Target(
         name="trt-10.15", opset=24, table="trt-10.15.json", static_shapes=True, kv_update="inplace",
-        fuse=(passes.fuse_rms_norm, passes.fuse_rotary, passes.fuse_attention,
-              passes.fuse_attention_gqa, passes.kv_scatter_to_tensor_scatter),
-        fixups=(passes.int_clip_to_min_max, passes.drop_default_attention_attributes),
+        fuse=(fusions.fuse_rms_norm, fusions.fuse_rotary, fusions.fuse_attention,
+              fusions.fuse_attention_gqa, fusions.kv_scatter_to_tensor_scatter),
+        fixups=(fixups.int_clip_to_min_max, fixups.drop_default_attention_attributes),
     ),
 }
 
@@ -97,16 +97,16 @@ def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
         fired[step.__name__] = fired.get(step.__name__, 0) + count
         logger.info("%s: %s -> %d", spec.name, step.__name__, count)
 
-    run(passes.cleanup)
+    run(cleanup.cleanup)
     for step in spec.decompose:
         run(step)
-    passes.convert_opset(ir_model, spec.opset)  # re-infers shapes when it converts
+    cleanup.convert_opset(ir_model, spec.opset)  # re-infers shapes when it converts
     for step in spec.fuse:
         run(step)
-    run(passes.cleanup)
+    run(cleanup.cleanup)
     for step in spec.fixups:
         run(step)
-    run(passes.tidy)
+    run(cleanup.tidy)
     ir_model.metadata_props["tidar_graphs.target"] = spec.name
     ir_model.metadata_props["tidar_graphs.passes"] = json.dumps(
         {k: v for k, v in fired.items() if k not in ("cleanup", "tidy")}, sort_keys=True)

@@ -24,7 +24,7 @@ from onnx import TensorProto
 import tidar_graphs
 from tests.conftest import random_model
 from tidar_export.model import masks
-from tidar_graphs import checker, passes
+from tidar_graphs import checker, cleanup, decompositions, fixups, fusions
 from tidar_runtime.errors import TiDARError
 
 S = 32  # cache slots of the traced step graphs
@@ -157,15 +157,15 @@ def _ops(model: onnx.ModelProto) -> dict[str, int]:
 def _prepared(model: onnx.ModelProto, opset: int = 24) -> ir.Model:
     """What every lowering starts from: cleaned up, at the fused ops' opset, shapes inferred."""
     m = ir.serde.deserialize_model(model)
-    passes.cleanup(m)
-    passes.convert_opset(m, opset)
-    passes.infer_shapes(m)
+    cleanup.cleanup(m)
+    cleanup.convert_opset(m, opset)
+    cleanup.infer_shapes(m)
     return m
 
 
 def _apply(model: ir.Model, *steps) -> tuple[onnx.ModelProto, list[int]]:
     counts = [step(model) for step in steps]
-    passes.tidy(model)
+    cleanup.tidy(model)
     return ir.serde.serialize_model(model), counts
 
 
@@ -177,7 +177,7 @@ L = 2  # layers of the tiny preset
 @pytest.mark.parametrize("layout", ["concat", "scatter"])
 def test_fuse_rms_norm(graphs, layout):
     original = graphs[("step", layout)]
-    fused, (n,) = _apply(_prepared(original), passes.fuse_rms_norm)
+    fused, (n,) = _apply(_prepared(original), fusions.fuse_rms_norm)
     assert n == 2 * L + 1  # input + post-attention norm per layer, final norm
     assert _ops(fused)["RMSNormalization"] == n and "ReduceMean" not in _ops(fused)
     assert _max_diff(original, fused) < TOL
@@ -185,7 +185,7 @@ def test_fuse_rms_norm(graphs, layout):
 
 def test_fuse_rotary(graphs):
     original = graphs[("step", "scatter")]
-    fused, (n,) = _apply(_prepared(original), passes.fuse_rotary)
+    fused, (n,) = _apply(_prepared(original), fusions.fuse_rotary)
     assert n == 2 * L  # q and k per layer
     assert _ops(fused)["RotaryEmbedding"] == n and "Neg" not in _ops(fused)
     assert _max_diff(original, fused) < TOL
@@ -195,10 +195,10 @@ def test_fuse_rotary(graphs):
 def test_fuse_attention_and_gqa(graphs, key):
     original = graphs[key]
     m = _prepared(original)
-    fused_only, (n,) = _apply(m, passes.fuse_attention)
+    fused_only, (n,) = _apply(m, fusions.fuse_attention)
     assert n == L and "Softmax" not in _ops(fused_only)
     assert _max_diff(original, fused_only) < TOL
-    gqa, (n_gqa,) = _apply(m, passes.fuse_attention_gqa)
+    gqa, (n_gqa,) = _apply(m, fusions.fuse_attention_gqa)
     assert n_gqa == L
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*gqa.graph.value_info, *gqa.graph.input, *gqa.graph.output]}
@@ -212,7 +212,7 @@ def test_fuse_attention_and_gqa(graphs, key):
 @pytest.mark.parametrize("kind", ["step", "ar_step"])
 def test_kv_scatter_to_tensor_scatter(graphs, kind):
     original = graphs[(kind, "scatter")]
-    fused, (n,) = _apply(_prepared(original), passes.kv_scatter_to_tensor_scatter)
+    fused, (n,) = _apply(_prepared(original), fusions.kv_scatter_to_tensor_scatter)
     assert n == 2 * L and "ScatterElements" not in _ops(fused)
     for node in fused.graph.node:
         if node.op_type == "TensorScatter":
@@ -223,7 +223,7 @@ def test_kv_scatter_to_tensor_scatter(graphs, kind):
 
 def test_int_clip_to_min_max(graphs):
     original = graphs[("step", "scatter")]  # the cache mask clamps int64 slot offsets
-    fixed, (n,) = _apply(_prepared(original), passes.int_clip_to_min_max)
+    fixed, (n,) = _apply(_prepared(original), fixups.int_clip_to_min_max)
     assert n == 1 and "Clip" not in _ops(fixed) and {"Max", "Min"} <= set(_ops(fixed))
     assert _max_diff(original, fixed) < TOL
 
@@ -236,7 +236,7 @@ def test_drop_default_attention_attributes():
     node = oh.make_node("Attention", ["q", "k", "v"], ["y"], softcap=0.0, qk_matmul_output_mode=0, is_causal=0)
     model = oh.make_model(oh.make_graph([node], "g", [q, *kv], [y]), opset_imports=[oh.make_opsetid("", 24)])
     m = ir.serde.deserialize_model(model)
-    assert passes.drop_default_attention_attributes(m) == 2
+    assert fixups.drop_default_attention_attributes(m) == 2
     fixed = ir.serde.serialize_model(m)
     assert [a.name for a in fixed.graph.node[0].attribute] == ["is_causal"]
     assert _max_diff(model, fixed) < TOL
@@ -257,10 +257,10 @@ def test_fusions_on_qwen3_mha_graph():
 # --------------------------------------------------------------------------- decompositions
 
 DECOMPOSITIONS = [
-    (passes.decompose_attention, "Attention", L),
-    (passes.decompose_rms_norm, "RMSNormalization", 2 * L + 1),
-    (passes.decompose_rotary, "RotaryEmbedding", 2 * L),
-    (passes.decompose_tensor_scatter, "TensorScatter", 2 * L),
+    (decompositions.decompose_attention, "Attention", L),
+    (decompositions.decompose_rms_norm, "RMSNormalization", 2 * L + 1),
+    (decompositions.decompose_rotary, "RotaryEmbedding", 2 * L),
+    (decompositions.decompose_tensor_scatter, "TensorScatter", 2 * L),
 ]
 
 
@@ -443,7 +443,7 @@ def test_checker_int64_misuse():
         (msg,) = tidar_graphs.check_graph(bad, target)
         assert "(Clip): INT64 data" in msg and "FP32, FP16, BF16 only" in msg
     fixed = ir.serde.deserialize_model(bad)
-    assert passes.int_clip_to_min_max(fixed) == 1
+    assert fixups.int_clip_to_min_max(fixed) == 1
     assert tidar_graphs.check_graph(ir.serde.serialize_model(fixed), "trt-10.15") == []
 
 
