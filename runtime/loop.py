@@ -1,22 +1,40 @@
-"""TiDAR's decode loop (TIDAR.md 3-6): prefill, step, verify, commit. Numpy only.
+"""TiDAR's decode loop: prefill, step, verify, next drafts, commit. Numpy only.
+
+The algorithm, one function each:
+- `prefill`: one pass over [prompt | b mask slots] into a row of the cache; its AR row gives
+  the first token (the anchor d_0), its mask rows the first drafts d_1..d_{b-1}.
+- `step`: one batched pass over every active row: row i feeds [d_0 | drafts] at its committed
+  length L_i; the outputs hold the AR rows (verification) and every proposal block (the next
+  drafts under each outcome), `tidar_runtime.layout`.
+- `verify`: the accepted count k (d_0..d_{k-1}) and the next anchor, from the AR rows.
+- `proposal_block`: which pre-drafted block holds the next drafts after k accepted tokens.
+- `next_drafts`: those drafts (and, when sampling, their proposal distributions q).
 
 The loop owns each row's committed length L and its drafts; the backend owns the KV cache.
-A step writes its keys/values at slots L..L+q-1 with the drafts first (TIDAR.md 5), so
-committing k accepted drafts is only `L += k`: nothing is copied, the next step overwrites
-the rest and its mask hides them.
+A step writes its keys/values at slots L..L+q-1 with the drafts first, so committing k
+accepted drafts is only `L += k`: nothing is copied, the next step overwrites the rest and
+its mask hides them.
 
 Token bookkeeping: the anchor d_0 is emitted as soon as it is chosen; a step that accepts k
-drafts (d_0..d_{k-1}) emits d_1..d_{k-1} plus the next anchor: k tokens, T/NFE = k.
+drafts (d_0..d_{k-1}) emits d_1..d_{k-1} plus the next anchor: k tokens. A row stops at a stop
+token (not emitted) or at its length limit, so its last step may emit fewer than k; the
+statistics count the tokens emitted (T/NFE = emitted tokens per decode forward).
 
-Batching: all rows run every step (static shapes); a finished row is fed mask tokens at
-L = 0 and its outputs are ignored. Rows finish independently.
+One scaffolding for both modes: `Decoder` holds the backend's rows (each free or holding a
+`SeqState`), admits a sequence into a free row (`admit`: its prefill), runs one batched pass
+over all active rows (`step`) and frees rows (`release`). The mode (`TiDARMode`, `ARMode`)
+supplies the passes and the per-row commit; AR is TiDAR with b = 1 and no drafts. Rows that
+are free or finished are fed mask tokens at L = 0 and their outputs are ignored; rows finish
+independently. The batch entry points below (`generate_*`, `stream_*`) admit every prompt and
+step until all are done; the in-flight engine (`tidar_runtime.engine`) admits and releases
+rows between steps. Both drive this one loop.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -57,7 +75,7 @@ class Backend(Protocol):
 
 @dataclass
 class DecodeStats:
-    accepted: list[int] = field(default_factory=list)  # k (tokens emitted) of every decode forward
+    accepted: list[int] = field(default_factory=list)  # tokens emitted by every decode forward (k, or fewer on the last)
     prefill_s: float = 0.0  # wall time of this row's prefill pass
     step_s: list[float] = field(default_factory=list)  # wall time of every decode forward
 
@@ -72,31 +90,39 @@ class DecodeStats:
 
     @property
     def histogram(self) -> dict[int, int]:
-        """Accepted length k -> number of steps."""
+        """Emitted length k -> number of steps."""
         return dict(sorted(Counter(self.accepted).items()))
 
 
 @dataclass
 class DecodeResult:
     tokens: list[int]  # generated ids (prompt excluded, stop token excluded)
-    finish_reason: str | None  # "stop" (a stop token), "length" (max_new_tokens) or "cache_full"
+    finish_reason: str | None  # "stop" (a stop token), "length" (max_new_tokens) or "cache_full"; None: not finished
     stats: DecodeStats
 
 
-class _Row:
-    """One sequence of the batch: its committed length, drafts and output."""
+class SeqState:
+    """One sequence being decoded: prompt, committed length L, anchor and drafts, sampling state, result."""
 
-    def __init__(self, L: int, max_new: int, stop, rng: np.random.Generator):
-        self.L = L
+    def __init__(self, prompt: np.ndarray, max_new: int, params: SamplingParams = SamplingParams(),
+                 stop_tokens: Iterable[int] = (), rng: np.random.Generator | None = None):
+        self.prompt = prompt
+        self.L = len(prompt)
         self.anchor = -1
         self.drafts: list[int] = []
         self.q: list[np.ndarray] | None = None  # proposal distributions of the drafts (sampling)
+        self.params = params
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.max_new, self.stop = max_new, frozenset(int(t) for t in stop_tokens)
         self.result = DecodeResult([], None if max_new > 0 else "length", DecodeStats())
-        self.max_new, self.stop, self.rng = max_new, stop, rng
 
     @property
     def done(self) -> bool:
         return self.result.finish_reason is not None
+
+    def finish(self, reason: str) -> None:
+        if not self.done:
+            self.result.finish_reason = reason
 
     def emit(self, tokens: list[int]) -> list[int]:
         """Append tokens up to a stop token or the length limit; returns those kept."""
@@ -114,39 +140,7 @@ class _Row:
         return kept
 
 
-class Stream:
-    """Iterate for (row, tokens) pieces as they are decided; `results` once exhausted."""
-
-    def __init__(self, gen: Iterator):
-        self._gen = gen
-        self.results: list[DecodeResult] | None = None
-
-    def __iter__(self):
-        self.results = yield from self._gen
-
-
-def text_pieces(stream: Stream, decode, row: int = 0) -> Iterator[str]:
-    """The new text of one row as its tokens are decided (decode: token ids -> str).
-
-    The whole row is decoded again after each piece and only the new suffix is yielded, so
-    tokens that merge (byte-level BPE) come out right; text ending in U+FFFD (a UTF-8 sequence
-    cut between tokens) is held back until the next piece completes it.
-    """
-    ids: list[int] = []
-    shown = 0
-    for i, piece in stream:
-        if i != row or not piece:
-            continue
-        ids += piece
-        text = decode(ids)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > shown:
-            yield text[shown:]
-        shown = len(text)
-    text = decode(ids)
-    if len(text) > shown:
-        yield text[shown:]
+# ------------------------------------------------------------------------------ the algorithm
 
 
 def accept_draft(p: np.ndarray, q: np.ndarray, token: int, rng: np.random.Generator) -> bool:
@@ -161,26 +155,27 @@ def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return r / total if total > 0 else p  # total == 0 only if p == q, where nothing is rejected
 
 
-def _choose(token_id, logits: np.ndarray | None, params: SamplingParams, rng) -> int:
+def choose(token_id, logits: np.ndarray | None, seq: SeqState) -> int:
     """The token of one output row: the graph's argmax when greedy, else a sample of softmax(logits/T)."""
-    if params.greedy:
+    if seq.params.greedy:
         return int(token_id)
-    return sample(probs(logits, params), rng)
+    return sample(probs(logits, seq.params), seq.rng)
 
 
-def _propose(row: _Row, ids: np.ndarray, logits: np.ndarray | None, params: SamplingParams) -> None:
+def set_drafts(seq: SeqState, ids: np.ndarray, logits: np.ndarray | None) -> None:
     """Drafts from diffusion rows; when sampling also keep q (one distribution per draft) for the acceptance test."""
-    if params.greedy:
-        row.drafts, row.q = [int(t) for t in ids], None
+    if seq.params.greedy:
+        seq.drafts, seq.q = [int(t) for t in ids], None
     else:
         # Row by row: measured faster than one [n, V] pass (numpy temporaries stay cache-sized).
-        row.q = [probs(lg, params) for lg in logits]
-        row.drafts = [sample(q, row.rng) for q in row.q]
+        seq.q = [probs(lg, seq.params) for lg in logits]
+        seq.drafts = [sample(q, seq.rng) for q in seq.q]
 
 
-def _verify(row: _Row, ids: np.ndarray, logits: np.ndarray | None, params: SamplingParams) -> tuple[int, int]:
+def verify(seq: SeqState, ids: np.ndarray, logits: np.ndarray | None) -> tuple[int, int]:
     """Accepted count k and the next anchor, from the AR rows [b] of this row's step."""
-    d = [row.anchor] + row.drafts
+    params = seq.params
+    d = [seq.anchor] + seq.drafts
     k = 1
     for i in range(1, len(d)):
         if params.greedy:
@@ -190,134 +185,260 @@ def _verify(row: _Row, ids: np.ndarray, logits: np.ndarray | None, params: Sampl
         else:
             # Sampling: accept d_i with prob min(1, p(d_i)/q(d_i)); on rejection the next anchor
             # is drawn from normalize(max(0, p - q)).
-            p_i, q_i = probs(logits[i - 1], params), row.q[i - 1]  # AR[i-1] predicts d_i
-            if not accept_draft(p_i, q_i, d[i], row.rng):
-                return k, sample(residual(p_i, q_i), row.rng)
+            p_i, q_i = probs(logits[i - 1], params), seq.q[i - 1]  # AR[i-1] predicts d_i
+            if not accept_draft(p_i, q_i, d[i], seq.rng):
+                return k, sample(residual(p_i, q_i), seq.rng)
         k += 1
     # All accepted: the next anchor is AR's own token after d_{k-1} (the bonus token).
-    return k, _choose(ids[k - 1], None if logits is None else logits[k - 1], params, row.rng)
+    return k, choose(ids[k - 1], None if logits is None else logits[k - 1], seq)
 
 
-def _check_prompts(prompts, extra: int, backend) -> list[np.ndarray]:
-    out = []
-    if len(prompts) > backend.max_batch:
-        raise TiDARError(f"{len(prompts)} prompts exceed the artifact's batch of {backend.max_batch}")
-    for p in prompts:
-        p = np.asarray(p, dtype=np.int64).reshape(-1)
+def proposal_block(block_size: int, proposals: Sequence[int], k: int) -> tuple[int, int, int]:
+    """After k accepted tokens: (r, lo, hi), the proposal block r and the output rows lo:hi that
+    hold the next step's drafts.
+
+    The block that assumed exactly this outcome is the largest r <= k (block 1 always exists).
+    Slot t of block r predicts position L_old + r + t; the new committed length is L_old + k and
+    the new anchor sits at L_old + k, so the drafts d_1.. of the next step are slots
+    k - r + 1 .. b - 1 of block r: b - 1 - (k - r) drafts (fewer than b - 1 when r < k, which
+    only happens with a sparse proposal set).
+    """
+    b = block_size
+    r = max(x for x in proposals if x <= k)
+    row1 = block_out_row(b, proposals, r)  # slot t of block r is output row row1 + t - 1
+    return r, row1 + (k - r + 1) - 1, row1 + (b - 1)
+
+
+def next_drafts(seq: SeqState, ids: np.ndarray, logits: np.ndarray | None, k: int,
+                block_size: int, proposals: Sequence[int]) -> None:
+    """The drafts of the next step, from the proposal block that matches k accepted tokens."""
+    _, lo, hi = proposal_block(block_size, proposals, k)
+    set_drafts(seq, ids[lo:hi], None if logits is None else logits[lo:hi])
+
+
+# ------------------------------------------------------------------------------ the two modes
+
+
+def _row_logits(out: Outputs, i: int) -> np.ndarray | None:
+    return None if out.logits is None else out.logits[i]
+
+
+class TiDARMode:
+    """One forward verifies the previous drafts (AR rows) and pre-drafts the next block (diffusion rows)."""
+
+    name = "tidar"
+
+    def __init__(self, backend: Backend):
+        self.b, self.proposals = backend.block_size, tuple(backend.proposals)
+        self.pass_len = self.b * (1 + len(self.proposals))  # slots one step writes from L
+        self.prompt_extra = self.b  # the prefill's mask slots
+        self._inputs = np.full((backend.max_batch, self.b), backend.mask_token_id, dtype=np.int64)
+        self._mask = backend.mask_token_id
+
+    def prefill(self, backend: Backend, row: int, seq: SeqState) -> list[int]:
+        out = backend.prefill(row, seq.prompt, not seq.params.greedy)  # rows: AR at p_{P-1}, mask slots 1..b-1
+        lg = _row_logits(out, 0)
+        seq.anchor = choose(out.token_ids[0, 0], None if lg is None else lg[0], seq)
+        set_drafts(seq, out.token_ids[0, 1:], None if lg is None else lg[1:])
+        return [seq.anchor]
+
+    def run(self, backend: Backend, seqs: dict[int, SeqState], cache_len: np.ndarray, want: bool) -> Outputs:
+        self._inputs.fill(self._mask)
+        for i, seq in seqs.items():
+            d = [seq.anchor] + seq.drafts  # n <= b valid drafts (sparse proposals)
+            self._inputs[i, : len(d)] = d
+        return backend.step(self._inputs, cache_len, want)  # [B, n_out]
+
+    def advance(self, seq: SeqState, ids: np.ndarray, logits: np.ndarray | None) -> list[int]:
+        b = self.b
+        k, anchor = verify(seq, ids[:b], None if logits is None else logits[:b])
+        accepted = seq.drafts[: k - 1]
+        seq.L += k  # commit d_0..d_{k-1}: their K/V already sit at L..L+k-1
+        seq.anchor = anchor
+        next_drafts(seq, ids, logits, k, b, self.proposals)
+        return accepted + [anchor]
+
+
+class ARMode:
+    """Plain autoregressive decoding of the same weights (the baseline and the oracle)."""
+
+    name = "ar"
+    pass_len = 1
+    prompt_extra = 0
+
+    def __init__(self, backend: Backend):
+        self._inputs = np.full((backend.max_batch, 1), backend.mask_token_id, dtype=np.int64)
+        self._mask = backend.mask_token_id
+
+    def prefill(self, backend: Backend, row: int, seq: SeqState) -> list[int]:
+        out = backend.ar_prefill(row, seq.prompt, not seq.params.greedy)
+        lg = _row_logits(out, 0)
+        seq.anchor = choose(out.token_ids[0, 0], None if lg is None else lg[0], seq)
+        return [seq.anchor]
+
+    def run(self, backend: Backend, seqs: dict[int, SeqState], cache_len: np.ndarray, want: bool) -> Outputs:
+        self._inputs.fill(self._mask)
+        for i, seq in seqs.items():
+            self._inputs[i, 0] = seq.anchor
+        return backend.ar_step(self._inputs, cache_len, want)
+
+    def advance(self, seq: SeqState, ids: np.ndarray, logits: np.ndarray | None) -> list[int]:
+        seq.L += 1
+        seq.anchor = choose(ids[0], None if logits is None else logits[0], seq)
+        return [seq.anchor]
+
+
+MODES = {"tidar": TiDARMode, "ar": ARMode}
+
+
+# ------------------------------------------------------------------------------ the scaffolding
+
+
+class Decoder:
+    """The rows of one backend's batch and the one decode loop over them.
+
+    `admit(seq)` prefills a free row; `step()` runs one batched pass over every active row and
+    returns the (row, tokens) pieces it decided; `release(row)` frees a row. Not thread-safe:
+    one thread drives a decoder (the engine's step thread, or the caller of `generate_*`).
+    """
+
+    def __init__(self, backend: Backend, mode: str = "tidar"):
+        if mode not in MODES:
+            raise TiDARError(f"unknown decode mode {mode!r}: choose tidar or ar")
+        self.backend = backend
+        self.mode = MODES[mode](backend)
+        self.rows: list[SeqState | None] = [None] * backend.max_batch
+        self._cache_len = np.zeros(backend.max_batch, dtype=np.int64)
+
+    def check_prompt(self, prompt) -> np.ndarray:
+        """The prompt as an int64 vector; a one-line error if it is empty or does not fit the cache."""
+        p = np.asarray(prompt, dtype=np.int64).reshape(-1)
         if p.size == 0:
             raise TiDARError("empty prompt")
-        if p.size + extra > backend.max_len:
-            raise TiDARError(
-                f"prompt of {p.size} tokens does not fit the KV cache of {backend.max_len} slots "
-                f"(needs {p.size + extra})"
-            )
-        out.append(p)
-    return out
+        need = p.size + self.mode.prompt_extra
+        if need > self.backend.max_len:
+            raise TiDARError(f"prompt of {p.size} tokens does not fit the KV cache of {self.backend.max_len} slots "
+                             f"(needs {need})")
+        return p
 
+    def free_rows(self) -> list[int]:
+        return [i for i, s in enumerate(self.rows) if s is None]
 
-def _active(rows: list[_Row], need: int, max_len: int) -> list[int]:
-    """Indices of the rows still decoding; a row whose next pass (`need` slots from its L) would
-    not fit the cache finishes with "cache_full"."""
-    for row in rows:
-        if not row.done and row.L + need > max_len:
-            row.result.finish_reason = "cache_full"
-    return [i for i, row in enumerate(rows) if not row.done]
+    def active_rows(self) -> list[int]:
+        """Rows still decoding; a row whose next pass would not fit the cache finishes with "cache_full"."""
+        need, max_len = self.mode.pass_len, self.backend.max_len
+        active = []
+        for i, seq in enumerate(self.rows):
+            if seq is None or seq.done:
+                continue
+            if seq.L + need > max_len:
+                seq.finish("cache_full")
+            else:
+                active.append(i)
+        return active
 
-
-def _rows(prompts, max_new, params, stop_tokens) -> list[_Row]:
-    stop = set(stop_tokens or ())
-    seed = lambda i: None if params.seed is None else [params.seed, i]  # noqa: E731 (one stream per row)
-    return [_Row(len(p), max_new, stop, np.random.default_rng(seed(i))) for i, p in enumerate(prompts)]
-
-
-def _tidar(backend: Backend, prompts, max_new: int, params: SamplingParams, stop_tokens):
-    b, rs = backend.block_size, backend.proposals
-    q_len = b * (1 + len(rs))
-    prompts = _check_prompts(prompts, b, backend)
-    rows = _rows(prompts, max_new, params, stop_tokens)
-    want = not params.greedy
-
-    for i, (row, prompt) in enumerate(zip(rows, prompts)):
+    def admit(self, seq: SeqState, row: int | None = None) -> tuple[int, list[int]]:
+        """Prefill `seq` into a free row (the first one unless given); (row, tokens emitted)."""
+        if row is None:
+            free = self.free_rows()
+            if not free:
+                raise TiDARError("no free row in the batch")
+            row = free[0]
+        elif self.rows[row] is not None:
+            raise TiDARError(f"row {row} is taken")
+        self.rows[row] = seq
         t0 = time.perf_counter()
-        out = backend.prefill(i, prompt, want)  # rows: AR at p_{P-1}, mask slots 1..b-1
-        row.result.stats.prefill_s = time.perf_counter() - t0
-        lg = None if out.logits is None else out.logits[0]
-        row.anchor = _choose(out.token_ids[0, 0], None if lg is None else lg[0], params, row.rng)
-        _propose(row, out.token_ids[0, 1:], None if lg is None else lg[1:], params)
-        yield i, row.emit([row.anchor])
+        tokens = self.mode.prefill(self.backend, row, seq)
+        seq.result.stats.prefill_s = time.perf_counter() - t0
+        return row, seq.emit(tokens)
 
-    drafts = np.full((backend.max_batch, b), backend.mask_token_id, dtype=np.int64)
-    cache_len = np.zeros(backend.max_batch, dtype=np.int64)
-    while active := _active(rows, q_len, backend.max_len):
-        drafts.fill(backend.mask_token_id)
-        cache_len.fill(0)  # finished and padding rows compute harmlessly at L = 0
-        for i in active:
-            d = [rows[i].anchor] + rows[i].drafts  # n <= b valid drafts (sparse proposals)
-            drafts[i, : len(d)] = d
-            cache_len[i] = rows[i].L
+    def step(self) -> list[tuple[int, list[int]]]:
+        """One batched decode pass over every active row: its (row, tokens emitted) pieces; [] when none is active."""
+        active = self.active_rows()
+        if not active:
+            return []
+        seqs = {i: self.rows[i] for i in active}
+        self._cache_len.fill(0)  # free and finished rows compute harmlessly at L = 0
+        for i, seq in seqs.items():
+            self._cache_len[i] = seq.L
+        want = any(not seq.params.greedy for seq in seqs.values())
         t0 = time.perf_counter()
-        out = backend.step(drafts, cache_len, want)  # [B, n_out]
+        out = self.mode.run(self.backend, seqs, self._cache_len, want)
         dt = time.perf_counter() - t0
-        for i in active:
-            row, ids = rows[i], out.token_ids[i]
-            lg = None if out.logits is None else out.logits[i]
-            k, anchor = _verify(row, ids[:b], None if lg is None else lg[:b], params)
-            accepted = row.drafts[: k - 1]
-            row.L += k  # commit d_0..d_{k-1}: their K/V already sit at L..L+k-1
-            row.result.stats.accepted.append(k)
-            row.result.stats.step_s.append(dt)
-            row.anchor = anchor
-            # Next drafts: the block that assumed exactly this outcome (largest r <= k);
-            # block r slot t predicts L_old + r + t, so the new L + j is slot k - r + j.
-            r = max(x for x in rs if x <= k)
-            row1 = block_out_row(b, rs, r)  # slot t of block r is output row row1 + t - 1
-            lo, hi = row1 + (k - r + 1) - 1, row1 + (b - 1)  # slots k-r+1 .. b-1
-            _propose(row, ids[lo:hi], None if lg is None else lg[lo:hi], params)
-            yield i, row.emit(accepted + [anchor])
-    return [row.result for row in rows]
+        self.last_step_s = dt
+        pieces = []
+        for i, seq in seqs.items():
+            kept = seq.emit(self.mode.advance(seq, out.token_ids[i], _row_logits(out, i)))
+            seq.result.stats.accepted.append(len(kept))
+            seq.result.stats.step_s.append(dt)
+            pieces.append((i, kept))
+        return pieces
+
+    def release(self, row: int) -> SeqState | None:
+        seq, self.rows[row] = self.rows[row], None
+        return seq
 
 
-def _ar(backend: Backend, prompts, max_new: int, params: SamplingParams, stop_tokens):
-    prompts = _check_prompts(prompts, 0, backend)
-    rows = _rows(prompts, max_new, params, stop_tokens)
-    want = not params.greedy
-    for i, (row, prompt) in enumerate(zip(rows, prompts)):
-        t0 = time.perf_counter()
-        out = backend.ar_prefill(i, prompt, want)
-        row.result.stats.prefill_s = time.perf_counter() - t0
-        row.anchor = _choose(out.token_ids[0, 0], None if out.logits is None else out.logits[0, 0], params, row.rng)
-        yield i, row.emit([row.anchor])
-    tokens = np.full((backend.max_batch, 1), backend.mask_token_id, dtype=np.int64)
-    cache_len = np.zeros(backend.max_batch, dtype=np.int64)
-    while active := _active(rows, 1, backend.max_len):
-        tokens.fill(backend.mask_token_id)
-        cache_len.fill(0)
-        for i in active:
-            tokens[i, 0], cache_len[i] = rows[i].anchor, rows[i].L
-        t0 = time.perf_counter()
-        out = backend.ar_step(tokens, cache_len, want)
-        dt = time.perf_counter() - t0
-        for i in active:
-            row = rows[i]
-            row.L += 1
-            row.result.stats.accepted.append(1)
-            row.result.stats.step_s.append(dt)
-            lg = None if out.logits is None else out.logits[i, 0]
-            row.anchor = _choose(out.token_ids[i, 0], lg, params, row.rng)
-            yield i, row.emit([row.anchor])
-    return [row.result for row in rows]
+# ------------------------------------------------------------------------------ batch entry points
+
+
+class Stream:
+    """Iterate for (row, tokens) pieces as they are decided; `results` at any time.
+
+    `results` holds every row's result so far (finish_reason None while a row is unfinished):
+    breaking out early leaves the decoded part there, and iterating again resumes where the
+    last iteration stopped (a finished stream yields nothing more).
+    """
+
+    def __init__(self, pieces: Iterable, results: Callable[[], list[DecodeResult]] | None = None):
+        self._pieces = iter(pieces)
+        self._results = results
+        self._returned: list[DecodeResult] | None = None
+
+    @property
+    def results(self) -> list[DecodeResult] | None:
+        return self._results() if self._results is not None else self._returned
+
+    def __iter__(self):
+        ret = yield from self._pieces
+        if ret is not None:
+            self._returned = ret
+
+
+def _decode(decoder: Decoder, seqs: list[SeqState]) -> Iterator[tuple[int, list[int]]]:
+    """Admit every sequence (row i = sequence i), then step until all are done."""
+    for i, seq in enumerate(seqs):
+        yield decoder.admit(seq, i)
+    pending: deque = deque()
+    while True:
+        pending.extend(decoder.step())
+        if not pending:
+            return
+        while pending:
+            yield pending.popleft()
+
+
+def _stream(mode: str, backend: Backend, prompts: Sequence, max_new: int, params: SamplingParams,
+            stop_tokens) -> Stream:
+    decoder = Decoder(backend, mode)
+    if len(prompts) > backend.max_batch:
+        raise TiDARError(f"{len(prompts)} prompts exceed the artifact's batch of {backend.max_batch}")
+    checked = [decoder.check_prompt(p) for p in prompts]
+    rng = lambda i: np.random.default_rng(None if params.seed is None else [params.seed, i])  # noqa: E731 (one stream per row)
+    seqs = [SeqState(p, max_new, params, stop_tokens or (), rng(i)) for i, p in enumerate(checked)]
+    return Stream(_decode(decoder, seqs), lambda: [s.result for s in seqs])
 
 
 def stream_tidar(backend: Backend, prompts: Sequence, max_new_tokens: int = 64,
                  params: SamplingParams = SamplingParams(), stop_tokens=()) -> Stream:
     """TiDAR decoding of a batch of prompts, as a stream of (row, new tokens) pieces."""
-    return Stream(_tidar(backend, prompts, max_new_tokens, params, stop_tokens))
+    return _stream("tidar", backend, prompts, max_new_tokens, params, stop_tokens)
 
 
 def stream_ar(backend: Backend, prompts: Sequence, max_new_tokens: int = 64,
               params: SamplingParams = SamplingParams(), stop_tokens=()) -> Stream:
     """Plain AR decoding of the same weights (the baseline and the oracle), as a stream."""
-    return Stream(_ar(backend, prompts, max_new_tokens, params, stop_tokens))
+    return _stream("ar", backend, prompts, max_new_tokens, params, stop_tokens)
 
 
 def _drain(stream: Stream) -> list[DecodeResult]:
@@ -346,3 +467,69 @@ def generate_ar(backend: Backend, prompt, max_new_tokens: int = 64,
                 params: SamplingParams = SamplingParams(), stop_tokens=()) -> DecodeResult:
     """Plain autoregressive decoding of one prompt."""
     return generate_ar_batch(backend, [prompt], max_new_tokens, params, stop_tokens)[0]
+
+
+# ------------------------------------------------------------------------------ text
+
+
+class TextAssembler:
+    """The text of one sequence as its tokens arrive (decode: token ids -> str), with stop strings.
+
+    The whole sequence is decoded again after each push and only the new suffix is returned,
+    so tokens that merge (byte-level BPE) come out right; text ending in U+FFFD (a UTF-8
+    sequence cut between tokens) is held back until a later token completes it. With stop
+    strings, text that could be the start of one is held back too, and once one appears the
+    text ends before it (`stopped`; the stop string itself is never shown).
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
+        self.decode = decode
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""  # the text shown so far
+        self.stopped = False
+
+    def push(self, tokens: Sequence[int]) -> str:
+        """Add tokens; the new text that can be shown now."""
+        if self.stopped or not tokens:
+            return ""
+        self.ids += [int(t) for t in tokens]
+        full = self.decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""
+        visible = len(full)
+        if self.stop:
+            cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.stopped = True
+                visible = cut
+            else:
+                visible -= max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if full.endswith(s[:n])),
+                               default=0)
+        return self._show(full, visible)
+
+    def finish(self) -> str:
+        """The text still held back, at the end of the sequence."""
+        if self.stopped:
+            return ""
+        full = self.decode(self.ids)
+        return self._show(full, len(full))
+
+    def _show(self, full: str, visible: int) -> str:
+        shown = len(self.text)
+        new = full[shown:visible] if visible > shown else ""
+        self.text = full[:visible] if visible >= shown else self.text
+        return new
+
+
+def text_pieces(stream: Iterable, decode, row: int = 0) -> Iterator[str]:
+    """The new text of one row as its tokens are decided (decode: token ids -> str); see TextAssembler."""
+    text = TextAssembler(decode)
+    for i, piece in stream:
+        if i == row and piece:
+            new = text.push(piece)
+            if new:
+                yield new
+    rest = text.finish()
+    if rest:
+        yield rest
