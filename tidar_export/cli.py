@@ -20,7 +20,7 @@ EXTRA_OF = {"torch": "export", "safetensors": "export", "onnx": "export", "onnxs
 # Modules that add subcommands: each defines register(subparsers) and imports its heavy
 # dependencies (torch, onnx, tensorrt) inside the command, so `--help` stays fast.
 COMMAND_MODULES = tuple(f"tidar_export.commands.{name}" for name in (
-    "model", "train", "eval", "export", "check", "build", "quantize", "compare", "generate", "demo", "bench", "tune"))
+    "model", "train", "eval", "export", "check", "build", "quantize", "compare", "generate", "demo", "bench", "tune", "triton"))
 
 
 def build_parser() -> argparse.ArgumentParser:
