@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from tidar_runtime.errors import TiDARError
+from tidar_runtime.inputs import check_token_ids
 from tidar_runtime.layout import block_out_row
 from tidar_runtime.sampling import SamplingParams, probs, sample
 
@@ -203,7 +204,7 @@ def _check_prompts(prompts, extra: int, backend) -> list[np.ndarray]:
     if len(prompts) > backend.max_batch:
         raise TiDARError(f"{len(prompts)} prompts exceed the artifact's batch of {backend.max_batch}")
     for p in prompts:
-        p = np.asarray(p, dtype=np.int64).reshape(-1)
+        p = check_token_ids(p, getattr(backend, "vocab_size", None))
         if p.size == 0:
             raise TiDARError("empty prompt")
         if p.size + extra > backend.max_len:
