@@ -357,7 +357,7 @@ def load_manifest(artifact_dir: str | os.PathLike, verify: str = "quick") -> Man
         raise TiDARError(f"{path}: not a TiDAR manifest")
     if d.get("version") != MANIFEST_VERSION:
         raise TiDARError(
-            f"{path}: manifest version {str(d.get('version'))[:20]!r} is not supported by this runtime "
+            f"{path}: manifest version {repr(d.get('version'))[:20]} is not supported by this runtime "
             f"(it reads version {MANIFEST_VERSION}); re-export the artifact or upgrade tidar-export"
         )
     m = validate(d, str(path))
