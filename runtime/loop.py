@@ -41,6 +41,7 @@ from typing import Protocol
 import numpy as np
 
 from tidar_runtime.errors import TiDARError
+from tidar_runtime.inputs import check_token_ids
 from tidar_runtime.layout import block_out_row
 from tidar_runtime.sampling import SamplingParams, probs, sample
 
@@ -311,8 +312,9 @@ class Decoder:
         self._cache_len = np.zeros(backend.max_batch, dtype=np.int64)
 
     def check_prompt(self, prompt) -> np.ndarray:
-        """The prompt as an int64 vector; a one-line error if it is empty or does not fit the cache."""
-        p = np.asarray(prompt, dtype=np.int64).reshape(-1)
+        """The prompt as an int64 vector; a one-line error if an id is outside the vocabulary, or it is
+        empty, or it does not fit the cache."""
+        p = check_token_ids(prompt, getattr(self.backend, "vocab_size", None))
         if p.size == 0:
             raise TiDARError("empty prompt")
         need = p.size + self.mode.prompt_extra

@@ -6,9 +6,12 @@ The same filtered distribution is used for the AR target p and the diffusion pro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from tidar_runtime.errors import TiDARError
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,35 @@ class SamplingParams:
         return self.temperature <= 0.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"invalid sampling parameters {self}")
+        check_sampling(self)
+
+
+class SamplingError(TiDARError, ValueError):
+    """Invalid sampling parameters: a one-line user error (a ValueError too, for older callers)."""
+
+
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4  # below: logits / T overflows (1e-320 gives NaN); use 0 for greedy
+MAX_SEED = 2**64 - 1
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_sampling(p: "SamplingParams") -> None:
+    """The one validation of sampling options, for every command and the server."""
+    t = p.temperature
+    if not _is_real(t) or not math.isfinite(t) or not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+        raise SamplingError(f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                            f"got {t!r}"[:200])
+    if isinstance(p.top_k, (bool, np.bool_)) or not isinstance(p.top_k, (int, np.integer)) or p.top_k < 0:
+        raise SamplingError(f"--top-k must be an integer >= 0 (0 disables it), got {p.top_k!r}"[:200])
+    if not _is_real(p.top_p) or not math.isfinite(p.top_p) or not 0.0 < p.top_p <= 1.0:
+        raise SamplingError(f"--top-p must be in (0, 1], got {p.top_p!r}"[:200])
+    s = p.seed
+    if s is not None and (isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer))
+                          or not 0 <= s <= MAX_SEED):
+        raise SamplingError(f"--seed must be an integer in 0..2**64-1, got {s!r}"[:200])
 
 
 def probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:

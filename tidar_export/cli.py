@@ -1,15 +1,20 @@
 """`tidar-export`: the command line. Subcommands with kebab-case flags.
 
-User errors (TiDARError) print one line `error: ...` and exit with status 1, no traceback.
+User errors (TiDARError), argument errors and OS errors (disk full, read-only disk, permission
+denied) print one line `error: ...` and exit with status 1, no traceback and no usage block.
+SIGTERM unwinds like Ctrl-C, so staging folders are removed on the way out (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
 
 from tidar_export.errors import TiDARError
+from tidar_runtime.fileio import os_error_line
 
 
 # A missing optional dependency -> the extra that installs it (pyproject.toml). The base install
@@ -23,23 +28,64 @@ COMMAND_MODULES = tuple(f"tidar_export.commands.{name}" for name in (
     "model", "train", "eval", "export", "check", "build", "quantize", "compare", "generate", "demo", "bench", "tune", "triton"))
 
 
+class ArgumentError(Exception):
+    """A command line that does not parse; its message is one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one `error: ...` line and exit status 1 (argparse's
+    own is a usage block and status 2); --help still prints the usage."""
+
+    def error(self, message: str):
+        raise ArgumentError(f"{self.prog}: {' '.join(message.split())}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tidar-export", description="Export, build and run TiDAR models (diffusion drafts, AR verification)."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds: `finally` blocks remove staging folders
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
     try:
-        return args.func(args)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except ArgumentError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    try:
+        with _sigterm_unwinds():
+            return args.func(args)
     except TiDARError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {_one_line(os_error_line(e))}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]

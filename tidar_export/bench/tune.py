@@ -22,7 +22,6 @@ proposals from the manifest as before, so every runtime decodes with the tuned s
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 from tidar_export.bench import measure as B
 from tidar_export.bench.report import proposal_text
 from tidar_export.errors import TiDARError
-from tidar_runtime.fileio import replace_dir
+from tidar_runtime import fileio
 from tidar_runtime.layout import step_len
 
 
@@ -61,7 +60,8 @@ def candidates(block_sizes, sparse, max_seq_len: int, need: int) -> tuple[list, 
 def tune(artifact, checkpoint, backend_name: str = "ort", threads: int = 1, prompts_file=None,
          num_prompts: int = B.DEFAULT_NUM_PROMPTS, prompt_len: int = B.DEFAULT_PROMPT_LEN,
          max_new: int = B.DEFAULT_MAX_NEW, repeats: int = B.DEFAULT_REPEATS, block_sizes=tuple(range(2, 17)),
-         sparse=B.DEFAULT_SPARSE, workdir=None, cost_iters: int = B.DEFAULT_COST_ITERS, write: bool = True) -> dict:
+         sparse=B.DEFAULT_SPARSE, workdir=None, cost_iters: int = B.DEFAULT_COST_ITERS, write: bool = True,
+         force: bool = False) -> dict:
     from tidar_runtime import generate_ar_batch
     from tidar_runtime.manifest import load_manifest
 
@@ -69,6 +69,8 @@ def tune(artifact, checkpoint, backend_name: str = "ort", threads: int = 1, prom
 
     artifact = Path(artifact)
     m = load_manifest(artifact)
+    if write:  # before minutes of measuring: the artifact is ours to replace, and its folder writable
+        artifact = fileio.prepare_output(artifact, "artifact", force)
     tok = B.artifact_tokenizer(artifact, m)
     vocab = m.model["vocab_size"]
     if prompts_file:
@@ -147,7 +149,7 @@ def tune(artifact, checkpoint, backend_name: str = "ort", threads: int = 1, prom
         if write:
             chosen = artifact if (best["block_size"], tuple(best["proposals"])) == (m.block_size, tuple(m.proposals)) \
                 else variants.get(best["block_size"], tuple(best["proposals"]))
-            write_choice(artifact, chosen, tuning_record(report))
+            write_choice(artifact, chosen, tuning_record(report), force)
             report["written"] = True
     finally:
         variants.cleanup()
@@ -175,20 +177,18 @@ def tuning_record(report: dict) -> dict:
     }
 
 
-def write_choice(artifact: Path, chosen: Path, record: dict) -> None:
+def write_choice(artifact: Path, chosen: Path, record: dict, force: bool = False) -> None:
     """Replace `artifact` by a copy of `chosen` whose manifest carries `record` (atomically)."""
     from tidar_runtime.manifest import load_manifest
 
-
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{artifact.name}.tune.", dir=artifact.parent))
+    new = fileio.staging_dir(artifact)
     try:
-        new = tmpdir / "artifact"
-        shutil.copytree(chosen, new)
+        shutil.copytree(chosen, new, dirs_exist_ok=True)
         manifest = load_manifest(new)
         manifest.tuning = record
         manifest.save(new)
-        (new / "manifest.json").chmod((chosen / "manifest.json").stat().st_mode & 0o777)
         load_manifest(new)  # the written manifest reads back
-        replace_dir(new, artifact)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        fileio.publish_dir(new, artifact, "artifact", force)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise

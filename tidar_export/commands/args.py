@@ -20,10 +20,19 @@ def prompt_ids(folder, text: str | None, ids: list[int] | None) -> list[int]:
     the commands check that before any I/O, see require_prompt)."""
     if ids is not None:
         return ids
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as lone surrogates
+        raise TiDARError("--prompt is not valid UTF-8 text") from None
     tokenizer = folder_tokenizer(folder)
     if tokenizer is None:
         raise TiDARError(f"{folder} has no tokenizer.json: pass --prompt-ids instead of --prompt")
     return tokenizer.encode(text).ids
+
+
+def add_force_flag(p) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace -o even if it is a non-empty folder that tidar-export did not write")
 
 
 def require_prompt(args) -> None:

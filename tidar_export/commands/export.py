@@ -11,13 +11,13 @@ def cmd_export(args) -> int:
     t0 = time.perf_counter()
     out = export_artifact(args.checkpoint, args.output, block_size=args.block_size, proposals=args.proposals,
                           target=args.target, precision=args.dtype, max_seq_len=args.max_seq_len,
-                          max_batch=args.max_batch, mask_token_id=args.mask_token_id, log=print)
+                          max_batch=args.max_batch, mask_token_id=args.mask_token_id, log=print, force=args.force)
     print_written(args.target, out, t0)
     return 0
 
 
 def register(subparsers) -> None:
-    from tidar_export.commands.args import int_list
+    from tidar_export.commands.args import add_force_flag, int_list
 
     p = subparsers.add_parser("export", help="export prefill, step and ar_step graphs to an ONNX artifact")
     p.add_argument("checkpoint", help="TiDAR checkpoint folder (config.json + safetensors)")
@@ -30,4 +30,5 @@ def register(subparsers) -> None:
     p.add_argument("--max-seq-len", type=int, help="KV cache slots per row (default: 2048, at most the "
                    "checkpoint's max_position_embeddings)")
     p.add_argument("--max-batch", type=int, default=1, help="rows of the step graphs (default: 1)")
+    add_force_flag(p)
     p.set_defaults(func=cmd_export)

@@ -23,11 +23,7 @@ def run_generate(args) -> int:
     require_prompt(args)
     if args.max_new_tokens < 1:
         raise TiDARError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    try:
-        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    except ValueError:
-        raise TiDARError(f"invalid sampling options: --temperature {args.temperature} (>= 0), --top-k {args.top_k} "
-                         f"(>= 0), --top-p {args.top_p} (in (0, 1])") from None
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # one-line SamplingError if invalid
     if args.checkpoint is not None and args.backend != "torch":
         raise TiDARError("--checkpoint is read only by --backend torch (the other backends run the artifact)")
     manifest = load_manifest(args.artifact)  # before the tokenizer and the backend: version, files

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from tidar_export.commands.args import int_list, prompt_ids, require_prompt
+from tidar_export.errors import TiDARError
+
+from tidar_export.commands.args import add_force_flag, int_list, prompt_ids, require_prompt
 
 
 def _add_tidar_flags(p: argparse.ArgumentParser) -> None:
@@ -19,25 +21,31 @@ def cmd_init(args) -> int:
     from tidar_export.model.checkpoint import save_checkpoint
     from tidar_export.model.config import preset
     from tidar_export.model.transformer import TiDARModel
+    from tidar_runtime.fileio import prepare_output
 
     cfg = preset(args.preset)
-    if args.block_size:
+    if args.block_size is not None:
         cfg = cfg.replace(block_size=args.block_size)
+    if args.seed < 0:
+        raise TiDARError(f"--seed must be >= 0, got {args.seed}")
+    prepare_output(args.output, "checkpoint", args.force)  # before the (possibly large) model is made
     torch.manual_seed(args.seed)
     model = TiDARModel(cfg)
     for p in model.parameters():  # HF-style init: N(0, 0.02) for weights
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
-    out = save_checkpoint(model, args.output)
+    out = save_checkpoint(model, args.output, force=args.force)
     print(f"wrote random {args.preset} checkpoint ({cfg.num_params() / 1e6:.2f}M params) to {out}")
     return 0
 
 
 def cmd_import(args) -> int:
     from tidar_export.model.checkpoint import load_checkpoint, save_checkpoint
+    from tidar_runtime.fileio import prepare_output
 
+    prepare_output(args.output, "checkpoint", args.force, inputs=[args.checkpoint])  # before loading
     model = load_checkpoint(args.checkpoint, args.block_size, args.mask_token_id)
-    out = save_checkpoint(model, args.output, tokenizer_from=args.checkpoint)
+    out = save_checkpoint(model, args.output, tokenizer_from=args.checkpoint, force=args.force)
     print(f"imported {model.cfg.arch} checkpoint ({model.cfg.num_params() / 1e6:.1f}M params) to {out}")
     return 0
 
@@ -61,9 +69,14 @@ def cmd_decode(args) -> int:
 
 
     require_prompt(args)
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # one-line error if invalid
+    if args.max_new_tokens < 1:
+        raise TiDARError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     model = load_checkpoint(args.checkpoint, args.block_size, args.mask_token_id)
+    if not 1 <= args.max_len <= model.cfg.max_position_embeddings:
+        raise TiDARError(f"--max-len must be in 1..{model.cfg.max_position_embeddings} (the checkpoint's "
+                         f"max_position_embeddings), got {args.max_len}")
     prompt = prompt_ids(args.checkpoint, args.prompt, args.prompt_ids)
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     stop = [model.cfg.eos_token_id] if model.cfg.eos_token_id is not None else []
     modes = ["ar", "tidar"] if args.mode == "both" else [args.mode]
     results = {}
@@ -91,12 +104,14 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.add_argument("--block-size", type=int, help="TiDAR block size to record")
     p.add_argument("--seed", type=int, default=0)
+    add_force_flag(p)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("import", help="import a local HF Llama/Qwen2/Qwen3 folder with TiDAR settings")
     p.add_argument("checkpoint", help="HF-format folder (config.json + safetensors)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     _add_tidar_flags(p)
+    add_force_flag(p)
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("info", help="print the model config of a checkpoint")

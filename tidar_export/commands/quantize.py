@@ -14,12 +14,14 @@ def cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     out = quantize_artifact(args.artifact, args.output, args.precision, calibration=args.calibration,
                             samples=args.samples, max_new_tokens=args.max_new_tokens, method=args.method,
-                            percentile=args.percentile, seed=args.seed, log=print)
+                            percentile=args.percentile, seed=args.seed, log=print, force=args.force)
     print_written(args.precision, out, t0)
     return 0
 
 
 def register(subparsers) -> None:
+    from tidar_export.commands.args import add_force_flag
+
     p = subparsers.add_parser("quantize", help="INT8/FP8 Q/DQ artifact from an exported one (ONNX Runtime calibration)")
     p.add_argument("artifact", help="fp32/fp16 artifact directory written by `tidar-export export`")
     p.add_argument("-o", "--output", required=True, help="quantized artifact directory to write")
@@ -32,4 +34,5 @@ def register(subparsers) -> None:
                    help="int8 activation ranges (fp8 always uses ONNX Runtime's distribution calibrator)")
     p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE, help="for --method percentile")
     p.add_argument("--seed", type=int, default=0, help="seed of the reservoir that picks calibration inputs")
+    add_force_flag(p)
     p.set_defaults(func=cmd_quantize)

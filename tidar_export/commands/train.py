@@ -37,6 +37,8 @@ _FLAGS = {  # TrainSettings field -> (flag, type, help)
 
 
 def register(subparsers) -> None:
+    from tidar_export.commands.args import add_force_flag
+
     defaults = TrainSettings()
     p = subparsers.add_parser("train", help="train a TiDAR model (or its AR-only baseline) on a text corpus")
     p.add_argument("-o", "--output", required=True, help="run folder: checkpoint + resume state")
@@ -51,6 +53,7 @@ def register(subparsers) -> None:
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, log lines only")
+    add_force_flag(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -73,7 +76,7 @@ def cmd_train(args) -> int:
         raise TiDARError("--save-every and --log-every must be >= 1")
     final = train(s, args.output, resume=args.resume, tokenizer=args.tokenizer, mask_token_id=args.mask_token_id,
                   stop_at=args.stop_at, save_every=args.save_every, log_every=args.log_every,
-                  progress=not args.no_progress, log=lambda m: print(m, flush=True))
+                  progress=not args.no_progress, log=lambda m: print(m, flush=True), force=args.force)
     last = final["history"][-1] if final["history"] else {}
     print(json.dumps({"output": str(args.output), "step": final["step"], "elapsed_s": final["elapsed_s"],
                       "tokens_seen": final["tokens_seen"], "last": last}), flush=True)

@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--block-sizes", type=B.block_size_range, default=list(range(2, 17)),
                    help="dense block sizes to try (default 2-16; those that do not fit the cache are skipped)")
     p.add_argument("--dry-run", action="store_true", help="measure and report, leave the artifact alone")
+    p.add_argument("--force", action="store_true", help="replace the artifact even if its folder holds files "
+                   "that tidar-export did not write")
     add_measure_flags(p)
     p.set_defaults(func=cmd_tune)
 
@@ -29,7 +31,8 @@ def cmd_tune(args) -> int:
         require_matplotlib()
     report = tune(args.artifact, args.checkpoint, args.backend, args.threads, args.prompts, args.num_prompts,
                   args.prompt_len, args.max_new_tokens, args.repeats, args.block_sizes,
-                  args.sparse or B.DEFAULT_SPARSE, args.workdir, args.cost_iters, write=not args.dry_run)
+                  args.sparse or B.DEFAULT_SPARSE, args.workdir, args.cost_iters, write=not args.dry_run,
+                  force=args.force)
     text = tune_markdown(report)
     if args.json_out:
         write_atomic(args.json_out, json.dumps(report, indent=2) + "\n")

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from tidar_export.errors import TiDARError, first_line
+from tidar_runtime import fileio
 from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
+from tidar_runtime.paths import confined
 
 PRECISIONS = ("int8", "fp8")
 INT8_METHODS = ("minmax", "percentile")  # activation range calibration for int8
@@ -307,7 +308,7 @@ def _fingerprint(prompts: Sequence[Sequence[int]]) -> str:
 def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, precision: str = "int8", *,
                       calibration: str | os.PathLike | None = None, prompts: Sequence[Sequence[int]] | None = None,
                       samples: int = 64, max_new_tokens: int = 48, method: str = DEFAULT_INT8_METHOD,
-                      percentile: float = DEFAULT_PERCENTILE, seed: int = 0, log=None) -> Path:
+                      percentile: float = DEFAULT_PERCENTILE, seed: int = 0, log=None, force: bool = False) -> Path:
     """Write a Q/DQ artifact at `output` from the fp32/fp16 artifact `artifact` (atomically).
 
     Calibration prompts: `prompts` (token ids) if given, else the text file `calibration`
@@ -338,7 +339,7 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
                          f"graphs of {artifact} are opset {opset}: export for target ort or trt-10.15")
     if artifact.resolve() == output.resolve():
         raise TiDARError("the quantized artifact must go to another directory than its source (-o)")
-    prepare_output(output)
+    output = prepare_output(output, force, inputs=[artifact])
     if prompts is None:
         calibration = Path(calibration) if calibration is not None else DEFAULT_CALIBRATION
         prompts = tokenize_prompts(artifact, manifest, read_prompt_file(calibration))
@@ -350,10 +351,10 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
     feeds = collect_calibration_inputs(artifact, prompts, samples=samples, max_new_tokens=max_new_tokens,
                                        seed=seed, log=log)
 
-    with staged_artifact(output) as (tmp, weights):
+    with staged_artifact(output, force) as (tmp, weights):
         new = dataclasses.replace(manifest, graphs={}, precision=precision, versions=dict(manifest.versions))
         done = {}
-        with tempfile.TemporaryDirectory(prefix="tidar-quant.") as scratch:
+        with fileio.temp_dir("tidar-quant.") as scratch:
             for kind in GRAPH_KINDS:
                 t0 = time.perf_counter()
                 spec = manifest.graphs[kind]
@@ -373,8 +374,10 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
         new.versions.pop("tensorrt", None)
         new.versions["quantizer"] = f"onnxruntime.quantization {onnxruntime.__version__}"
         new.versions["tidar_export"] = tidar_export.__version__
-        if manifest.tokenizer.get("file"):
-            shutil.copy2(artifact / manifest.tokenizer["file"], tmp / manifest.tokenizer["file"])
+        if manifest.tokenizer.get("file"):  # a name load_manifest confined to the artifact; the same name in tmp
+            name = manifest.tokenizer["file"]
+            shutil.copyfile(confined(artifact, name, f"{artifact}: tokenizer file"),
+                            confined(tmp, name, f"{output}: tokenizer file"))
         recipe = {
             "precision": precision,
             "source_precision": manifest.precision,

@@ -5,8 +5,8 @@
 The three graphs are traced by tidar_export.export.tracing and lowered for the target by
 `tidar_graphs.lower`. Weights: every initializer of at least EXTERNAL_MIN_BYTES goes to
 weights.bin, once per distinct content (the three graphs point at the same offsets), so models
-over 2 GB work and the data is stored once. The artifact is written into a temp directory
-beside the target and renamed at the end; any failure removes it.
+over 2 GB work and the data is stored once. The artifact is written into a staging directory
+beside the target and renamed at the end (tidar_runtime.fileio); any failure removes it.
 
 Heavy imports (torch, onnx) happen inside the functions, so that the CLI starts fast.
 """
@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from tidar_export.errors import TiDARError
-from tidar_runtime.fileio import replace_dir, usual_mode
+from tidar_runtime import fileio
 from tidar_runtime.manifest import GRAPH_KINDS, MANIFEST_FILE
+from tidar_runtime.paths import checkpoint_root, confined
 
 WEIGHTS_FILE = "weights.bin"
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph (shapes, axes, small masks)
@@ -120,28 +120,20 @@ class WeightFile:
 # --------------------------------------------------------------------------- artifact
 
 
-def prepare_output(output: Path) -> None:
-    if output.exists() and not output.is_dir():
-        raise TiDARError(f"{output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_FILE).is_file():
-        raise TiDARError(f"{output} exists and is not an artifact directory (no {MANIFEST_FILE}); "
-                         "refusing to replace it")
-
-
-def _default_permissions(folder: Path) -> None:
-    """mkdtemp/mkstemp create owner-only entries; give the artifact the umask's usual modes."""
-    os.chmod(folder, usual_mode(folder=True))
-    for f in folder.iterdir():
-        os.chmod(f, usual_mode())
+def prepare_output(output: str | os.PathLike, force: bool = False, inputs=()) -> Path:
+    """The artifact folder `output` stands for, checked by the one output policy
+    (`tidar_runtime.fileio.prepare_output`) before any work."""
+    return fileio.prepare_output(output, "artifact", force, inputs)
 
 
 def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *, block_size: int | None = None,
                     proposals: Sequence[int] | None = None, target: str = "ort", precision: str = "fp32",
                     max_seq_len: int | None = None, max_batch: int = 1, mask_token_id: int | None = None,
-                    log=None) -> Path:
+                    log=None, force: bool = False) -> Path:
     """Export a checkpoint folder to an artifact directory (atomically: temp dir, then rename).
 
-    An existing artifact directory at `output` is replaced; any other non-empty path is refused.
+    An existing artifact directory at `output` is replaced; any other non-empty folder is refused
+    unless `force` (fileio.prepare_output).
     """
     import dataclasses
 
@@ -155,14 +147,13 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     from tidar_export.export.tracing import EXPORT_OPSET, graph_io, make_plan, manifest_dims, trace
     from tidar_runtime.manifest import GraphSpec, Manifest
 
-    output = Path(output)
     log = log or (lambda msg: None)
-    prepare_output(output)
+    output = prepare_output(output, force, inputs=[checkpoint])
     cfg = read_config(checkpoint, block_size, mask_token_id)
     plan = make_plan(cfg, block_size, proposals, target, precision, max_seq_len, max_batch)  # before loading
     model = load_checkpoint(checkpoint, block_size, mask_token_id, dtype=plan.dtype)
 
-    with staged_artifact(output) as (tmp, weights):
+    with staged_artifact(output, force) as (tmp, weights):
         graphs: dict[str, GraphSpec] = {}
         opsets: dict[str, int] = {}
         for kind in GRAPH_KINDS:
@@ -181,8 +172,9 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
             log(f"{kind}: traced and lowered for {target} in {time.perf_counter() - t0:.1f}s")
         weights.close()
         tokenizer = {"file": None, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-        if (Path(checkpoint) / "tokenizer.json").is_file():
-            shutil.copy2(Path(checkpoint) / "tokenizer.json", tmp / "tokenizer.json")
+        src = confined(checkpoint, "tokenizer.json", f"{checkpoint}: tokenizer", root=checkpoint_root(checkpoint))
+        if src.is_file():
+            shutil.copyfile(src, tmp / "tokenizer.json")
             tokenizer["file"] = "tokenizer.json"
         manifest = Manifest(
             model=dataclasses.asdict(cfg),
@@ -213,23 +205,39 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
 
 
 @contextlib.contextmanager
-def staged_artifact(output: Path) -> Iterator[tuple[Path, WeightFile]]:
-    """A temp folder beside `output` with its open weights file, for the body to fill (it closes
-    the weights file and saves the manifest there). When the body returns, the folder gets the
-    usual permissions and replaces `output` (`fileio.replace_dir`); when it raises, the folder is removed."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+def staged_artifact(output: str | os.PathLike, force: bool = False) -> Iterator[tuple[Path, WeightFile]]:
+    """A staging folder beside `output` with its open weights file, for the body to fill (it closes
+    the weights file and saves the manifest there). When the body returns, the digests are
+    recorded in the manifest (`seal`), and the folder gets the usual permissions and replaces
+    `output` (`fileio.publish_dir`); when it raises, the folder is removed."""
+    output = fileio.resolve_output(output)
+    tmp = fileio.staging_dir(output)
     weights = None
     try:
         weights = WeightFile(tmp / WEIGHTS_FILE)
         yield tmp, weights
-        _default_permissions(tmp)
-        replace_dir(tmp, output)
+        seal(tmp)
+        fileio.publish_dir(tmp, output, "artifact", force)
     except BaseException:
         if weights is not None:
             weights.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def seal(folder: Path) -> None:
+    """Record the BLAKE2b digests of the graphs and weights in the manifest of a finished
+    artifact folder, and read it back through the full validation (`load_manifest`)."""
+    from tidar_runtime.manifest import Manifest, file_digest, load_manifest, read_json, sample_digest
+
+    m = Manifest.from_dict(read_json(folder / MANIFEST_FILE))
+    for g in m.graphs.values():
+        g.digest = file_digest(folder / g.file)
+    if m.weights:
+        w = folder / m.weights["file"]
+        m.weights.update(bytes=w.stat().st_size, blake2b=file_digest(w), sample_blake2b=sample_digest(w))
+    m.save(folder)
+    load_manifest(folder, verify="full")
 
 
 # --------------------------------------------------------------------------- command line

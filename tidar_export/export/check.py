@@ -25,7 +25,7 @@ import numpy as np
 
 from tidar_export.errors import TiDARError, first_line
 from tidar_runtime.layout import PRESENT_PREFIX, past_names
-from tidar_runtime.manifest import GraphSpec, Manifest, load_manifest
+from tidar_runtime.manifest import GraphSpec, Manifest, load_manifest, verify_digests
 
 # (atol, rtol) per precision and output family: an element fails if |ort - torch| > atol + rtol * |torch|.
 TOLERANCES = {
@@ -110,6 +110,32 @@ def load_graph(artifact_dir: Path, spec: GraphSpec, manifest: Manifest):
             raise TiDARError(f"{path}: initializer {t.name} ends at byte {end} of {weights}, which has "
                              f"{size} bytes (truncated weight file)")
     return proto
+
+
+_FLOAT_TYPES = {1: np.float32, 10: np.float16, 11: np.float64}  # onnx.TensorProto float element types
+
+
+def nonfinite_weights(artifact_dir: Path, proto, manifest: Manifest, kind: str) -> list[str]:
+    """External float initializers holding NaN or inf (read through a memory map, one at a time)."""
+    weights = manifest.weights.get("file")
+    if not weights:
+        return []
+    data = np.memmap(artifact_dir / weights, dtype=np.uint8, mode="r")
+    bad = []
+    for t in proto.graph.initializer:
+        dtype = _FLOAT_TYPES.get(t.data_type)
+        if t.data_location != _ONNX_EXTERNAL or (dtype is None and t.data_type != 16):
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        raw = data[offset:offset + length]
+        if t.data_type == 16:  # bfloat16: the upper half of a float32
+            values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            values = raw[: length - length % np.dtype(dtype).itemsize].view(dtype)
+        if not np.isfinite(values).all():
+            bad.append(f"{kind}: initializer {t.name} in {weights} holds NaN or infinite values")
+    return bad
 
 
 def _shape_of(value) -> list[int | str]:
@@ -303,7 +329,7 @@ def check_artifact(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLik
     import tidar_graphs
 
     artifact_dir = Path(artifact_dir)
-    manifest = load_manifest(artifact_dir)
+    manifest = load_manifest(artifact_dir, verify="none")  # parse errors first, then the digests
     report = CheckReport(manifest)
     dynamic = [name for name, value in manifest.dims.items() if value is None]  # the prefill's own dims
     for kind, spec in manifest.graphs.items():
@@ -312,6 +338,10 @@ def check_artifact(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLik
         allowed = dynamic if kind == "prefill" else []
         report.failures += [f"{kind} ({manifest.target}): {msg}"
                             for msg in tidar_graphs.check_graph(proto, manifest.target, dynamic_dims=allowed)]
+        report.failures += nonfinite_weights(artifact_dir, proto, manifest, kind)
+    verify_digests(artifact_dir, manifest, full=True)
+    if not (manifest.weights.get("blake2b") and all(g.digest for g in manifest.graphs.values())):
+        report.failures.append("no digests recorded for the weights and graphs: re-export the artifact")
     if checkpoint is not None:
         from tidar_export.model.reference import reference_model
 

@@ -21,11 +21,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from tidar_export.errors import TiDARError
+from tidar_runtime import fileio
 from tidar_runtime.fileio import write_atomic
 from tidar_runtime.layout import step_len
 
@@ -61,7 +61,7 @@ class Variants:
             raise TiDARError(f"{self.checkpoint} is not the artifact's checkpoint (model config differs in "
                              f"{', '.join(diff)})")
         self._tmp = workdir is None
-        self.workdir = Path(tempfile.mkdtemp(prefix="tidar-variants.")) if workdir is None else Path(workdir)
+        self.workdir = fileio.make_temp_dir("tidar-variants.") if workdir is None else Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._fingerprint: str | None = None
 

@@ -7,12 +7,60 @@ parameters, only `block_size` and `mask_token_id` (TIDAR.md section 1).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from tidar_export.errors import TiDARError
 
 # The architectures the reference model implements; keys are HF `model_type` values.
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+
+# Bounds of every integer field (the largest supported checkpoints sit far inside them); a value
+# outside is refused before any tensor is allocated.
+INT_BOUNDS = {
+    "vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 17), "intermediate_size": (1, 1 << 20),
+    "num_layers": (1, 1024), "num_heads": (1, 1024), "num_kv_heads": (1, 1024), "head_dim": (2, 1024),
+    "max_position_embeddings": (1, 1 << 24), "block_size": (1, 1024),
+}
+BOOL_FIELDS = ("attention_bias", "qk_norm", "tie_word_embeddings")
+
+
+def is_int(v) -> bool:
+    return type(v) is int  # JSON true/false are bools, not counts
+
+
+def is_number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def check_config(cfg: "TiDARConfig") -> None:
+    """The one validation of a model config, for every way one is made (checkpoint, preset,
+    training flags, manifest): types and bounds of every field; a one-line TiDARError."""
+    if cfg.arch not in SUPPORTED_ARCHS:
+        raise TiDARError(f"unsupported architecture {cfg.arch!r}: supported are {', '.join(SUPPORTED_ARCHS)}"[:300])
+    for name, (lo, hi) in INT_BOUNDS.items():
+        v = getattr(cfg, name)
+        if not is_int(v) or not lo <= v <= hi:
+            if name == "block_size" and is_int(v) and v < 1:
+                raise TiDARError(f"block size must be >= 1, got {v}")
+            raise TiDARError(f"config: {name} must be an integer in {lo}..{hi}, got {v!r}"[:300])
+    for name in BOOL_FIELDS:
+        if type(getattr(cfg, name)) is not bool:
+            raise TiDARError(f"config: {name} must be true or false, got {getattr(cfg, name)!r}"[:300])
+    if not is_number(cfg.rope_theta) or cfg.rope_theta <= 0:
+        raise TiDARError(f"config: rope_theta must be a positive number, got {cfg.rope_theta!r}"[:300])
+    if not is_number(cfg.rms_norm_eps) or not 0 < cfg.rms_norm_eps < 1:
+        raise TiDARError(f"config: rms_norm_eps must be a number in (0, 1), got {cfg.rms_norm_eps!r}"[:300])
+    for name in ("bos_token_id", "eos_token_id"):
+        v = getattr(cfg, name)
+        if v is not None and (not is_int(v) or v < 0):
+            raise TiDARError(f"config: {name} must be a token id (an integer >= 0) or null, got {v!r}"[:300])
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise TiDARError(f"num_heads={cfg.num_heads} is not a multiple of num_kv_heads={cfg.num_kv_heads}")
+    if cfg.head_dim % 2:
+        raise TiDARError(f"head_dim={cfg.head_dim} must be even for RoPE")
+    if not is_int(cfg.mask_token_id) or not 0 <= cfg.mask_token_id < cfg.vocab_size:
+        raise TiDARError(f"mask token id {cfg.mask_token_id!r} is outside the vocabulary (size {cfg.vocab_size})"[:300])
 
 
 @dataclass(frozen=True)
@@ -37,22 +85,7 @@ class TiDARConfig:
     eos_token_id: int | None = None  # default stop token for generation, if any
 
     def __post_init__(self) -> None:
-        if self.arch not in SUPPORTED_ARCHS:
-            raise TiDARError(
-                f"unsupported architecture {self.arch!r}: supported are {', '.join(SUPPORTED_ARCHS)}"
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise TiDARError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
-        if self.head_dim % 2:
-            raise TiDARError(f"head_dim={self.head_dim} must be even for RoPE")
-        if not 0 <= self.mask_token_id < self.vocab_size:
-            raise TiDARError(
-                f"mask token id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})"
-            )
-        if self.block_size < 1:
-            raise TiDARError(f"block size must be >= 1, got {self.block_size}")
+        check_config(self)
 
     @property
     def o_proj_bias(self) -> bool:

@@ -32,7 +32,7 @@ class TorchBackend:
         self.block_size = block_size or model.cfg.block_size
         self.proposals = normalize_proposals(self.block_size, proposals)
         self.max_len, self.max_batch = max_len, max_batch
-        self.mask_token_id = model.cfg.mask_token_id
+        self.mask_token_id, self.vocab_size = model.cfg.mask_token_id, model.cfg.vocab_size
         self.keys, self.values = model.new_cache(max_batch, max_len)
         self._step_mask = masks.step_mask(self.block_size, self.proposals)
         self._step_offsets = masks.step_offsets(self.block_size, self.proposals)

@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from tidar_export.train import data
 from tidar_export.errors import TiDARError
-from tidar_runtime.fileio import replace_dir
+from tidar_runtime import fileio
 
 if TYPE_CHECKING:
     import torch
@@ -231,16 +230,18 @@ def save_run(folder: Path, model: TiDARModel, opt: torch.optim.AdamW, state: dic
     """Checkpoint (importer format) + resume state, swapped in atomically."""
     from safetensors.torch import save_file
 
-    from tidar_export.model.checkpoint import save_checkpoint
+    from tidar_export.model.checkpoint import write_checkpoint_files
 
-    staging = folder.parent / f".{folder.name}.staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    save_checkpoint(model, staging, tokenizer_from=tokenizer_dir)
-    tensors, steps = optimizer_tensors(opt)
-    save_file(tensors, str(staging / STATE_TENSORS))
-    (staging / STATE_JSON).write_text(json.dumps(state | {"optimizer_steps": steps}, indent=1) + "\n")
-    replace_dir(staging, folder)
+    staging = fileio.staging_dir(folder)
+    try:
+        write_checkpoint_files(model, staging, tokenizer_from=tokenizer_dir)
+        tensors, steps = optimizer_tensors(opt)
+        save_file(tensors, str(staging / STATE_TENSORS))
+        (staging / STATE_JSON).write_text(json.dumps(state | {"optimizer_steps": steps}, indent=1) + "\n")
+        fileio.publish_dir(staging, folder)  # the output policy was applied when the run started
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -291,15 +292,17 @@ def _fresh_model(s: TrainSettings, tok, tokenizer_vocab: int) -> TiDARModel:
 
 def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tokenizer: str | None = None,
           mask_token_id: int | None = None, stop_at: int | None = None, save_every: int = 500,
-          log_every: int = 50, progress: bool = True, log=print) -> dict:
+          log_every: int = 50, progress: bool = True, log=print, force: bool = False) -> dict:
     """Run (or resume) a training run into the folder `out`; returns the final state dict."""
     import torch
     from tidar_export.model.checkpoint import load_checkpoint
 
     out = Path(out)
+    inputs = [p for p in (tokenizer, s.init_from) if p]
     t_setup = time.perf_counter()
     if resume:
         state, tensors = read_state(out)
+        out = fileio.prepare_output(out, "run", force, inputs)  # its own run folder, writable
         saved = TrainSettings(**state["settings"])
         diff = {k for k in state["settings"] if getattr(s, k) != getattr(saved, k)} - set(RESUMABLE_CHANGES)
         if diff:
@@ -308,16 +311,17 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
         model = load_checkpoint(out)
         step = state["step"]
     else:
+        out = fileio.prepare_output(out, "run", force, inputs)
         if out.exists() and not out.is_dir():
             raise TiDARError(f"output {out} exists and is not a folder")
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and any(out.iterdir()) and not force:
             hint = ": pass --resume to continue it" if (out / STATE_JSON).is_file() else ""
             raise TiDARError(f"output folder {out} already exists and is not empty{hint}")
         state, tensors, step = None, None, 0
 
     corpus = data.find_corpus(s.corpus, s.pattern)
     texts = data.read_texts(corpus.train)
-    with tempfile.TemporaryDirectory(prefix="tidar-tok-") as tok_tmp:
+    with fileio.temp_dir("tidar-tok-") as tok_tmp:
         tok_dir = Path(tok_tmp)
         if resume:
             tok_src = out
