@@ -102,7 +102,7 @@ def test_chi_square_rejects_wrong_acceptance_rules(small_vocab_model, monkeypatc
     assert chi_square_pvalue(counts, exact_ar_distribution(small_vocab_model, params), RUNS) < 1e-6
 
 
-@pytest.mark.parametrize("params", PARAMS, ids=["T1", "T0.8-topk4-topp0.9"])
+@pytest.mark.parametrize("params", PARAMS[1:], ids=["T0.8-topk4-topp0.9"])  # the filters too; one case for time
 def test_tidar_sampling_over_a_sparse_proposal_set_matches_ar(small_vocab_model, params):
     """b = 3 with blocks {1, 3} only: a step that accepts k = 2 has no block of its own, so the
     next step drafts from block 1 with one draft fewer. Four new tokens (8^4 outcomes) so that

@@ -7,6 +7,7 @@ Torch is imported only with `--backend torch`.
 from __future__ import annotations
 
 import ipaddress
+import signal
 import sys
 from pathlib import Path
 
@@ -47,12 +48,22 @@ def run_serve(args) -> int:
         print(f"warning: listening on {args.host}, not loopback: anyone who can reach it can use it", file=sys.stderr)
     print(f"serving {name!r} ({args.mode}/{args.backend}, batch {engine.max_batch}, queue {args.max_queue}) on "
           f"http://{where}:{port}/v1", file=sys.stderr, flush=True)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: a clean stop here
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         make_server(app, args.log_level).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         engine.close()
         sock.close()
+    print("stopped", file=sys.stderr)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def register(sub) -> None:
