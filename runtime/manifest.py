@@ -205,11 +205,12 @@ def validate(d, where: str) -> "Manifest":
     if missing:
         raise TiDARError(f"{where}: malformed manifest (missing field {missing[0]!r})")
     model = f.obj("model", d["model"])
-    for key in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+    for key in ("vocab_size", "num_layers", "num_kv_heads", "head_dim"):  # what a runtime allocates from
         f.int(f"model.{key}", model.get(key), 1, LIMITS[key])
-    if "hidden_size" in model:
-        f.int("model.hidden_size", model["hidden_size"], 1, LIMITS["hidden_size"])
-    if model["num_heads"] % model["num_kv_heads"]:
+    for key in ("hidden_size", "num_heads"):  # informational for a runtime; bounded when present
+        if key in model:
+            f.int(f"model.{key}", model[key], 1, LIMITS[key])
+    if "num_heads" in model and model["num_heads"] % model["num_kv_heads"]:
         raise f.fail("model.num_kv_heads", f"a divisor of num_heads {model['num_heads']}", model["num_kv_heads"])
     vocab, layers = model["vocab_size"], model["num_layers"]
     b = f.int("block_size", d["block_size"], 1, LIMITS["block_size"])

@@ -29,5 +29,7 @@ def load_tokenizer(path: str | Path):
 
 def folder_tokenizer(folder: str | Path):
     """The tokenizer.json of an artifact or checkpoint folder, or None when it has none."""
-    path = Path(folder) / TOKENIZER_FILE
+    from tidar_runtime.paths import checkpoint_root, confined
+
+    path = confined(folder, TOKENIZER_FILE, f"{folder}: tokenizer", root=checkpoint_root(folder))
     return load_tokenizer(path) if path.is_file() else None

@@ -51,6 +51,9 @@ def test_torch_and_onnxruntime_agree_per_output_and_per_module(exported):
         assert all(d.ok and d.rel < 1e-5 for d in layers)
 
 
+from tidar_runtime.manifest import file_digest  # noqa: E402
+
+
 def test_a_corrupted_layer_is_found(exported, tmp_path):
     """Scale the output of layer 1's MLP in the step graph: logits fail, and the localisation
     names /model/layers.1/mlp (layer 0 and the attention of layer 1 still match)."""
@@ -69,6 +72,7 @@ def test_a_corrupted_layer_is_found(exported, tmp_path):
     onnx.save_model(proto, str(art / "step.onnx"))
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["graphs"]["step"]["bytes"] = (art / "step.onnx").stat().st_size
+    manifest["graphs"]["step"]["digest"] = file_digest(art / "step.onnx")  # a consistent (wrongly built) artifact
     (art / "manifest.json").write_text(json.dumps(manifest))
 
     (rep,) = compare_artifact(art, ckpt, graphs=("step",), use_trt=False)

@@ -174,6 +174,9 @@ def test_quantized_decode_agrees_with_fp32(artifacts, precision):
     assert all(len(t) == NEW for t in got)
 
 
+from tidar_runtime.manifest import file_digest  # noqa: E402
+
+
 def test_broken_calibration_fails_the_agreement_threshold(artifacts, tmp_path):
     """The agreement test can fail: activation scales 100x too small saturate every activation."""
     art = tmp_path / "broken"
@@ -187,6 +190,7 @@ def test_broken_calibration_fails_the_agreement_threshold(artifacts, tmp_path):
                 t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) / 100, t.name))
         onnx.save_model(proto, str(art / spec["file"]))
         spec["bytes"] = (art / spec["file"]).stat().st_size
+        spec["digest"] = file_digest(art / spec["file"])  # a consistent (wrongly calibrated) artifact
     (art / "manifest.json").write_text(json.dumps(manifest))
     vocab = load_manifest(art).model["vocab_size"]
     prompts = _prompts(vocab, 8, seed=7)

@@ -62,7 +62,7 @@ class Variants:
                              f"{', '.join(diff)})")
         self._tmp = workdir is None
         self.workdir = fileio.make_temp_dir("tidar-variants.") if workdir is None else Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        fileio.check_writable(self.workdir)  # before any variant is exported
         self._fingerprint: str | None = None
 
     def options(self, block_size: int, proposals) -> dict:
