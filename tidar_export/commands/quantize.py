@@ -1,11 +1,11 @@
-"""`tidar-export quantize ARTIFACT -o OUT`: an explicit Q/DQ artifact (tidar_export.engines.quantize)."""
+"""`tidar-export quantize ARTIFACT -o OUT`: a quantized artifact (tidar_export.engines.quantize)."""
 
 from __future__ import annotations
 
 import time
 
-from tidar_export.engines.quantize import (DEFAULT_INT8_METHOD, DEFAULT_PERCENTILE, INT8_METHODS, PRECISIONS,
-                                           quantize_artifact)
+from tidar_export.engines.quantize import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_PERCENTILE, INT8_METHODS,
+                                           PRECISIONS, WO_METHODS, quantize_artifact)
 
 
 def cmd_quantize(args) -> int:
@@ -14,7 +14,9 @@ def cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     out = quantize_artifact(args.artifact, args.output, args.precision, calibration=args.calibration,
                             samples=args.samples, max_new_tokens=args.max_new_tokens, method=args.method,
-                            percentile=args.percentile, seed=args.seed, log=print, force=args.force)
+                            percentile=args.percentile, block_size=args.block_size,
+                            quantize_tables=not args.keep_tables, accuracy_level=args.accuracy_level,
+                            seed=args.seed, log=print, force=args.force)
     print_written(args.precision, out, t0)
     return 0
 
@@ -22,17 +24,27 @@ def cmd_quantize(args) -> int:
 def register(subparsers) -> None:
     from tidar_export.commands.args import add_force_flag
 
-    p = subparsers.add_parser("quantize", help="INT8/FP8 Q/DQ artifact from an exported one (ONNX Runtime calibration)")
+    p = subparsers.add_parser("quantize", help="quantized artifact from an exported one: int8/fp8 Q/DQ, or "
+                                               "int4/int8 weight-only (block-wise, RTN or AWQ)")
     p.add_argument("artifact", help="fp32/fp16 artifact directory written by `tidar-export export`")
     p.add_argument("-o", "--output", required=True, help="quantized artifact directory to write")
-    p.add_argument("--precision", choices=PRECISIONS, default="int8")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8",
+                   help="int8 / fp8: weights and activations (Q/DQ); int4 / int8-wo: weights only")
     p.add_argument("--calibration", metavar="FILE",
                    help="calibration prompts, each after a line '# %%%%' (default: calibration/prompts.txt)")
     p.add_argument("--samples", type=int, default=64, help="calibration inputs kept per graph (default 64)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens decoded per calibration prompt")
-    p.add_argument("--method", choices=INT8_METHODS, default=DEFAULT_INT8_METHOD,
-                   help="int8 activation ranges (fp8 always uses ONNX Runtime's distribution calibrator)")
+    p.add_argument("--method", choices=INT8_METHODS + WO_METHODS,
+                   help="int8/fp8 activation ranges: minmax (default) or percentile; int4/int8-wo weight scales: "
+                        "awq (default, calibrated) or rtn (round to nearest, no calibration)")
     p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE, help="for --method percentile")
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
+                   help=f"weight-only: input channels per scale (default {DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--keep-tables", action="store_true",
+                   help="weight-only: leave the embedding table and the LM head in the exported precision")
+    p.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="0..4",
+                   help="weight-only on target ort: MatMulNBits accuracy_level (0/1: fp32 compute, the default; "
+                        "4: int8 activations, faster)")
     p.add_argument("--seed", type=int, default=0, help="seed of the reservoir that picks calibration inputs")
     add_force_flag(p)
     p.set_defaults(func=cmd_quantize)
