@@ -400,9 +400,15 @@ class Stream:
         return self._results() if self._results is not None else self._returned
 
     def __iter__(self):
-        ret = yield from self._pieces
-        if ret is not None:
-            self._returned = ret
+        # next() by hand, not `yield from`: closing this iterator (a `break`) must not close the source
+        while True:
+            try:
+                piece = next(self._pieces)
+            except StopIteration as stop:
+                if stop.value is not None:
+                    self._returned = stop.value
+                return
+            yield piece
 
 
 def _decode(decoder: Decoder, seqs: list[SeqState]) -> Iterator[tuple[int, list[int]]]:

@@ -1,7 +1,7 @@
 """Token choice: greedy, and temperature / top-k / top-p sampling, numpy only.
 
 The same filtered distribution is used for the AR target p and the diffusion proposal q
-(TIDAR.md 6: top-k/top-p apply to p and q alike).
+(top-k/top-p apply to p and q alike, so speculative sampling keeps the filtered AR distribution).
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ def small_vocab_model():
                         intermediate_size=64, num_layers=1, head_dim=8)
 
 
-def exact_ar_distribution(model, params) -> dict[tuple, float]:
-    seqs = torch.tensor(list(itertools.product(range(V), repeat=N_NEW)))  # [V^n, n]
+def exact_ar_distribution(model, params, n_new: int = N_NEW) -> dict[tuple, float]:
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=n_new)))  # [V^n, n]
     ids = torch.cat([torch.tensor(PROMPT).expand(len(seqs), -1), seqs], dim=1)
     T = ids.shape[1]
     with torch.no_grad():
@@ -59,11 +59,11 @@ def chi_square_pvalue(counts: dict[tuple, int], exact: dict[tuple, float], n: in
     return float(chi2.sf(stat, len(obs) - 1))
 
 
-def sample_counts(run, model, params, block_size=3):
-    backend = TorchBackend(model, 64, block_size=block_size)
+def sample_counts(run, model, params, block_size=3, proposals=None, n_new=N_NEW):
+    backend = TorchBackend(model, 64, block_size=block_size, proposals=proposals)
     counts: dict[tuple, int] = {}
     for seed in range(RUNS):
-        res = run(backend, PROMPT, N_NEW, SamplingParams(params.temperature, params.top_k, params.top_p, seed))
+        res = run(backend, PROMPT, n_new, SamplingParams(params.temperature, params.top_k, params.top_p, seed))
         key = tuple(res.tokens)
         counts[key] = counts.get(key, 0) + 1
     return counts
@@ -100,3 +100,20 @@ def test_chi_square_rejects_wrong_acceptance_rules(small_vocab_model, monkeypatc
         monkeypatch.setattr(loop, "residual", lambda p, q: p)
     counts = sample_counts(generate_tidar, small_vocab_model, params)
     assert chi_square_pvalue(counts, exact_ar_distribution(small_vocab_model, params), RUNS) < 1e-6
+
+
+@pytest.mark.parametrize("params", PARAMS[1:], ids=["T0.8-topk4-topp0.9"])  # the filters too; one case for time
+def test_tidar_sampling_over_a_sparse_proposal_set_matches_ar(small_vocab_model, params):
+    """b = 3 with blocks {1, 3} only: a step that accepts k = 2 has no block of its own, so the
+    next step drafts from block 1 with one draft fewer. Four new tokens (8^4 outcomes) so that
+    such a step lies inside the tested window: prefill (1) + a step accepting 2 + the next."""
+    n_new, proposals = 4, [1, 3]
+    exact = exact_ar_distribution(small_vocab_model, params, n_new)
+    assert abs(sum(exact.values()) - 1) < 1e-9
+    counts = sample_counts(generate_tidar, small_vocab_model, params, 3, proposals, n_new)
+    assert chi_square_pvalue(counts, exact, RUNS) > 1e-3
+    backend = TorchBackend(small_vocab_model, 64, block_size=3, proposals=proposals)
+    runs = [generate_tidar(backend, PROMPT, n_new, SamplingParams(params.temperature, params.top_k, params.top_p, s))
+            for s in range(200)]
+    # the sparse path really runs inside the window: a k = 2 step followed by another step
+    assert any(2 in r.stats.accepted[:-1] for r in runs)

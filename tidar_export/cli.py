@@ -15,12 +15,13 @@ from tidar_export.errors import TiDARError
 # A missing optional dependency -> the extra that installs it (pyproject.toml). The base install
 # is the runtime (numpy, onnxruntime, tokenizers); torch and the ONNX tooling are the `export` extra.
 EXTRA_OF = {"torch": "export", "safetensors": "export", "onnx": "export", "onnxscript": "export",
-            "onnx_ir": "export", "tqdm": "export", "matplotlib": "plot", "tensorrt": "trt", "polygraphy": "trt"}
+            "onnx_ir": "export", "tqdm": "export", "matplotlib": "plot", "tensorrt": "trt", "polygraphy": "trt",
+            "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve"}
 
 # Modules that add subcommands: each defines register(subparsers) and imports its heavy
 # dependencies (torch, onnx, tensorrt) inside the command, so `--help` stays fast.
 COMMAND_MODULES = tuple(f"tidar_export.commands.{name}" for name in (
-    "model", "train", "eval", "export", "check", "build", "quantize", "compare", "generate", "demo", "bench", "tune", "triton"))
+    "model", "train", "eval", "export", "check", "build", "quantize", "compare", "generate", "serve", "triton", "demo", "bench", "tune"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,83 @@
+"""`tidar-export serve`: the OpenAI-compatible HTTP server over an artifact (docs/SERVING.md).
+
+Parsing and printing only: the engine is tidar_runtime.engine, the HTTP app tidar_runtime.server.
+Torch is imported only with `--backend torch`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import sys
+from pathlib import Path
+
+from tidar_export.errors import TiDARError
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_serve(args) -> int:
+    from tidar_runtime.server import bind, create_app, make_server  # fastapi, uvicorn: the `serve` extra
+    from tidar_runtime.engine import open_engine
+
+    if args.max_queue < 0:
+        raise TiDARError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise TiDARError(f"--port must lie in 0..65535, got {args.port}")
+    if args.checkpoint is not None and args.backend != "torch":
+        raise TiDARError("--checkpoint is read only by --backend torch (the other backends run the artifact)")
+    sock = bind(args.host, args.port)  # before loading: a taken port fails fast
+    kwargs = {"checkpoint": args.checkpoint} if args.backend == "torch" else {}
+    try:
+        engine = open_engine(args.artifact, args.backend, args.mode, args.max_queue, **kwargs)
+    except BaseException:
+        sock.close()
+        raise
+    name = args.model_name or Path(args.artifact).resolve().name
+    app = create_app(engine, name)
+    host, port = sock.getsockname()[:2]
+    where = f"[{host}]" if ":" in host else host
+    if not _is_loopback(args.host):
+        print(f"warning: listening on {args.host}, not loopback: anyone who can reach it can use it", file=sys.stderr)
+    print(f"serving {name!r} ({args.mode}/{args.backend}, batch {engine.max_batch}, queue {args.max_queue}) on "
+          f"http://{where}:{port}/v1", file=sys.stderr, flush=True)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: a clean stop here
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        make_server(app, args.log_level).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.close()
+        sock.close()
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def register(sub) -> None:
+    from tidar_runtime.backends.select import BACKENDS
+
+    p = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (in-flight batching)")
+    p.add_argument("artifact", help="artifact directory written by `tidar-export export`")
+    p.add_argument("--backend", default="ort", help=f"{' | '.join(BACKENDS)} (default: ort)")
+    p.add_argument("--checkpoint", help="--backend torch: the checkpoint the artifact was exported from")
+    p.add_argument("--mode", choices=["tidar", "ar"], default="tidar")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stderr)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a batch row; more are refused with 503 (default: 64)")
+    p.add_argument("--model-name", help="the model id of /v1/models (default: the artifact folder's name)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run_serve)
