@@ -236,10 +236,11 @@ def _grpc(triton_env, address: str, requests: list[dict]) -> list[dict]:
     return json.loads(run.stdout)
 
 
-def _metric(metrics_url: str, name: str) -> float:
+def _metric(metrics_url: str, name: str, label: str = "") -> float:
+    """The sum of a metric's series on Triton's /metrics (those whose labels contain `label`)."""
     with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=10) as r:
         text = r.read().decode()
-    found = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)]
+    found = [float(m.group(2)) for m in re.finditer(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M) if label in m.group(1)]
     assert found, f"{name} not in /metrics"
     return sum(found)
 
@@ -281,8 +282,12 @@ def test_grpc_concurrent_streams_equal_their_solo_runs_and_share_steps(server, a
     greedy = [{"text_input": p, "max_tokens": MAX_TOKENS, "stream": True} for p in PROMPTS]
     seeded = {"text_input": PROMPTS[1], "max_tokens": MAX_TOKENS, "stream": True, "temperature": 0.8,
               "random_seed": 7}
-    results = _grpc(triton_env, grpc_address, greedy + [seeded, seeded])
+    aborts0 = _metric(metrics_url, "tidar_requests_finished_total", 'reason="abort"')
+    cancelled = {"text_input": PROMPTS[3], "max_tokens": 60, "stream": True, "cancel_after": 2}
+    results = _grpc(triton_env, grpc_address, greedy + [seeded, seeded, cancelled])
     assert all(r["error"] is None for r in results), [r["error"] for r in results]
+    assert results[-1]["finish_reason"] == "cancelled" and len(results[-1]["ids"]) < 60
+    results.pop()
     for prompt, r in zip(PROMPTS, results):
         ref = _generate(artifact, prompt)
         assert "".join(r["pieces"]) == ref["text"] and r["ids"] == ref["token_ids"], prompt
@@ -291,8 +296,13 @@ def test_grpc_concurrent_streams_equal_their_solo_runs_and_share_steps(server, a
     for r in results[-2:]:
         assert "".join(r["pieces"]) == sample["text"] and r["ids"] == sample["token_ids"]
     steps, rows = _metric(metrics_url, "tidar_steps_total") - steps0, _metric(metrics_url, "tidar_row_steps_total") - rows0
-    assert steps > 0 and rows / steps > 1.5, (steps, rows)  # 7 requests on 3 rows: most passes were shared
+    assert steps > 0 and rows / steps > 1.5, (steps, rows)  # 8 requests on 3 rows: most passes were shared
+    # the cancelled stream was aborted (not decoded to its 60 tokens) and every row is free again
+    deadline = time.monotonic() + 30
+    while _metric(metrics_url, "tidar_active_rows") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert _metric(metrics_url, "tidar_active_rows") == 0
+    assert _metric(metrics_url, "tidar_requests_finished_total", 'reason="abort"') == aborts0 + 1
 
 
 def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(server, artifact, triton_env):

@@ -4,7 +4,8 @@ keeps its numpy and protobuf). Reads a JSON list of requests on stdin, sends eac
 own gRPC stream, all at once (one thread each), and prints one JSON list of results.
 
 Request: {"text_input": str, "max_tokens": int, "stream": bool, optional "temperature",
-"top_k", "top_p", "random_seed", "stop_words"}. Result: {"pieces": [text per response],
+"top_k", "top_p", "random_seed", "stop_words", and "cancel_after": N to cancel the stream
+after N responses (the result's finish_reason is then "cancelled")}. Result: {"pieces": [text per response],
 "ids": [token ids], "finish_reason": str | None, "error": str | None}.
 """
 
@@ -22,6 +23,8 @@ TYPES = {"text_input": ("BYTES", np.object_), "max_tokens": ("INT32", np.int32),
 
 
 def run_one(url, model, request, timeout):
+    request = dict(request)
+    cancel_after = request.pop("cancel_after", None)  # cancel the stream after this many responses
     inputs = []
     for name, value in request.items():
         kind, dtype = TYPES[name]
@@ -51,6 +54,10 @@ def run_one(url, model, request, timeout):
                     result["finish_reason"] = fr.reshape(-1)[0].decode("utf-8")
             if r.parameters.get("triton_final_response") and r.parameters["triton_final_response"].bool_param:
                 break
+            if cancel_after is not None and len(result["pieces"]) >= cancel_after:
+                result["finish_reason"] = "cancelled"
+                client.stop_stream(cancel_requests=True)
+                return result
         client.stop_stream()
     return result
 

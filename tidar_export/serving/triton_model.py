@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path[:1] != [HERE]:
     sys.path.insert(0, HERE)
 
-from tidar_runtime.engine import QueueFull, open_engine  # noqa: E402 (after the path above)
+from tidar_runtime.engine import FINISH_REASONS, QueueFull, open_engine  # noqa: E402 (after the path above)
 from tidar_runtime.errors import TiDARError  # noqa: E402
 from tidar_runtime.sampling import SamplingParams  # noqa: E402
 
@@ -179,7 +179,10 @@ class _Metrics:
         self.row_steps = counter("tidar_row_steps_total", "Rows decoded, summed over the batched passes")
         self.prefills = counter("tidar_prefills_total", "Prefill passes (one per admitted request)")
         self.tokens = counter("tidar_tokens_total", "Tokens generated")
-        self.finished = counter("tidar_requests_finished_total", "Requests finished")
+        finished = pb_utils.MetricFamily(name="tidar_requests_finished_total", kind=pb_utils.MetricFamily.COUNTER,
+                                         description="Requests finished, by finish reason")
+        self._families.append(finished)
+        self.finished = {r: finished.Metric(labels={**labels, "reason": r}) for r in FINISH_REASONS}
         self.active = gauge("tidar_active_rows", "Batch rows decoding")
         self.queue = gauge("tidar_queue_depth", "Requests waiting for a row")
         self.engine = None
@@ -192,7 +195,7 @@ class _Metrics:
         self._gauges()
 
     def on_finish(self, completion):
-        self.finished.increment(1)
+        self.finished[completion.finish_reason].increment(1)
         self._gauges()  # called once the request's row is free
 
     def _gauges(self):
