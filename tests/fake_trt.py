@@ -31,16 +31,19 @@ from tidar_runtime.backends.cuda import (
     DeviceInfo,
     pinned_array,
 )
-from tidar_runtime.backends.trt import Platform
+from tidar_runtime.backends.trt import Platform, host_cpu_arch, host_os
 
-FAKE_PLATFORM = Platform("10.15.1.29", "Fake GPU", "9.0")
+FAKE_PLATFORM = Platform("10.15.1.29", "Fake GPU", "9.0", host_os(), host_cpu_arch(), False)
 _KINDS = {MEMCPY_HOST_TO_DEVICE: ("host", "device"), MEMCPY_DEVICE_TO_HOST: ("device", "host"),
           MEMCPY_DEVICE_TO_DEVICE: ("device", "device")}
 
 
 class FakeCuda:
-    def __init__(self, device_info: DeviceInfo = DeviceInfo(FAKE_PLATFORM.gpu, FAKE_PLATFORM.compute_capability)):
+    def __init__(self, device_info: DeviceInfo = DeviceInfo(FAKE_PLATFORM.gpu, FAKE_PLATFORM.compute_capability),
+                 free_bytes: int = 80 << 30, total_bytes: int = 80 << 30):
         self.info = device_info
+        # what mem_get_info reports: a GPU's memory, not these host-backed allocations
+        self.free_bytes, self.total_bytes = free_bytes, total_bytes
         self.memory = {"device": {}, "host": {}}  # space -> {address: buffer}
         self.streams: set[int] = set()
         self.graphs: dict[int, list] = {}
@@ -153,6 +156,9 @@ class FakeCuda:
     def device_info(self, device: int) -> DeviceInfo:
         return self.info
 
+    def mem_get_info(self) -> tuple[int, int]:
+        return self.free_bytes, self.total_bytes
+
     def live_allocations(self) -> int:
         return len(self.memory["device"]) + len(self.memory["host"])
 
@@ -170,7 +176,10 @@ class FakeCompiler:
         if graph.kind == self.fail_on:
             raise RuntimeError(f"simulated build failure of {graph.kind}")
         self.compiled.append(graph.kind)
-        return json.dumps({"onnx": str(settings.artifact_dir / graph.onnx), "profile": graph.profile}).encode()
+        spec = {"onnx": str(settings.artifact_dir / graph.onnx), "profile": graph.profile}
+        if settings.weight_streaming:  # all of the artifact's weights are streamable in the stand-in
+            spec["streamable"] = (settings.artifact_dir / "weights.bin").stat().st_size
+        return json.dumps(spec).encode()
 
 
 _ORT_TYPES = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64)": "INT64",
@@ -178,8 +187,16 @@ _ORT_TYPES = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64
 _NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "BOOL": np.bool_}
 
 
-def fake_tensorrt(cuda: FakeCuda, aliased: bool = True, version: str = FAKE_PLATFORM.tensorrt):
-    """A module-like stand-in for `tensorrt` whose engines run in ONNX Runtime over `cuda`'s memory."""
+def fake_tensorrt(cuda: FakeCuda, aliased: bool = True, version: str = FAKE_PLATFORM.tensorrt,
+                  refuse_budgets: bool = False):
+    """A module-like stand-in for `tensorrt` whose engines run in ONNX Runtime over `cuda`'s memory.
+
+    Engines built with weight streaming have TensorRT's budget API: `streamable_weights_size`,
+    `weight_streaming_budget_v2` (a property whose setter, like TensorRT's Python binding, cannot
+    report a failure: with refuse_budgets it silently keeps the old value), a scratch that
+    `device_memory_size_v2` includes while streaming, and `get_weight_streaming_automatic_budget`,
+    which fails the test if called (its binding returns int32: budgets >= 2 GiB wrap).
+    """
     import onnxruntime as ort
 
     trt = types.SimpleNamespace(__version__=version, deserialized=0)
@@ -226,7 +243,32 @@ def fake_tensorrt(cuda: FakeCuda, aliased: bool = True, version: str = FAKE_PLAT
             self.modes = {t.name: mode for t, mode in io}
             self.dtypes = {t.name: _ORT_TYPES[t.type] for t, _ in io}
             self.num_io_tensors = len(self.names)
-            self.device_memory_size_v2 = 4096
+            self._activations = 4096
+            if "streamable" in spec:
+                self.streamable_weights_size = spec["streamable"]
+                self._budget = spec["streamable"]  # TensorRT's default: no streaming
+
+        @property
+        def device_memory_size_v2(self):
+            streaming = hasattr(self, "_budget") and self._budget < self.streamable_weights_size
+            return self._activations + (self.weight_streaming_scratch_memory_size if streaming else 0)
+
+        @property
+        def weight_streaming_scratch_memory_size(self):
+            return 2048
+
+        @property
+        def weight_streaming_budget_v2(self):
+            return self._budget
+
+        @weight_streaming_budget_v2.setter
+        def weight_streaming_budget_v2(self, value):
+            assert isinstance(value, int), f"budget {value!r} is no int"
+            if not refuse_budgets and value >= 0:
+                self._budget = value
+
+        def get_weight_streaming_automatic_budget(self):
+            raise AssertionError("the automatic budget was asked for (int32 in the Python binding)")
 
         def get_tensor_name(self, i):
             return self.names[i]

@@ -25,7 +25,7 @@ from tidar_export.engines.build import DEFAULT_PREFILL_OPT_LEN, build_engines, b
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
 from tidar_runtime import SamplingParams, generate_ar_batch, generate_tidar_batch
-from tidar_runtime.backends.trt import Platform, TrtBackend, check_engine_compat
+from tidar_runtime.backends.trt import Platform, TrtBackend, check_engine_compat, plan_weight_streaming
 from tidar_runtime.layout import n_out
 from tidar_runtime.manifest import GraphSpec, Manifest, TensorSpec, load_manifest
 
@@ -261,16 +261,23 @@ def test_cli_build_user_errors_are_one_line(artifact_dir, tmp_path, capsys):
 
 
 INFO = {"tensorrt": "10.3.0.26", "compute_capability": "8.7", "gpu": "Orin", "version_compatible": False,
-        "hardware_compat": None}
+        "hardware_compat": None, "os": "linux", "cpu_arch": "aarch64", "integrated_gpu": True}  # a Jetson Orin build
+
+
+def orin(trt: str, gpu: str = "Orin", cc: str = "8.7") -> Platform:
+    return Platform(trt, gpu, cc, "linux", "aarch64", True)
+
+
+def x86(trt: str, gpu: str, cc: str) -> Platform:
+    return Platform(trt, gpu, cc, "linux", "x86_64", False)
 
 
 def test_compat_same_platform_passes():
-    check_engine_compat("step", INFO, Platform("10.3.0.26", "Orin", "8.7"))
-    check_engine_compat("step", INFO, Platform("10.3.0", "Jetson AGX Orin", "8.7"))  # JetPack's version string
+    check_engine_compat("step", INFO, orin("10.3.0.26"))
+    check_engine_compat("step", INFO, orin("10.3.0", "Jetson AGX Orin"))  # JetPack's version string
 
 
-@pytest.mark.parametrize("running", [Platform("10.15.1.29", "Orin", "8.7"), Platform("10.3.1.2", "Orin", "8.7"),
-                                     Platform("10.3.0.26", "NVIDIA H100", "9.0")])
+@pytest.mark.parametrize("running", [orin("10.15.1.29"), orin("10.3.1.2"), orin("10.3.0.26", "Thor", "11.0")])
 def test_compat_mismatch_names_both_sides(running):
     with pytest.raises(TiDARError) as e:
         check_engine_compat("step", INFO, running)
@@ -283,23 +290,50 @@ def test_compat_mismatch_names_both_sides(running):
 
 def test_compat_version_compatible_runs_on_later_tensorrt_only():
     info = {**INFO, "version_compatible": True}
-    check_engine_compat("step", info, Platform("10.15.1.29", "Orin", "8.7"))
-    check_engine_compat("step", info, Platform("11.4.0.106", "Orin", "8.7"))
+    check_engine_compat("step", info, orin("10.15.1.29"))
+    check_engine_compat("step", info, orin("11.4.0.106"))
     with pytest.raises(TiDARError, match="version-compatible"):
-        check_engine_compat("step", info, Platform("10.2.0.19", "Orin", "8.7"))
+        check_engine_compat("step", info, orin("10.2.0.19"))
 
 
-def test_compat_ampere_plus_runs_on_any_ampere_or_newer():
-    info = {**INFO, "compute_capability": "9.0", "hardware_compat": "ampere+"}
+X86_INFO = {**INFO, "gpu": "NVIDIA H100", "compute_capability": "9.0", "cpu_arch": "x86_64", "integrated_gpu": False}
+
+
+def test_compat_ampere_plus_runs_on_any_discrete_ampere_or_newer():
+    info = {**X86_INFO, "hardware_compat": "ampere+"}
     for cc in ("8.0", "8.6", "8.9", "9.0", "12.0"):
-        check_engine_compat("step", info, Platform("10.3.0.26", "gpu", cc))
+        check_engine_compat("step", info, x86("10.3.0.26", "gpu", cc))
     with pytest.raises(TiDARError, match=r"\(ampere\+\)"):
-        check_engine_compat("step", info, Platform("10.3.0.26", "T4", "7.5"))
+        check_engine_compat("step", info, x86("10.3.0.26", "T4", "7.5"))
+
+
+def test_compat_an_x86_ampere_plus_engine_is_refused_on_a_jetson():
+    """Compute capability 8.7 >= 8.0, but hardware compatibility is unsupported on JetPack and
+    the engine was built for another CPU and kind of GPU: refused before deserializing."""
+    with pytest.raises(TiDARError) as e:
+        check_engine_compat("step", {**X86_INFO, "hardware_compat": "ampere+"}, orin("10.3.0.26"))
+    msg = str(e.value)
+    assert "\n" not in msg and "linux/x86_64 with a discrete GPU" in msg and "linux/aarch64 with an integrated GPU" in msg
+
+
+@pytest.mark.parametrize("field, value", [("cpu_arch", "x86_64"), ("os", "windows"), ("integrated_gpu", False)])
+def test_compat_other_build_platform_is_refused(field, value):
+    with pytest.raises(TiDARError, match="do not move between platforms") as e:
+        check_engine_compat("prefill", {**INFO, field: value}, orin("10.3.0.26"))
+    assert "\n" not in str(e.value)
+
+
+def test_compat_ampere_plus_is_refused_on_jetpack_even_from_a_jetson():
+    with pytest.raises(TiDARError, match="not support on JetPack"):
+        check_engine_compat("step", {**INFO, "hardware_compat": "ampere+"}, orin("10.3.0.26"))
 
 
 def test_compat_without_engine_info_is_refused():
     with pytest.raises(TiDARError, match="rebuild"):
         check_engine_compat("prefill", {}, FAKE_PLATFORM)
+    no_platform = {k: v for k, v in INFO.items() if k not in ("os", "cpu_arch", "integrated_gpu")}
+    with pytest.raises(TiDARError, match="no build platform"):
+        check_engine_compat("prefill", no_platform, orin("10.3.0.26"))
 
 
 # --------------------------------------------------------------------------- runtime without TensorRT
@@ -331,6 +365,8 @@ def test_build_writes_engines_and_manifest(artifact_dir):
         info = g.engine_info
         assert (info["tensorrt"], info["gpu"], info["compute_capability"]) == (
             FAKE_PLATFORM.tensorrt, FAKE_PLATFORM.gpu, FAKE_PLATFORM.compute_capability)
+        assert (info["os"], info["cpu_arch"], info["integrated_gpu"]) == (
+            FAKE_PLATFORM.os, FAKE_PLATFORM.cpu_arch, FAKE_PLATFORM.integrated_gpu)
         assert info["version_compatible"] and info["flags"] == ["VERSION_COMPATIBLE"] and info["precision"] == "fp32"
         assert info["bytes"] == (artifact_dir / g.engine).stat().st_size
         assert info["profile"]["cache_len" if kind != "prefill" else "input_ids"][2] == (
@@ -338,6 +374,15 @@ def test_build_writes_engines_and_manifest(artifact_dir):
     assert m.versions["tensorrt"] == FAKE_PLATFORM.tensorrt
     assert sum(kind in line for line in logs for kind in ("prefill:", "step:", "ar_step:")) >= 6  # progress per graph
     assert not [p.name for p in artifact_dir.iterdir() if p.name.startswith(".")]  # no temp files or dirs
+
+
+def test_hardware_compat_build_is_refused_on_a_jetson(artifact_dir):
+    before = (artifact_dir / "manifest.json").read_text()
+    settings = build_settings(load_manifest(artifact_dir), artifact_dir, hardware_compat="ampere+")
+    compiler = FakeCompiler(platform=orin("10.3.0.26"))
+    with pytest.raises(TiDARError, match="hardware compatibility on JetPack"):
+        build_engines(settings, log=lambda _: None, compiler=compiler)
+    assert compiler.compiled == [] and (artifact_dir / "manifest.json").read_text() == before
 
 
 def test_failed_build_leaves_the_artifact_as_it_was(artifact_dir):
@@ -383,7 +428,7 @@ def exported(tmp_path_factory):
 def fake_engines(exported, tmp_path):
     """A copy of an exported artifact with stand-in engines built by build_engines."""
     def make(target, **build_options):
-        art = tmp_path / target
+        art = tmp_path / f"{target}-{sum(1 for _ in tmp_path.iterdir())}"
         shutil.copytree(exported(target), art)
         build_engines(build_settings(load_manifest(art), art, **build_options), log=lambda _: None,
                       compiler=FakeCompiler())
@@ -614,3 +659,75 @@ def test_tensorrt_step_logits_match_ort(exported, tmp_path):
         ref = ort_be.step(drafts, cache_len, True).logits.copy()
         got = trt_be.step(drafts, cache_len, True).logits.copy()
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- weight streaming
+
+
+def test_budgets_serve_step_first_and_stay_exact_past_int32():
+    gib = 2**30
+    streamable = {"prefill": 5 * gib, "step": 5 * gib, "ar_step": 5 * gib}
+    assert plan_weight_streaming(streamable, 8 * gib) == {"step": 5 * gib, "ar_step": 3 * gib, "prefill": 0}
+    assert plan_weight_streaming(streamable, 20 * gib) == streamable  # enough: nothing streams
+    assert plan_weight_streaming({"prefill": 3 * gib, "step": 3 * gib}, 3 * gib + 7) == {"step": 3 * gib, "prefill": 7}
+    assert plan_weight_streaming(streamable, -1) is None
+
+
+SCRATCH = 2048  # the stand-in engines' weight-streaming scratch: the headroom must cover it
+
+
+def _streaming(fake_engines, cuda, budget=None, headroom=SCRATCH, refuse=False, kinds=("prefill", "step", "ar_step")):
+    art = fake_engines("trt-10.15", weight_streaming=True)
+    trt = fake_tensorrt(cuda, refuse_budgets=refuse)  # its automatic budget fails the test if asked for
+    return art, TrtBackend(art, kinds=kinds, weight_streaming_budget=budget, weight_streaming_headroom=headroom,
+                           trt_module=trt, cuda_api=cuda)
+
+
+def test_weight_streaming_budgets_from_free_memory(fake_engines):
+    cuda = FakeCuda()
+    art, roomy = _streaming(fake_engines, cuda)
+    S = roomy.weight_streaming["step"]["streamable"]
+    assert S > 0 and all(w == {"streamable": S, "budget": S, "streams": False} for w in roomy.weight_streaming.values())
+    assert set(roomy.cuda_graph_status.values()) == set()  # nothing streams: contexts are captured on first use
+    plan = roomy.memory_plan
+    roomy.close()
+    # Room for the buffers, the workspace and 1.5 engines' weights: step keeps all of its
+    # weights, ar_step half, the prefill streams everything.
+    cuda = FakeCuda(free_bytes=plan["resident_weights"] + plan["buffers"] + plan["workspace"] + SCRATCH + S + S // 2)
+    _, be = _streaming(fake_engines, cuda)
+    assert {k: w["budget"] for k, w in be.weight_streaming.items()} == {"step": S, "ar_step": S // 2, "prefill": 0}
+    assert [k for k, w in be.weight_streaming.items() if w["streams"]] == ["prefill", "ar_step"]
+    status = be.cuda_graph_status
+    assert "streams weights" in status[("ar_step", 0)] and status[("ar_step", 0)].startswith("eager")
+    tidar_ort, ar_ort = _ort_results(art)
+    assert [r.tokens for r in generate_tidar_batch(be, PROMPTS, NEW)] == tidar_ort
+    assert [r.tokens for r in generate_ar_batch(be, PROMPTS, NEW)] == ar_ort
+    assert be.cuda_graph_status[("step", 0)] == "captured"  # not streaming: captured
+    assert "streams weights" in be.cuda_graph_status[("ar_step", 0)]  # streaming: never captured
+    assert len(cuda.execs) == 1
+    be.close()
+
+
+def test_weight_streaming_needs_room_for_everything_else(fake_engines):
+    cuda = FakeCuda(free_bytes=1 << 20, total_bytes=80 << 30)
+    with pytest.raises(TiDARError, match=r"not enough GPU memory .* KV cache and buffers .* are free") as e:
+        _streaming(fake_engines, cuda, headroom=None)
+    assert "\n" not in str(e.value) and cuda.live_allocations() == 0
+
+
+def test_a_budget_tensorrt_did_not_take_is_an_error(fake_engines):
+    cuda = FakeCuda()
+    with pytest.raises(TiDARError, match="did not take the weight-streaming budget of 0 bytes"):
+        _streaming(fake_engines, cuda, budget=0, refuse=True)
+    assert cuda.live_allocations() == 0
+
+
+def test_given_budgets_are_set_and_capped(fake_engines):
+    cuda = FakeCuda()
+    _, be = _streaming(fake_engines, cuda, budget={"prefill": 0, "step": 10 << 30}, kinds=("prefill", "step"))
+    S = be.weight_streaming["step"]["streamable"]
+    assert be.weight_streaming == {"prefill": {"streamable": S, "budget": 0, "streams": True},
+                                   "step": {"streamable": S, "budget": S, "streams": False}}
+    be.close()
+    with pytest.raises(TiDARError, match="must be a byte count"):
+        _streaming(fake_engines, FakeCuda(), budget={"step": 5})  # no budget for the prefill

@@ -34,6 +34,7 @@ STREAM_NON_BLOCKING = 0x01
 CAPTURE_MODE_THREAD_LOCAL = 1  # only this thread's unsafe calls are refused during a capture
 ATTR_CC_MAJOR = 75  # cudaDevAttrComputeCapabilityMajor
 ATTR_CC_MINOR = 76  # cudaDevAttrComputeCapabilityMinor
+ATTR_INTEGRATED = 18  # cudaDevAttrIntegrated: 1 on an integrated GPU sharing host memory (Jetson, DRIVE)
 _PROPS_BYTES = 16384  # cudaDeviceProp is ~1 KiB in CUDA 12; `char name[256]` is its first field in every version
 
 
@@ -45,6 +46,7 @@ class CudaError(TiDARError):
 class DeviceInfo:
     name: str  # e.g. "NVIDIA H100 80GB HBM3"
     compute_capability: str  # "major.minor", e.g. "9.0"
+    integrated: bool = False  # an integrated GPU (Jetson / DRIVE: JetPack), not a discrete one
 
 
 def _candidates() -> list[str]:
@@ -78,6 +80,7 @@ _SIGNATURES = {  # name: argument types (all return cudaError_t as int)
     "cudaGetDeviceCount": [ctypes.POINTER(_I)],
     "cudaDeviceGetAttribute": [ctypes.POINTER(_I), _I, _I],
     "cudaRuntimeGetVersion": [ctypes.POINTER(_I)],
+    "cudaMemGetInfo": [ctypes.POINTER(_S), ctypes.POINTER(_S)],
     "cudaMalloc": [ctypes.POINTER(_P), _S],
     "cudaFree": [_P],
     "cudaHostAlloc": [ctypes.POINTER(_P), _S, ctypes.c_uint],
@@ -133,9 +136,17 @@ class Cuda:
     def device_info(self, device: int) -> DeviceInfo:
         major = self._out("cudaDeviceGetAttribute", _I, ATTR_CC_MAJOR, device)
         minor = self._out("cudaDeviceGetAttribute", _I, ATTR_CC_MINOR, device)
+        integrated = self._out("cudaDeviceGetAttribute", _I, ATTR_INTEGRATED, device)
         buf = ctypes.create_string_buffer(_PROPS_BYTES)
         self._check(self._props(buf, device), "cudaGetDeviceProperties")
-        return DeviceInfo(buf.raw[:256].split(b"\0", 1)[0].decode(errors="replace"), f"{major}.{minor}")
+        return DeviceInfo(buf.raw[:256].split(b"\0", 1)[0].decode(errors="replace"), f"{major}.{minor}",
+                          bool(integrated))
+
+    def mem_get_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the current device's memory, as cudaMemGetInfo reports them now."""
+        free, total = _S(), _S()
+        self._call("cudaMemGetInfo", ctypes.byref(free), ctypes.byref(total))
+        return int(free.value), int(total.value)
 
     def runtime_version(self) -> str:
         v = self._out("cudaRuntimeGetVersion", _I)  # 12040 -> "12.4"

@@ -39,6 +39,8 @@ Importable without TensorRT or CUDA: both are loaded in the constructor.
 from __future__ import annotations
 
 import os
+import platform
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -74,6 +76,28 @@ class Platform:
     tensorrt: str  # tensorrt.__version__, e.g. "10.15.1.29"
     gpu: str  # device name, e.g. "NVIDIA H100 80GB HBM3"
     compute_capability: str  # "major.minor", e.g. "9.0"
+    os: str  # "linux" | "windows" (host_os)
+    cpu_arch: str  # "x86_64" | "aarch64" (host_cpu_arch)
+    integrated_gpu: bool  # Jetson / DRIVE (JetPack): an iGPU sharing host memory
+
+
+def host_os() -> str:
+    return "windows" if sys.platform.startswith("win") else sys.platform.rstrip("0123456789")  # "linux", "darwin"
+
+
+def host_cpu_arch() -> str:
+    arch = platform.machine().lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+
+
+def device_platform(tensorrt_version: str, dev) -> Platform:
+    """This machine's Platform for a tidar_runtime.backends.cuda.DeviceInfo."""
+    return Platform(str(tensorrt_version), dev.name, dev.compute_capability, host_os(), host_cpu_arch(),
+                    bool(dev.integrated))
+
+
+def _describe(os_name, arch, integrated) -> str:
+    return f"{os_name}/{arch} with {'an integrated GPU (JetPack)' if integrated else 'a discrete GPU'}"
 
 
 def _version(text) -> tuple[int, ...]:
@@ -95,15 +119,32 @@ def _same_version(a: str, b: str) -> bool:
 def check_engine_compat(kind: str, info: dict, running: Platform) -> None:
     """Refuse, in one line, an engine this machine cannot deserialize (checked before trying).
 
-    A plain engine runs only on the TensorRT version that built it and on GPUs of the same
-    compute capability. `version_compatible` engines also run on later TensorRT versions;
-    `hardware_compat: "ampere+"` engines on any GPU of compute capability 8.0 or newer.
+    An engine runs only on the platform that built it: the same OS, CPU architecture and kind
+    of GPU (integrated, i.e. Jetson/JetPack, or discrete); TensorRT documents hardware
+    compatibility as unsupported on JetPack, so an x86 engine never runs on a Jetson, whatever
+    its compute capability. On that platform a plain engine needs the TensorRT version that
+    built it and a GPU of the same compute capability. `version_compatible` engines also run on
+    later TensorRT versions; `hardware_compat: "ampere+"` engines on any discrete GPU of
+    compute capability 8.0 or newer.
     """
     built_trt, built_cc = info.get("tensorrt"), info.get("compute_capability")
     if not built_trt or not built_cc:
         raise TiDARError(f"the manifest records no TensorRT version or compute capability for the {kind} "
                          "engine; rebuild the engines with `tidar-export build`")
+    built_on = (info.get("os"), info.get("cpu_arch"), info.get("integrated_gpu"))
+    if None in built_on:
+        raise TiDARError(f"the manifest records no build platform (OS, CPU architecture, integrated or discrete "
+                         f"GPU) for the {kind} engine; rebuild the engines with `tidar-export build`")
+    here = (running.os, running.cpu_arch, running.integrated_gpu)
+    if built_on != here:
+        raise TiDARError(f"the {kind} engine was built on {_describe(*built_on)}; this machine is "
+                         f"{_describe(*here)} ({running.gpu}): TensorRT engines do not move between platforms, "
+                         "rebuild the engines here with `tidar-export build`")
     version_compat, hw = bool(info.get("version_compatible")), info.get("hardware_compat")
+    if hw == "ampere+" and running.integrated_gpu:
+        raise TiDARError(f"the {kind} engine was built with hardware compatibility (ampere+), which TensorRT does "
+                         "not support on JetPack (integrated GPUs): rebuild plain engines on this device with "
+                         "`tidar-export build`")
     if version_compat:
         trt_ok = _version(running.tensorrt) >= _version(built_trt)
     else:
@@ -122,6 +163,28 @@ def check_engine_compat(kind: str, info: dict, running: Platform) -> None:
         "`tidar-export build` (--version-compat / --hardware-compat ampere+ make portable engines)")
 
 
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if abs(nbytes) >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def plan_weight_streaming(streamable: dict[str, int], available: int) -> dict[str, int] | None:
+    """Budgets (bytes of streamable weights kept on the GPU) for the streaming engines, from the
+    `available` bytes left after everything else; None when nothing is left.
+
+    The step engine runs every TiDAR decode step, so it is served first, then ar_step (the AR
+    baseline's every token), then the prefill (once per request); each gets all of its
+    streamable weights (no streaming) while the memory lasts, and the first that does not fit
+    streams the rest.
+    """
+    if available < 0:
+        return None
+    budgets = {}
+    for kind in sorted(streamable, key=lambda k: ("step", "ar_step", "prefill").index(k)):
+        budgets[kind] = min(streamable[kind], available)
+        available -= budgets[kind]
+    return budgets
+
+
 def _dtype_name(dt) -> str:
     name = str(getattr(dt, "name", dt)).upper().removeprefix("DATATYPE.")
     return _DTYPES.get(name, name.lower())
@@ -132,8 +195,14 @@ class TrtBackend(DeviceBackend):
 
     kinds: engines to load; each engine holds its own copy of the weights, so a TiDAR-only
     service can pass ("prefill", "step") and skip the AR baseline's ar_step engine.
-    weight_streaming_budget: bytes of weights kept on the GPU for engines built with
-    --weight-streaming (None: TensorRT's automatic budget).
+    weight_streaming_budget: for engines built with --weight-streaming, the bytes of streamable
+    weights each keeps on the GPU: an int for every such engine, or {kind: bytes}; None (the
+    default) computes them from the free memory and what this backend allocates
+    (`plan_weight_streaming`). Each budget is read back after it is set: TensorRT's setter
+    fails silently.
+    weight_streaming_headroom: bytes left free for what cannot be counted before the engines
+    run (the CUDA context's growth, TensorRT's and the libraries' own allocations, the
+    weight-streaming scratch); None: 256 MiB + 2% of the device memory.
     trt_module / cuda_api: substitutes for the tensorrt module and for
     tidar_runtime.backends.cuda.load() (tests run the backend over stand-ins).
     Output arrays are views of page-locked buffers, valid until the next call.
@@ -142,8 +211,8 @@ class TrtBackend(DeviceBackend):
     _what = "TensorRT backend"
 
     def __init__(self, artifact_dir: str | os.PathLike, *, device: int = 0, kinds=GRAPH_KINDS,
-                 cuda_graphs: bool = True, weight_streaming_budget: int | None = None,
-                 trt_module=None, cuda_api=None):
+                 cuda_graphs: bool = True, weight_streaming_budget: int | dict | None = None,
+                 weight_streaming_headroom: int | None = None, trt_module=None, cuda_api=None):
         self._closed = True  # nothing to release until the first allocation
         trt = trt_module if trt_module is not None else import_tensorrt()
         cuda_api = load_cuda(cuda_api)
@@ -163,18 +232,28 @@ class TrtBackend(DeviceBackend):
 
         cuda_api.set_device(device)
         dev = cuda_api.device_info(device)
-        self.platform = Platform(str(trt.__version__), dev.name, dev.compute_capability)
+        self.platform = device_platform(trt.__version__, dev)
         for kind in self.kinds:  # before deserializing anything
             check_engine_compat(kind, m.graphs[kind].engine_info, self.platform)
-        self._engines = self._load_engines(weight_streaming_budget)
+        streaming = [k for k in self.kinds if m.graphs[k].engine_info.get("weight_streaming")]
+        # Free memory before any engine or buffer of this backend is on the device: the budgets'
+        # starting point (an automatic budget read later would see only what is left then).
+        memory = cuda_api.mem_get_info() if streaming else None
+        self._engines = self._load_engines()
+        self.weight_streaming: dict[str, dict] = {}  # kind -> {"streamable", "budget", "streams"}
+        self.memory_plan: dict[str, int | None] = {}  # the byte counts the budgets were computed from
         try:
-            self._setup_buffers()
+            plan = self._plan_buffers()
+            if streaming:
+                self.weight_streaming = self._set_budgets(streaming, weight_streaming_budget, memory, plan,
+                                                          weight_streaming_headroom)
+            self._setup_buffers(plan)
         except BaseException:
             self.close()  # release what was allocated before the failure
             raise
 
     # -- loading ------------------------------------------------------------------------------
-    def _load_engines(self, budget: int | None) -> dict:
+    def _load_engines(self) -> dict:
         trt, m = self._trt, self.manifest
         self._logger = trt.Logger(trt.Logger.WARNING)  # kept: the runtime holds on to it
         self._runtime = trt.Runtime(self._logger)
@@ -194,9 +273,6 @@ class TrtBackend(DeviceBackend):
             if engine is None:
                 raise TiDARError(f"{path}: TensorRT {self.platform.tensorrt} could not deserialize it "
                                  "(its log above says why)")
-            if spec.engine_info.get("weight_streaming"):
-                engine.weight_streaming_budget_v2 = (
-                    budget if budget is not None else engine.get_weight_streaming_automatic_budget())
             self._check_bindings(kind, engine)
             engines[kind] = engine
         return engines
@@ -222,12 +298,65 @@ class TrtBackend(DeviceBackend):
         query = getattr(self._engines[kind], "get_aliased_input_tensor", None)
         return query is not None and all(query(pres) == past for past, pres in zip(self.past_names, self.present_names))
 
-    # -- buffers and contexts -----------------------------------------------------------------
-    def _setup_buffers(self) -> None:
-        m, cu, trt = self.manifest, self._cuda, self._trt
-        self._contexts, self._graph_exec, self.cuda_graph_status = {}, {}, {}
-        self._start_buffers()
+    # -- weight streaming ---------------------------------------------------------------------
+    def _set_budgets(self, streaming: list[str], given, memory: tuple[int, int], plan: dict,
+                     headroom: int | None) -> dict[str, dict]:
+        """Set each streaming engine's `weight_streaming_budget_v2`, read it back, and check that
+        the whole plan fits the free memory. Returns {kind: {"streamable", "budget", "streams"}}.
 
+        TensorRT's automatic budget is never used: its Python binding returns int32 (a budget of
+        2 GiB or more wraps), and it is "close to the free memory" when asked, before the KV
+        cache and the other engines are allocated.
+        """
+        free, total = memory
+        engines, infos = self._engines, {k: self.manifest.graphs[k].engine_info for k in self.kinds}
+        streamable = {k: int(engines[k].streamable_weights_size) for k in streaming}
+        # On the device whatever the budgets: every engine's non-streamable part (its plan minus the
+        # streamable weights; a whole plan for an engine without streaming), this backend's buffers
+        # and the shared activation workspace as the engines report it before streaming.
+        resident = sum(max(0, int(infos[k].get("bytes") or 0) - streamable.get(k, 0)) for k in self.kinds)
+        workspace = max(int(e.device_memory_size_v2) for e in engines.values())
+        if headroom is None:
+            headroom = (256 << 20) + total // 50
+        if given is None:
+            budgets = plan_weight_streaming(streamable, free - resident - plan["device_bytes"] - workspace - headroom)
+            if budgets is None:
+                need = resident + plan["device_bytes"] + workspace + headroom
+                raise TiDARError(
+                    f"not enough GPU memory for the {', '.join(self.kinds)} engines: besides their streamed weights they "
+                    f"need {_gib(need)} (non-streamable weights {_gib(resident)}, KV cache and buffers "
+                    f"{_gib(plan['device_bytes'])}, workspace {_gib(workspace)}, headroom {_gib(headroom)}); "
+                    f"{_gib(free)} are free")
+        else:
+            budgets = {}
+            for k in streaming:
+                value = given.get(k) if isinstance(given, dict) else given
+                if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise TiDARError(f"weight_streaming_budget for the {k} engine must be a byte count >= 0, "
+                                     f"got {value!r}")
+                budgets[k] = min(value, streamable[k])  # more than the streamable size: no streaming
+        self.memory_plan = {"free": free, "resident_weights": resident, "buffers": plan["device_bytes"],
+                            "workspace": workspace, "headroom": headroom if given is None else None}
+        result = {}
+        for k in streaming:
+            engines[k].weight_streaming_budget_v2 = budgets[k]
+            got = int(engines[k].weight_streaming_budget_v2)  # the property's setter cannot report a failure
+            if got != budgets[k]:
+                raise TiDARError(f"TensorRT did not take the weight-streaming budget of {budgets[k]} bytes for the {k} "
+                                 f"engine (it reports {got}; streamable weights {streamable[k]} bytes)")
+            result[k] = {"streamable": streamable[k], "budget": budgets[k], "streams": budgets[k] < streamable[k]}
+        workspace = max(int(e.device_memory_size_v2) for e in engines.values())  # now with the streaming scratch
+        need = resident + sum(budgets.values()) + plan["device_bytes"] + workspace
+        if need > free:
+            raise TiDARError(f"the weight-streaming budgets ({_gib(sum(budgets.values()))}) leave too little GPU memory: "
+                             f"the engines and buffers need {_gib(need)}, {_gib(free)} are free")
+        return result
+
+    # -- buffers and contexts -----------------------------------------------------------------
+    def _plan_buffers(self) -> dict:
+        """The KV mode and every buffer's size (nothing allocated); "device_bytes": their sum
+        without the activation workspace."""
+        m = self.manifest
         B, b = self.max_batch, self.block_size
         KV, hd = m.model["num_kv_heads"], m.model["head_dim"]
         cached = [k for k in ("step", "ar_step") if k in self.kinds]
@@ -235,21 +364,31 @@ class TrtBackend(DeviceBackend):
         rb = hd * _ITEMSIZE[kv_dtype]  # bytes of one slot of one head
         lo, _, hi = (tuple(s) for s in self._engines["prefill"].get_tensor_profile_shape("input_ids", 0))
         self.min_prompt, self.max_prompt = int(lo[1]), int(hi[1])
-
         if m.kv_update == "slice":
             self.kv_mode = "slice"
         else:
             self.kv_mode = "alias" if all(self._aliased(k) for k in cached) else "pingpong"
         sets = 2 if self.kv_mode == "pingpong" else 1
-        self._alloc_cache(sets, KV, rb)
-        # New K/V land here: the prefill's [1, KV, P + b, hd], and in "slice" mode the steps' [B, KV, q, hd].
+        # New K/V land in scratch: the prefill's [1, KV, P + b, hd], and in "slice" mode the steps' [B, KV, q, hd].
         scratch = KV * (self.max_prompt + b) * rb
         if self.kv_mode == "slice":
             scratch = max([scratch] + [B * KV * self._new_len[k] * rb for k in cached])
-        self._scratch = {name: self._malloc(scratch) for name in self.present_names}
+        rows = max([b] + [B * self._rows[k] for k in cached])
+        ids = max([self.max_prompt] + [B * (b if k == "step" else 1) for k in cached])
+        n_kv = len(self.present_names)
+        device_bytes = (sets * n_kv * B * KV * self.max_len * rb + n_kv * scratch
+                        + rows * 8 + rows * self.vocab_size * 4 + ids * 8 + B * 8)  # as DeviceBackend._alloc_io
+        return {"cached": cached, "sets": sets, "kv_heads": KV, "row_bytes": rb, "scratch": scratch, "rows": rows,
+                "ids": ids, "device_bytes": device_bytes}
 
-        self._alloc_io(rows=max([b] + [B * self._rows[k] for k in cached]),
-                       ids=max([self.max_prompt] + [B * (b if k == "step" else 1) for k in cached]))
+    def _setup_buffers(self, plan: dict) -> None:
+        cu, trt = self._cuda, self._trt
+        self._contexts, self._graph_exec, self.cuda_graph_status = {}, {}, {}
+        self._start_buffers()
+        cached, sets = plan["cached"], plan["sets"]
+        self._alloc_cache(sets, plan["kv_heads"], plan["row_bytes"])
+        self._scratch = {name: self._malloc(plan["scratch"]) for name in self.present_names}
+        self._alloc_io(rows=plan["rows"], ids=plan["ids"])
 
         workspace = max(int(e.device_memory_size_v2) for e in self._engines.values())
         self._workspace = self._malloc(workspace)
@@ -276,6 +415,13 @@ class TrtBackend(DeviceBackend):
                 first = "draft_ids" if kind == "step" else "input_ids"
                 self._bind(ctx, {first: self._d_ids, "cache_len": self._d_cache_len, "token_ids": self._d_tok,
                                  "logits": self._d_logits, **past, **{pres: out[pres] for pres in self.present_names}})
+                ws = self.weight_streaming.get(kind)
+                if self.cuda_graphs and ws and ws["streams"]:
+                    # TensorRT: "If the Engine is streaming weights, enqueueV3 will become synchronous,
+                    # and the graph will not be capturable" (IExecutionContext::enqueueV3).
+                    self.cuda_graph_status[(kind, parity)] = (
+                        f"eager: the engine streams weights (budget {ws['budget']} of {ws['streamable']} bytes), "
+                        "and TensorRT's enqueue is synchronous and not capturable then")
         cu.stream_synchronize(self._stream)
 
     @staticmethod
@@ -299,9 +445,6 @@ class TrtBackend(DeviceBackend):
             self.cuda_graph_status[key] = self._capture(key, ctx)
 
     def _capture(self, key: tuple[str, int], ctx) -> str:
-        capturable = getattr(ctx, "is_stream_capturable", None)  # TensorRT >= 10.14
-        if capturable is not None and not capturable(self._stream):
-            return "eager: TensorRT reports this context cannot be stream-captured"
         cu = self._cuda
         cu.begin_capture(self._stream)
         try:

@@ -15,6 +15,8 @@ def cmd_check(args) -> int:
     m = report.manifest
     print(f"{args.artifact}: target {m.target}, {m.precision}, b={m.block_size}, proposals {m.proposals}, "
           f"max_seq_len {m.max_seq_len}, max_batch {m.max_batch} ({time.perf_counter() - t0:.1f}s)")
+    for line in report.warnings:
+        print(f"warning: {line}")
     if not report.numerics:
         print("numeric comparison skipped: pass --checkpoint DIR to run ONNX Runtime against torch")
     report.raise_for_failures()

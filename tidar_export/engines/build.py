@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidar_export.errors import TiDARError, first_line
-from tidar_runtime.backends.trt import Platform, import_tensorrt
+from tidar_runtime.backends.trt import Platform, device_platform, import_tensorrt
 from tidar_runtime.fileio import usual_mode
 from tidar_runtime.layout import PAST_PREFIX
 from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
@@ -230,8 +230,7 @@ class PolygraphyCompiler:
 
         api = cuda.load()
         api.set_device(self.device)
-        info = api.device_info(self.device)
-        return Platform(self.trt.__version__, info.name, info.compute_capability)
+        return device_platform(self.trt.__version__, api.device_info(self.device))
 
     def compile(self, settings: BuildSettings, graph: GraphBuild):
         """The serialized engine (an IHostMemory: a buffer) of one graph."""
@@ -254,6 +253,10 @@ def engine_info(settings: BuildSettings, graph: GraphBuild, platform: Platform, 
         "tensorrt": platform.tensorrt,
         "gpu": platform.gpu,
         "compute_capability": platform.compute_capability,
+        # The build platform: an engine runs only where these are the same (check_engine_compat).
+        "os": platform.os,
+        "cpu_arch": platform.cpu_arch,
+        "integrated_gpu": platform.integrated_gpu,
         "hardware_compat": settings.hardware_compat,
         "version_compatible": settings.version_compat,
         "weight_streaming": settings.weight_streaming,
@@ -280,6 +283,15 @@ def _write_temp(directory: Path, name: str, blob) -> Path:
     return Path(tmp)
 
 
+def attention_warnings(manifest: Manifest, directory: Path) -> list[str]:
+    """`tidar_export.export.check.attention_warnings` over the artifact's graphs (structure only)."""
+    from tidar_export.export.check import attention_warnings as warnings_for, load_graph
+
+    if manifest.target != "trt-10.15":
+        return []
+    return warnings_for(manifest, {k: load_graph(directory, spec, manifest) for k, spec in manifest.graphs.items()})
+
+
 def build_engines(settings: BuildSettings, log: Callable[[str], None] = print, compiler=None) -> Manifest:
     """Build every engine, then move them into place and update the manifest.
 
@@ -291,8 +303,14 @@ def build_engines(settings: BuildSettings, log: Callable[[str], None] = print, c
     directory = settings.artifact_dir
     manifest = load_manifest(directory)
     platform = compiler.platform()
-    log(f"TensorRT {platform.tensorrt} on {platform.gpu} (compute capability {platform.compute_capability}), "
+    if settings.hardware_compat and platform.integrated_gpu:
+        raise TiDARError(f"--hardware-compat {settings.hardware_compat}: TensorRT does not support hardware "
+                         f"compatibility on JetPack (this is an integrated GPU, {platform.gpu}); build without it")
+    log(f"TensorRT {platform.tensorrt} on {platform.gpu} (compute capability {platform.compute_capability}, "
+        f"{platform.os}/{platform.cpu_arch}, {'integrated' if platform.integrated_gpu else 'discrete'} GPU), "
         f"{settings.precision}" + (f", flags {', '.join(settings.flags)}" if settings.flags else ""))
+    for line in attention_warnings(manifest, directory):
+        log(f"warning: {line}")
     built: list[tuple[GraphBuild, Path, dict]] = []
     with tempfile.TemporaryDirectory(prefix="tidar-build.") as scratch:
         if settings.timing_cache is None:  # the three graphs share most tactics: share one cache

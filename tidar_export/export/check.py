@@ -71,6 +71,7 @@ class CheckReport:
     failures: list[str] = field(default_factory=list)  # structural and numeric, one line each
     results: list[OutputResult] = field(default_factory=list)
     numerics: bool = False  # whether ORT vs torch ran
+    warnings: list[str] = field(default_factory=list)  # risks that are no failure (attention_warnings)
 
     @property
     def ok(self) -> bool:
@@ -136,6 +137,33 @@ def nonfinite_weights(artifact_dir: Path, proto, manifest: Manifest, kind: str) 
         if not np.isfinite(values).all():
             bad.append(f"{kind}: initializer {t.name} in {weights} holds NaN or infinite values")
     return bad
+
+
+def attention_warnings(manifest: Manifest, protos: dict) -> list[str]:
+    """One line when an artifact for trt-10.15 carries fused Attention nodes in float32.
+
+    TensorRT 10.15's ONNX parser turns each ONNX Attention node into an IAttention layer that is
+    not decomposable (unless the node carries TensorRT's own decomposable attribute, which
+    ONNX Runtime would reject), and a non-decomposable IAttention must find a fused kernel;
+    TensorRT may have none in fp32 (the demo model's head_dim is 32), and then the build fails.
+    fp16/bf16 is what trt-10.15 is meant for; fp32 engines come from the trt-10.3 target, whose
+    attention is decomposed (docs/TENSORRT.md).
+    """
+    if manifest.target != "trt-10.15":
+        return []
+    kv = next((t.dtype for t in manifest.graphs["step"].inputs if t.name.startswith("past_key_values.")), None)
+    if kv != "float32":
+        return []
+    counts = {kind: sum(n.op_type == "Attention" and n.domain in ("", "ai.onnx") for n in p.graph.node)
+              for kind, p in protos.items()}
+    counts = {k: n for k, n in counts.items() if n}
+    if not counts:
+        return []
+    where = ", ".join(f"{k} {n}" for k, n in counts.items())
+    return [f"fused Attention in float32 for trt-10.15 ({where} nodes, head_dim {manifest.model.get('head_dim')}): "
+            "TensorRT 10.15 builds them as non-decomposable IAttention layers, which need a fused kernel that may "
+            "not exist in fp32, so the engine build can fail; export with --dtype bf16 (or fp16) for trt-10.15, or "
+            "--target trt-10.3 (decomposed attention) for fp32 engines"]
 
 
 def _shape_of(value) -> list[int | str]:
@@ -332,8 +360,9 @@ def check_artifact(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLik
     manifest = load_manifest(artifact_dir, verify="none")  # parse errors first, then the digests
     report = CheckReport(manifest)
     dynamic = [name for name, value in manifest.dims.items() if value is None]  # the prefill's own dims
+    protos = {}
     for kind, spec in manifest.graphs.items():
-        proto = load_graph(artifact_dir, spec, manifest)
+        proto = protos[kind] = load_graph(artifact_dir, spec, manifest)
         report.failures += graph_failures(proto, spec, manifest)
         allowed = dynamic if kind == "prefill" else []
         report.failures += [f"{kind} ({manifest.target}): {msg}"
@@ -342,6 +371,8 @@ def check_artifact(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLik
     verify_digests(artifact_dir, manifest, full=True)
     if not (manifest.weights.get("blake2b") and all(g.digest for g in manifest.graphs.values())):
         report.failures.append("no digests recorded for the weights and graphs: re-export the artifact")
+    report.warnings = attention_warnings(manifest, protos)
+    del protos
     if checkpoint is not None:
         from tidar_export.model.reference import reference_model
 
