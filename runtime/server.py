@@ -22,7 +22,6 @@ import json
 import math
 import socket
 import time
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse

@@ -3,7 +3,8 @@
 Three artifacts, each exported once per module (tracing is the slow part):
 - tiny:  the tiny preset, random weights, b = 4, max_seq_len 48, max_batch 3;
 - small: an 8-token vocabulary, random weights, b = 3, max_batch 2 (exact sampling distribution);
-- demo:  the embedded demo model (trained: it accepts drafts), b = 8, written by `tidar-export demo`.
+- demo:  the embedded demo model (trained: it accepts drafts) at its shipped decode setting
+         (demo_model/demo_setting.json), written by `tidar-export demo`.
 A random model rejects nearly every draft, so partial acceptance is exercised on the demo model.
 """
 
@@ -18,9 +19,10 @@ import pytest
 from tests.conftest import random_model
 from tests.fake_trt import FakeCuda
 from tests.test_decode_sampling import N_NEW, PROMPT, chi_square_pvalue, exact_ar_distribution
-from tidar_export.model.checkpoint import save_checkpoint
+from tidar_export.model.transformer.checkpoint import save_checkpoint
 from tidar_export.cli import main
-from tidar_export.bench.demo import STAMP_FILE, stale_reason, checkpoint_digest, demo_model_path
+from tidar_export.bench.demo import (SETTING_FILE, STAMP_FILE, stale_reason, checkpoint_digest, cost_line,
+                               demo_model_path, demo_setting)
 from tidar_export.export.artifact import export_artifact
 from tidar_export.model.reference import TorchBackend
 from tidar_runtime import (
@@ -338,6 +340,59 @@ def test_demo_runs_end_to_end_and_reuses_its_artifact(demo):
         assert report["speed_ratio"] > 0 and report["tokens_per_forward"] >= 1.0
     assert [r["tidar_token_ids"] for r in first["prompts"]] == [r["tidar_token_ids"] for r in second["prompts"]]
     assert "/" not in json.dumps(json.loads((art / STAMP_FILE).read_text()))  # no machine paths in the stamp
+    # it decodes at the shipped setting and reports the step-cost arithmetic
+    want = demo_setting()
+    for report in (first, second):
+        st = report["setting"]
+        assert (st["block_size"], st["proposals"]) == (want["block_size"], want["proposals"])
+        assert st["width"] == st["block_size"] * (1 + len(st["proposals"]))
+        assert report["step_ms_p50"] > 0 and report["ar_step_ms_p50"] > 0 and report["repeats"] >= 1
+        assert report["step_cost_ratio"] == pytest.approx(report["step_ms_p50"] / report["ar_step_ms_p50"], rel=0.01, abs=2e-3)
+        assert report["projected_speedup"] == pytest.approx(
+            report["tokens_per_forward"] / report["step_cost_ratio"], rel=0.01, abs=2e-3)
+
+
+def test_demo_text_report_has_outputs_equality_speed_and_the_cost_line(demo):
+    rc, out, err = _run_cli(["demo", "--artifact-dir", demo[0], "--max-new-tokens", 8, "--repeats", 1])
+    assert rc == 0, err
+    assert out.count("--- AR (") == out.count("--- TiDAR (") == out.count("identical token for token: yes") >= 3
+    summary, cost = out.strip().splitlines()[-2:]
+    assert summary.startswith("TiDAR == AR on all") and "tokens/s TiDAR / AR = " in summary
+    assert cost.startswith("step cost here: a width-") and "x the AR step" in cost and "projected" in cost
+
+
+def test_demo_cost_line_says_where_width_stops_being_free():
+    report = {"setting": {"block_size": 2, "proposals": [1], "width": 4}, "tokens_per_forward": 1.5,
+              "step_cost_ratio": 1.25, "step_ms_p50": 0.5, "ar_step_ms_p50": 0.4, "projected_speedup": 1.2,
+              "speed_ratio": 1.1}
+    line = cost_line(report)
+    assert "width-4 step (b = 2, proposals {1}) costs 1.25x the AR step (0.5 / 0.4 ms)" in line
+    assert "TiDAR wins here while T/NFE 1.50 > 1.25" in line and "= 1.20x, measured 1.1x" in line
+    slow = report | {"step_cost_ratio": 3.0, "projected_speedup": 0.5, "speed_ratio": 0.45}
+    assert "TiDAR loses here while T/NFE 1.50 <= 3.00" in cost_line(slow)
+
+
+def test_demo_setting_is_read_from_the_model_folder(tmp_path):
+    ckpt = tmp_path / "m"
+    ckpt.mkdir()
+    shutil.copy2(demo_model_path() / "config.json", ckpt / "config.json")
+    b0 = json.loads((ckpt / "config.json").read_text())["tidar"]["block_size"]
+    assert demo_setting(ckpt) == {"block_size": b0, "proposals": list(range(1, b0 + 1)),
+                                  "source": "checkpoint default"}
+    (ckpt / SETTING_FILE).write_text(json.dumps({"block_size": 3, "proposals": [1], "tuned_on": "x"}))
+    assert demo_setting(ckpt) == {"block_size": 3, "proposals": [1], "source": SETTING_FILE}
+    (ckpt / SETTING_FILE).write_text(json.dumps({"block_size": 3, "proposals": [2]}))
+    with pytest.raises(TiDARError, match="unreadable decode setting"):
+        demo_setting(ckpt)
+
+
+def test_demo_artifact_of_another_setting_is_stale(demo):
+    art = demo[0]
+    digest = checkpoint_digest(demo_model_path())
+    have = demo_setting()
+    other = {"block_size": have["block_size"] + 1, "proposals": [1]}
+    assert "manifest differs" in stale_reason(art, demo_model_path(), digest, other)
+    assert stale_reason(art, demo_model_path(), digest, have) is None
 
 
 def test_demo_cache_is_invalidated_by_another_checkpoint(demo):

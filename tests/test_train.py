@@ -11,10 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tidar_export.train import data
-from tidar_export.model.checkpoint import load_checkpoint
+from tidar_export.train.trainer import data
+from tidar_export.model.transformer.checkpoint import load_checkpoint
 from tidar_export.cli import main
-from tidar_export.train.trainer import TrainSettings, ar_batch, losses, tidar_batch, train
+from tidar_export.errors import TiDARError
+from tidar_export.train.trainer import (TrainSettings, ar_batch, losses, make_rollout_pool, rollout_batch, self_targets,
+                                 tidar_batch, train)
 
 from .mask_rules import train_mask_entry
 
@@ -83,6 +85,98 @@ def test_loss_is_a_weighted_mean_of_both_terms(tiny_model):
     torch.testing.assert_close(total, (a * ce[:, :S].mean() + ce[:, S:].mean()) / (1 + a))
     ar_total, ar_ce, none = losses(tiny_model, x, "ar", 4)
     assert none is None and torch.equal(ar_total, ar_ce)
+
+
+# ------------------------------------------------------------------------------ draft targets
+
+
+def _ce(logits, labels):
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(
+        labels.shape)
+
+
+def test_self_target_is_the_ar_argmax_of_the_previous_position(tiny_model):
+    torch.manual_seed(1)
+    S, b = 8, 4
+    x = torch.randint(2, tiny_model.cfg.vocab_size, (3, S + 1))
+    total, ce_ar, ce_diff = losses(tiny_model, x, "tidar", b, draft_target="self")
+    ids, pos, mask, labels = tidar_batch(x, b, tiny_model.cfg.mask_token_id)
+    logits, _, _ = tiny_model(ids, pos, mask)
+    want = self_targets(logits[:, :S], x)
+    for row in range(3):  # slot j learns argmax(AR logits at j-1); slot 0 keeps x_0
+        assert want[row, 0] == x[row, 0]
+        for j in range(1, S):
+            assert want[row, j] == logits[row, j - 1].argmax()
+    assert not torch.equal(want, labels[:, S:])  # a random model's argmax is not the data
+    torch.testing.assert_close(ce_diff, _ce(logits[:, S:], want).mean())
+    torch.testing.assert_close(ce_ar, _ce(logits[:, :S], labels[:, :S]).mean())  # the AR term is unchanged
+    torch.testing.assert_close(total, (ce_ar + ce_diff) / 2)
+    assert not want.requires_grad  # a label (detached): no gradient flows through the AR rows' argmax
+
+
+def test_ar_term_skips_generated_labels(tiny_model):
+    torch.manual_seed(2)
+    S, b = 8, 4
+    x = torch.randint(2, tiny_model.cfg.vocab_size, (2, S + 1))
+    real_len = torch.tensor([3, S + 1])  # row 0: x_0..x_2 real, x_3.. generated; row 1 all real
+    _, ce_ar, ce_diff = losses(tiny_model, x, "tidar", b, draft_target="rollout", real_len=real_len)
+    ids, pos, mask, labels = tidar_batch(x, b, tiny_model.cfg.mask_token_id)
+    logits, _, _ = tiny_model(ids, pos, mask)
+    ce = _ce(logits[:, :S], labels[:, :S])  # AR label i is x_{i+1}: real iff i + 1 < real_len
+    kept = torch.cat([ce[0, :2], ce[1]])
+    torch.testing.assert_close(ce_ar, kept.mean())
+    torch.testing.assert_close(ce_diff, _ce(logits[:, S:], self_targets(logits[:, :S], x)).mean())
+
+
+def test_rollout_pool_rows_are_the_models_greedy_continuations(tiny_model):
+    S = 16
+    s = TrainSettings(draft_target="rollout", seq_len=S, block_size=4, batch_size=4, rollout_pool=5,
+                      rollout_prefix_min=2, rollout_prefix_max=9, rollout_frac=0.5)
+    stream = torch.randint(2, tiny_model.cfg.vocab_size, (200,))
+    windows, real_len = make_rollout_pool(tiny_model, stream, 7, s)
+    assert windows.shape == (5, S + 1) and real_len.shape == (5,)
+    assert all(2 <= int(P) <= 9 for P in real_len)
+    again = make_rollout_pool(tiny_model, stream, 7, s)  # a pure function of (weights, seed, step)
+    assert torch.equal(again[0], windows) and torch.equal(again[1], real_len)
+    with torch.no_grad():
+        logits, _, _ = tiny_model(windows[:, :S], torch.arange(S)[None].expand(5, -1), torch.ones(S, S).tril().bool())
+    for row, P in zip(range(5), real_len.tolist()):
+        text = "," + "".join(f"{int(t)}," for t in stream.tolist())  # the prefix is a window of the stream
+        assert "," + "".join(f"{int(t)}," for t in windows[row, :P].tolist()) in text
+        for i in range(P - 1, S):  # every token after the prefix is the AR argmax of what precedes it
+            assert windows[row, i + 1] == logits[row, i].argmax(), (row, i)
+    x = torch.randint(2, 50, (4, S + 1))
+    mixed, lens = rollout_batch(x, (windows, real_len), 3, s)
+    assert s.rollout_rows() == 2 and torch.equal(mixed[2:], x[2:]) and lens[2:].tolist() == [S + 1, S + 1]
+    for row in range(2):  # the first rollout_rows() rows come from the pool, with their prefix lengths
+        n = next(n for n in range(5) if torch.equal(windows[n], mixed[row]))
+        assert lens[row] == real_len[n]
+
+
+def test_rollout_training_resumes_bit_for_bit(corpus, tmp_path):
+    # the pool is regenerated at steps 0 and 4; resuming at 3 needs the saved pool of step 0
+    s = _settings(corpus, steps=6, draft_target="rollout", rollout_every=4, rollout_pool=3,
+                  rollout_prefix_min=2, rollout_prefix_max=8)
+    straight = train(s, tmp_path / "a", log_every=1, progress=False, log=_quiet)
+    train(s, tmp_path / "b", stop_at=3, log_every=1, progress=False, log=_quiet)
+    assert "rollout.windows" in load_file(str(tmp_path / "b" / "train_state.safetensors"))
+    resumed = train(s, tmp_path / "b", resume=True, log_every=1, progress=False, log=_quiet)
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("tok_s", "elapsed_s")} for r in h]  # noqa: E731
+    assert strip(resumed["history"]) == strip(straight["history"])
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["history"][-1]["ce_diff"] < straight["history"][0]["ce_diff"]
+
+
+def test_draft_target_settings_are_checked():
+    with pytest.raises(TiDARError, match="unknown --draft-target"):
+        TrainSettings(draft_target="teacher")
+    with pytest.raises(TiDARError, match="needs --mode tidar"):
+        TrainSettings(mode="ar", draft_target="self")
+    with pytest.raises(TiDARError, match="rollout prefix"):
+        TrainSettings(draft_target="rollout", seq_len=16, block_size=4, rollout_prefix_max=16)
+    assert TrainSettings(draft_target="rollout", batch_size=8, rollout_frac=0.25).rollout_rows() == 2
+    assert TrainSettings(draft_target="self").rollout_rows() == 0
 
 
 # ------------------------------------------------------------------------------ training
@@ -164,6 +258,15 @@ def test_eval_command_reports_its_fields(corpus, tmp_path, capsys):
     assert set(dec["tidar"]) == {"2", "4"} and dec["tidar_equals_ar"] is True
     for b, r in dec["tidar"].items():
         assert 1.0 <= r["tokens_per_forward"] <= int(b) and r["equals_ar"] and r["forwards"] > 0
+        assert len(r["acceptance_by_slot"]) == int(b) - 1 and r["acceptance_by_slot"][0] is not None
+
+
+def test_acceptance_by_slot_from_the_histogram():
+    from tidar_export.train.evaluate import acceptance_by_slot
+
+    # 10 steps at b = 4: 4 emitted 1 token, 3 emitted 2, 2 emitted 3, 1 emitted all 4
+    assert acceptance_by_slot({1: 4, 2: 3, 3: 2, 4: 1}, 4) == [0.6, 0.5, 0.3333]
+    assert acceptance_by_slot({1: 5}, 3) == [0.0, None]
 
 
 # ------------------------------------------------------------------------------ user errors
@@ -201,8 +304,8 @@ def test_user_errors_are_one_line(corpus, tmp_path, capsys):
 
 
 def test_demo_model_decodes_and_tidar_equals_ar():
-    from tidar_export.bench.demo import demo_model_path
-    from tidar_export.model.reference import TorchBackend
+    from tidar_export.bench.measure.demo import demo_model_path
+    from tidar_export.model.transformer.reference import TorchBackend
     from tidar_runtime import generate_ar, generate_tidar
 
     path = demo_model_path()

@@ -3,10 +3,19 @@ standard library's own source (see demo_model/MODEL_CARD.md and docs/TRAINING.md
 `tidar-export demo`, the README's main job on it.
 
 `tidar-export demo` exports the demo model to an ONNX artifact in a cache directory (reused
-while it matches the shipped checkpoint), decodes a few built-in Python prompts in AR and in
-TiDAR mode over ONNX Runtime, shows both outputs, checks that they are equal token for token,
-and reports TiDAR's tokens per forward and its speed relative to AR. Exit status 1 when an
-output differs. Progress goes to stderr, results to stdout (`--json`: one object).
+while it matches the shipped checkpoint and the decode setting), decodes a few built-in Python
+prompts in AR and in TiDAR mode over ONNX Runtime, shows both outputs, checks that they are
+equal token for token, and reports TiDAR's tokens per forward and its speed relative to AR.
+
+The decode setting (block size b and proposal set) is the one shipped with the model in
+`demo_model/demo_setting.json`: the fastest of a `tidar-export tune` sweep on the reference
+CPU (its figures are recorded there). `--block-size` / `--proposals` override it. A step of
+width w costs more than the AR step wherever the device is not idle at width 1 (a CPU: the
+step is compute-bound), so the demo also prints the measured cost of the chosen width over the
+AR step next to T/NFE: TiDAR is faster only while T/NFE exceeds that cost.
+
+Exit status 1 when an output differs. Progress goes to stderr, results to stdout (`--json`:
+one object).
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ DEMO_PROMPTS = (
 )
 EXPORT_OPTIONS = {"target": "ort", "precision": "fp32", "max_batch": 1}  # max_seq_len: the checkpoint's limit
 STAMP_FILE = "demo.json"  # beside the manifest: which checkpoint the cached artifact was exported from
+SETTING_FILE = "demo_setting.json"  # in demo_model/: the decode setting (b, proposals) to use, and why
+DEFAULT_REPEATS = 3
 
 
 def demo_model_path() -> Path:
@@ -40,6 +51,25 @@ def default_artifact_dir() -> Path:
     """$XDG_CACHE_HOME/tidar-export/demo, else ~/.cache/tidar-export/demo."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "tidar-export" / "demo"
+
+
+def demo_setting(checkpoint: Path | None = None) -> dict:
+    """{"block_size", "proposals", "source"}: the shipped setting, else the checkpoint's b, dense."""
+    from tidar_export.model.checkpoint import read_config
+    from tidar_runtime.layout import normalize_proposals
+
+    checkpoint = checkpoint or demo_model_path()
+    f = checkpoint / SETTING_FILE
+    if f.is_file():
+        try:
+            rec = json.loads(f.read_text())
+            b = int(rec["block_size"])
+            rs = list(normalize_proposals(b, rec.get("proposals")))
+        except (OSError, ValueError, KeyError, TypeError, TiDARError) as e:
+            raise TiDARError(f"{f}: unreadable decode setting ({first_line(e)})") from None
+        return {"block_size": b, "proposals": rs, "source": SETTING_FILE}
+    b = read_config(checkpoint).block_size
+    return {"block_size": b, "proposals": list(normalize_proposals(b, None)), "source": "checkpoint default"}
 
 
 def checkpoint_digest(checkpoint: Path) -> str:
@@ -55,8 +85,8 @@ def checkpoint_digest(checkpoint: Path) -> str:
     return h.hexdigest()
 
 
-def stale_reason(artifact_dir: Path, checkpoint: Path, digest: str) -> str | None:
-    """Why the artifact at `artifact_dir` cannot be reused (None: it can)."""
+def stale_reason(artifact_dir: Path, checkpoint: Path, digest: str, setting: dict | None = None) -> str | None:
+    """Why the artifact at `artifact_dir` cannot be reused for `setting` (None: it can)."""
     from tidar_export.model.checkpoint import read_config
     from tidar_runtime.manifest import MANIFEST_FILE, load_manifest
 
@@ -68,43 +98,71 @@ def stale_reason(artifact_dir: Path, checkpoint: Path, digest: str) -> str | Non
     except (TiDARError, OSError, ValueError) as e:
         return f"unreadable ({first_line(e)})"
     cfg = read_config(checkpoint)
+    setting = setting or demo_setting(checkpoint)
     if stamp.get("checkpoint_digest") != digest:
         return "exported from another demo checkpoint"
-    want = {"model": dataclasses.asdict(cfg), "block_size": cfg.block_size, "target": EXPORT_OPTIONS["target"],
-            "precision": EXPORT_OPTIONS["precision"], "max_batch": EXPORT_OPTIONS["max_batch"]}
+    want = {"model": dataclasses.asdict(cfg) | {"block_size": setting["block_size"]},
+            "block_size": setting["block_size"], "proposals": list(setting["proposals"]),
+            "target": EXPORT_OPTIONS["target"], "precision": EXPORT_OPTIONS["precision"],
+            "max_batch": EXPORT_OPTIONS["max_batch"]}
     have = {k: getattr(manifest, k) for k in want}
+    have["proposals"] = list(have["proposals"])
     differ = [k for k in want if want[k] != have[k]]
     return f"manifest differs ({', '.join(differ)})" if differ else None
 
 
-def ensure_demo_artifact(artifact_dir: Path, log=lambda msg: None) -> tuple[Path, bool]:
-    """The demo model's ONNX artifact at `artifact_dir`, exported unless a matching one is there.
-    Returns (directory, whether it was exported now)."""
+def ensure_demo_artifact(artifact_dir: Path, log=lambda msg: None, setting: dict | None = None) -> tuple[Path, bool]:
+    """The demo model's ONNX artifact at `artifact_dir` for `setting` (default: `demo_setting()`),
+    exported unless a matching one is there. Returns (directory, whether it was exported now)."""
     from tidar_export.export.artifact import export_artifact
 
     checkpoint = demo_model_path()
+    setting = setting or demo_setting(checkpoint)
     digest = checkpoint_digest(checkpoint)
-    reason = stale_reason(artifact_dir, checkpoint, digest)
+    reason = stale_reason(artifact_dir, checkpoint, digest, setting)
     if reason is None:
         log(f"reusing the demo artifact in {artifact_dir}")
         return artifact_dir, False
-    log(f"exporting the demo model to {artifact_dir} ({reason}) ...")
+    log(f"exporting the demo model (b = {setting['block_size']}, proposals {setting['proposals']}) to "
+        f"{artifact_dir} ({reason}) ...")
     t0 = time.perf_counter()
-    export_artifact(checkpoint, artifact_dir, **EXPORT_OPTIONS, log=lambda m: log(f"  {m}"))
+    export_artifact(checkpoint, artifact_dir, block_size=setting["block_size"], proposals=setting["proposals"],
+                    **EXPORT_OPTIONS, log=lambda m: log(f"  {m}"))
     write_atomic(artifact_dir / STAMP_FILE,
-                 json.dumps({"checkpoint_digest": digest, "options": EXPORT_OPTIONS}, indent=2) + "\n")
+                 json.dumps({"checkpoint_digest": digest, "options": EXPORT_OPTIONS,
+                             "block_size": setting["block_size"], "proposals": setting["proposals"]}, indent=2) + "\n")
     log(f"exported in {time.perf_counter() - t0:.1f}s")
     return artifact_dir, True
 
 
-def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log=lambda msg: None) -> dict:
-    """Decode the built-in prompts in AR and TiDAR mode over ONNX Runtime; a JSON-ready report."""
+def _median(values) -> float | None:
+    import statistics
+
+    return statistics.median(values) if values else None
+
+
+def setting_text(b: int, proposals) -> str:
+    rs = list(proposals)
+    text = "1..%d" % b if rs == list(range(1, b + 1)) else ",".join(str(r) for r in rs)
+    return f"b = {b}, proposals {{{text}}}"
+
+
+def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log=lambda msg: None,
+             setting: dict | None = None, repeats: int = DEFAULT_REPEATS) -> dict:
+    """Decode the built-in prompts in AR and TiDAR mode over ONNX Runtime; a JSON-ready report.
+
+    Every prompt is decoded `repeats` times in each mode, AR and TiDAR back to back with the order
+    alternating, so that a load change on the machine hits both; every decode must equal AR, and
+    the speed figures pool all repeats.
+    """
     from tidar_runtime.tokenizer import folder_tokenizer
     from tidar_runtime import generate_ar, generate_tidar
     from tidar_runtime.backends.ort import OrtBackend
+    from tidar_runtime.layout import step_len
     from tidar_runtime.stats import summarize, tokens_per_s
 
-    artifact_dir, exported = ensure_demo_artifact(artifact_dir, log)
+    setting = setting or demo_setting()
+    artifact_dir, exported = ensure_demo_artifact(artifact_dir, log, setting)
     backend = OrtBackend(artifact_dir, intra_op_threads=threads)
     m = backend.manifest
     tok = folder_tokenizer(artifact_dir)
@@ -118,31 +176,65 @@ def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log
     rows, ar_all, td_all = [], [], []
     for n, text in enumerate(DEMO_PROMPTS, 1):
         ids = tok.encode(text).ids
-        ar = generate_ar(backend, ids, max_new_tokens, stop_tokens=stop)
-        td = generate_tidar(backend, ids, max_new_tokens, stop_tokens=stop)
-        ar_all.append(ar)
-        td_all.append(td)
-        s_ar, s_td = summarize(ar), summarize(td)
+        ars, tds = [], []
+        for rep in range(max(1, repeats)):
+            if (n + rep) % 2:
+                ars.append(generate_ar(backend, ids, max_new_tokens, stop_tokens=stop))
+                tds.append(generate_tidar(backend, ids, max_new_tokens, stop_tokens=stop))
+            else:
+                tds.append(generate_tidar(backend, ids, max_new_tokens, stop_tokens=stop))
+                ars.append(generate_ar(backend, ids, max_new_tokens, stop_tokens=stop))
+        ar, td = ars[0], tds[0]
+        ar_all += ars
+        td_all += tds
+        equal = all(a.tokens == ar.tokens for a in ars) and all(t.tokens == ar.tokens for t in tds)
+        s_td = summarize(td)
+        r_ar, r_td = tokens_per_s(ars), tokens_per_s(tds)
         rows.append({
             "prompt": text, "ar_text": tok.decode(ar.tokens), "tidar_text": tok.decode(td.tokens),
-            "equal": ar.tokens == td.tokens, "ar_token_ids": ar.tokens, "tidar_token_ids": td.tokens,
+            "equal": equal, "ar_token_ids": ar.tokens, "tidar_token_ids": td.tokens,
             "new_tokens": len(td.tokens), "finish_reason": td.finish_reason,
             "tokens_per_forward": s_td["tokens_per_forward"], "accepted_histogram": s_td["accepted_histogram"],
-            "ar_tokens_per_s": s_ar["tokens_per_s"], "tidar_tokens_per_s": s_td["tokens_per_s"],
+            "ar_tokens_per_s": None if r_ar is None else round(r_ar, 1),
+            "tidar_tokens_per_s": None if r_td is None else round(r_td, 1),
         })
         log(f"prompt {n}/{len(DEMO_PROMPTS)}: {len(td.tokens)} tokens, equal: {rows[-1]['equal']}, "
             f"TiDAR {s_td['tokens_per_forward']} tokens/forward")
     forwards = sum(r.stats.forwards for r in td_all)
     ar_rate, td_rate = tokens_per_s(ar_all), tokens_per_s(td_all)
+    t_nfe = sum(sum(r.stats.accepted) for r in td_all) / max(1, forwards)
+    step_s = _median([t for r in td_all for t in r.stats.step_s])
+    ar_step_s = _median([t for r in ar_all for t in r.stats.step_s])
+    cost = step_s / ar_step_s if step_s and ar_step_s else None
     return {
         "model": {"name": "demo_model", "arch": m.model["arch"], "block_size": m.block_size,
                   "vocab_size": m.model["vocab_size"], "num_layers": m.model["num_layers"]},
+        "setting": {"block_size": m.block_size, "proposals": list(m.proposals),
+                    "width": step_len(m.block_size, m.proposals), "source": setting.get("source")},
         "artifact": str(artifact_dir), "exported": exported, "backend": "ort (CPUExecutionProvider)",
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": max_new_tokens, "repeats": max(1, repeats),
         "prompts": rows,
         "all_equal": all(r["equal"] for r in rows),
-        "tokens_per_forward": round(sum(sum(r.stats.accepted) for r in td_all) / max(1, forwards), 3),
+        "tokens_per_forward": round(t_nfe, 3),
         "ar_tokens_per_s": None if ar_rate is None else round(ar_rate, 1),
         "tidar_tokens_per_s": None if td_rate is None else round(td_rate, 1),
         "speed_ratio": None if not (ar_rate and td_rate) else round(td_rate / ar_rate, 3),
+        # the step-cost arithmetic: median forward latency of each mode, pooled over all decodes
+        "step_ms_p50": None if step_s is None else round(step_s * 1e3, 3),
+        "ar_step_ms_p50": None if ar_step_s is None else round(ar_step_s * 1e3, 3),
+        "step_cost_ratio": None if cost is None else round(cost, 3),
+        "projected_speedup": None if cost is None else round(t_nfe / cost, 3),
     }
+
+
+def cost_line(report: dict) -> str:
+    """Where this machine's step cost stops being free: cost(width) / cost(1) against T/NFE."""
+    st, cost, t_nfe = report["setting"], report["step_cost_ratio"], report["tokens_per_forward"]
+    if cost is None:
+        return "step cost: not measured (no decode steps ran)"
+    verdict = "TiDAR wins here" if t_nfe > cost else "TiDAR loses here"
+    return (f"step cost here: a width-{st['width']} step ({setting_text(st['block_size'], st['proposals'])}) "
+            f"costs {cost:.2f}x the AR step ({report['step_ms_p50']} / {report['ar_step_ms_p50']} ms): "
+            f"{verdict} while T/NFE {t_nfe:.2f} {'>' if t_nfe > cost else '<='} {cost:.2f}; projected "
+            f"T/NFE x cost(1)/cost({st['width']}) = {report['projected_speedup']:.2f}x, measured "
+            f"{report['speed_ratio']}x")

@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from tidar_export.bench.demo import default_artifact_dir, run_demo
+from tidar_export.bench.demo import (DEFAULT_REPEATS, SETTING_FILE, setting_text, cost_line, default_artifact_dir, demo_setting,
+                                     run_demo)
 from tidar_export.errors import TiDARError
 
 
@@ -21,18 +22,34 @@ def _print_report(report: dict) -> None:
               f"{r['finish_reason']})")
         print()
     n = len(report["prompts"])
+    st = report["setting"]
     same = "TiDAR == AR on all" if report["all_equal"] else "TiDAR != AR on some"
-    print(f"{same} {n} prompts; TiDAR {report['tokens_per_forward']} tokens/forward (b = "
-          f"{report['model']['block_size']}); tokens/s TiDAR / AR = {report['speed_ratio']} "
-          f"({report['tidar_tokens_per_s']} / {report['ar_tokens_per_s']}, {report['backend']})")
+    print(f"{same} {n} prompts; TiDAR {report['tokens_per_forward']} tokens/forward "
+          f"({setting_text(st['block_size'], st['proposals'])}, from {st['source']}); tokens/s TiDAR / AR = "
+          f"{report['speed_ratio']} ({report['tidar_tokens_per_s']} / {report['ar_tokens_per_s']}, "
+          f"{report['backend']}, {report['repeats']} repeats)")
+    print(cost_line(report))
 
 
 def cmd_demo(args) -> int:
+    from tidar_runtime.layout import normalize_proposals
+
     if args.max_new_tokens < 1:
         raise TiDARError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.repeats < 1:
+        raise TiDARError(f"--repeats must be at least 1, got {args.repeats}")
+    setting = demo_setting()
+    if args.block_size is not None or args.proposals is not None:
+        b = args.block_size if args.block_size is not None else setting["block_size"]
+        if b < 1:
+            raise TiDARError(f"--block-size must be at least 1, got {b}")
+        rs = args.proposals if args.proposals is not None else (
+            None if args.block_size is not None else setting["proposals"])
+        setting = {"block_size": b, "proposals": list(normalize_proposals(b, rs)), "source": "the command line"}
     artifact_dir = Path(args.artifact_dir) if args.artifact_dir else default_artifact_dir()
     report = run_demo(artifact_dir, args.max_new_tokens, args.threads,
-                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                      log=lambda msg: print(msg, file=sys.stderr, flush=True), setting=setting,
+                      repeats=args.repeats)
     if args.json:
         print(json.dumps(report))
     else:
@@ -45,11 +62,18 @@ def cmd_demo(args) -> int:
 
 
 def register(subparsers) -> None:
+    from tidar_export.cli import int_list
+
     p = subparsers.add_parser("demo", help="export the embedded demo model and decode Python prompts in AR and "
                               "TiDAR mode over ONNX Runtime")
     p.add_argument("--artifact-dir", help="where the demo artifact is cached (default: "
                    "$XDG_CACHE_HOME/tidar-export/demo or ~/.cache/tidar-export/demo)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: its own choice)")
+    p.add_argument("--block-size", type=int, help=f"TiDAR block size (default: the shipped tuned setting, "
+                   f"demo_model/{SETTING_FILE})")
+    p.add_argument("--proposals", type=int_list, help="proposal blocks, e.g. 1 or 1,2 (default: the shipped "
+                   "setting's; all of 1..b with --block-size)")
+    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="decodes of each prompt per mode (timing)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_demo)

@@ -42,7 +42,6 @@ import numpy as np
 from tidar_export.errors import TiDARError
 from tidar_runtime.paths import confined
 from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
-from tidar_runtime.paths import confined
 
 QUANTIZER_VERSION = "2"  # 2: shared activation scales, own Q/DQ writer, weight-only int4 / int8
 PRECISIONS = ("int8", "fp8", "int4", "int8-wo")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tidar_export.errors import TiDARError
 from tidar_runtime import fileio
 from tidar_runtime.manifest import GRAPH_KINDS, MANIFEST_FILE
 from tidar_runtime.paths import checkpoint_root, confined

@@ -8,8 +8,9 @@ Reports, on the held-out files of a corpus (`tidar_export.train.data`: never see
   draft quality that greedy acceptance depends on);
 - greedy decoding of `--num-prompts` held-out prompts, AR and TiDAR at each `--block-sizes`
   b: tokens per forward (T/NFE, decode forwards only, TIDAR.md 4), the accepted-length
-  histogram, and whether the TiDAR tokens equal the AR tokens (they must: greedy verification
-  with beta = 1 reproduces the AR decode).
+  histogram, the acceptance rate of each draft slot (given the earlier slots were accepted),
+  and whether the TiDAR tokens equal the AR tokens (they must: greedy verification with
+  beta = 1 reproduces the AR decode).
 Decoding uses `TorchBackend` under the runtime's loop, batch 1 as in the paper.
 """
 
@@ -80,6 +81,16 @@ def prompts_from(stream, num: int, prompt_len: int, max_new: int) -> list[list[i
     return [[int(v) for v in stream[o : o + prompt_len]] for o in (i * span // num for i in range(num))]
 
 
+def acceptance_by_slot(hist, block_size: int) -> list[float | None]:
+    """Greedy acceptance of draft slot t = 1..b-1 given that drafts 1..t-1 were accepted.
+
+    With dense proposals every step offers b - 1 drafts, and a step that emits k tokens accepted
+    drafts 1..k-1, so the rate of slot t is #(k > t) / #(k >= t). None where no step got there.
+    """
+    n_ge = lambda t: sum(v for k, v in hist.items() if k >= t)  # noqa: E731
+    return [round(n_ge(t + 1) / n_ge(t), 4) if n_ge(t) else None for t in range(1, block_size)]
+
+
 def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
     """Greedy AR, then TiDAR at each b: T/NFE, histogram, TiDAR == AR per prompt."""
     from collections import Counter
@@ -114,6 +125,7 @@ def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
             "tokens_per_forward": round(sum(accepted) / max(1, len(accepted)), 3),
             "forwards": len(accepted), "tokens": tokens,
             "accepted_histogram": dict(sorted(hist.items())),
+            "acceptance_by_slot": acceptance_by_slot(hist, b),
             "equals_ar": not mismatched, "mismatched_prompts": mismatched,
             "tokens_per_s_cpu": round(tokens / t_all, 1),
         }

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
 MODES = ("tidar", "ar")
+DRAFT_TARGETS = ("data", "self", "rollout")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,15 @@ class TrainSettings:
     grad_clip: float = 1.0
     seed: int = 0  # model init and the per-step batch sampler
     init_from: str | None = None  # continue from this (imported AR) checkpoint instead of scratch
+    # what the mask slots learn (TiDAR mode): "data" (x_j), "self" (the AR head's own argmax at
+    # j-1 from the same forward, detached) or "rollout" ("self" on a batch whose first
+    # rollout_frac rows continue a real prefix with the model's own greedy tokens)
+    draft_target: str = "data"
+    rollout_frac: float = 0.5  # share of each batch's rows taken from the rollout pool
+    rollout_every: int = 20  # steps between regenerations of the pool by the current model
+    rollout_pool: int = 32  # rows in the pool
+    rollout_prefix_min: int = 8  # real prefix length P of a rollout row: uniform in [min, max]
+    rollout_prefix_max: int = 96
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -86,6 +96,22 @@ class TrainSettings:
             raise TiDARError(f"--seq-len {self.seq_len} must be a multiple of --block-size {self.block_size}")
         if self.lr <= 0 or self.ar_weight < 0 or self.warmup < 0:
             raise TiDARError("--lr must be > 0, --ar-weight and --warmup >= 0")
+        if self.draft_target not in DRAFT_TARGETS:
+            raise TiDARError(f"unknown --draft-target {self.draft_target!r}: choose {', '.join(DRAFT_TARGETS)}")
+        if self.draft_target != "data" and self.mode != "tidar":
+            raise TiDARError(f"--draft-target {self.draft_target} needs --mode tidar (AR mode has no mask slots)")
+        if self.draft_target == "rollout":
+            if not 0 < self.rollout_frac <= 1 or self.rollout_every < 1 or self.rollout_pool < 1:
+                raise TiDARError("--rollout-frac must lie in (0, 1], --rollout-every and --rollout-pool >= 1")
+            if not 1 <= self.rollout_prefix_min <= self.rollout_prefix_max < self.seq_len:
+                raise TiDARError(f"rollout prefix lengths must satisfy 1 <= --rollout-prefix-min <= "
+                                 f"--rollout-prefix-max < --seq-len {self.seq_len}")
+
+    def rollout_rows(self) -> int:
+        """Rows of each batch that come from the rollout pool (0 unless draft_target is rollout)."""
+        if self.draft_target != "rollout":
+            return 0
+        return max(1, min(self.batch_size, round(self.rollout_frac * self.batch_size)))
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step `step` (0-based)."""
@@ -132,8 +158,29 @@ def ar_batch(x: torch.Tensor):
     return x[:, :S], pos, masks.causal_mask(S), x[:, 1:]
 
 
-def losses(model: TiDARModel, x: torch.Tensor, mode: str, block_size: int, ar_weight: float = 1.0):
-    """(total, ce_ar, ce_diff) for windows x [B, S+1]; ce_diff is None in AR mode."""
+def self_targets(clean_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mask-slot labels [B, S] of the "self" target: slot j learns argmax(AR logits at j-1), detached.
+
+    That is the token greedy verification compares draft j with (when the clean prefix is the
+    decode's context). Slot 0 has no AR row before it and keeps the data label x_0.
+    """
+    import torch
+
+    with torch.no_grad():
+        ar_argmax = clean_logits.argmax(-1)  # [B, S]: row i predicts position i + 1
+    return torch.cat([x[:, :1], ar_argmax[:, :-1]], dim=1)
+
+
+def losses(model: TiDARModel, x: torch.Tensor, mode: str, block_size: int, ar_weight: float = 1.0,
+           draft_target: str = "data", real_len: torch.Tensor | None = None):
+    """(total, ce_ar, ce_diff) for windows x [B, S+1]; ce_diff is None in AR mode.
+
+    draft_target: "data" (mask slot j learns x_j) or "self"/"rollout" (it learns the AR head's
+    argmax at j-1 of the same forward, `self_targets`). real_len [B]: number of real (corpus)
+    tokens at the start of each window, the rest being generated (rollout rows); the AR term
+    skips the labels that are generated tokens. None: all real.
+    """
+    import torch
     import torch.nn.functional as F
 
     S = x.shape[1] - 1
@@ -144,8 +191,14 @@ def losses(model: TiDARModel, x: torch.Tensor, mode: str, block_size: int, ar_we
         return ce, ce, None
     ids, pos, mask, labels = tidar_batch(x, block_size, model.cfg.mask_token_id)
     logits, _, _ = model(ids, pos, mask)  # [B, 2S, V]
-    ce_ar = F.cross_entropy(logits[:, :S].flatten(0, 1).float(), labels[:, :S].flatten())
-    ce_diff = F.cross_entropy(logits[:, S:].flatten(0, 1).float(), labels[:, S:].flatten())
+    ar_labels, diff_labels = labels[:, :S], labels[:, S:]
+    if real_len is not None:
+        generated = torch.arange(1, S + 1)[None] >= real_len[:, None]  # label i is token x_{i+1}
+        ar_labels = ar_labels.masked_fill(generated, -100)
+    if draft_target != "data":
+        diff_labels = self_targets(logits[:, :S], x)
+    ce_ar = F.cross_entropy(logits[:, :S].flatten(0, 1).float(), ar_labels.flatten(), ignore_index=-100)
+    ce_diff = F.cross_entropy(logits[:, S:].flatten(0, 1).float(), diff_labels.flatten())
     total = (ar_weight * ce_ar + ce_diff) / (1 + ar_weight)
     return total, ce_ar, ce_diff
 
@@ -159,6 +212,63 @@ def batch_windows(stream: torch.Tensor, step: int, batch_size: int, seq_len: int
     rng = np.random.default_rng([seed, step])
     starts = torch.from_numpy(rng.integers(0, n + 1, size=batch_size))
     return stream[starts[:, None] + torch.arange(seq_len + 1)].long()
+
+
+def rollout_prefix_lens(step: int, s: TrainSettings) -> list[int]:
+    """Real prefix length of each pool row generated at step `step`: a pure function of (seed, step)."""
+    import numpy as np
+
+    rng = np.random.default_rng([s.seed, step, 1])
+    return [int(v) for v in rng.integers(s.rollout_prefix_min, s.rollout_prefix_max + 1, size=s.rollout_pool)]
+
+
+def make_rollout_pool(model: TiDARModel, stream: torch.Tensor, step: int, s: TrainSettings):
+    """Sequence-level self-distillation data: (windows [N, S+1], real_len [N]).
+
+    Row n is a real prefix of P_n corpus tokens (a window drawn from (seed, step, pool)) continued
+    with the model's own greedy AR tokens up to S+1 tokens, decoded with the KV cache under the
+    runtime's loop. Inside the generated part the "self" target of a mask slot is exactly the
+    token the greedy decode produced, i.e. what TiDAR's verification checks drafts against.
+    """
+    import numpy as np
+    import torch
+
+    from tidar_export.reference import TorchBackend
+    from tidar_runtime import generate_ar_batch
+
+    S = s.seq_len
+    lens = rollout_prefix_lens(step, s)
+    n = stream.numel() - S - 1
+    rng = np.random.default_rng([s.seed, step, 2])
+    starts = rng.integers(0, n + 1, size=s.rollout_pool)
+    prompts = [stream[int(a) : int(a) + P].numpy() for a, P in zip(starts, lens)]
+    was_training = model.training
+    # cache of S slots: a row stops ("cache_full") once it holds S + 1 tokens, so every row ends full
+    backend = TorchBackend(model, S, block_size=1, max_batch=len(prompts))
+    results = generate_ar_batch(backend, prompts, S + 1 - min(lens), stop_tokens=())
+    model.train(was_training)
+    rows = []
+    for p, r in zip(prompts, results):
+        row = np.concatenate([p, np.asarray(r.tokens, dtype=np.int64)])[: S + 1]
+        if len(row) != S + 1:
+            raise TiDARError(f"rollout row has {len(row)} tokens, expected {S + 1}")
+        rows.append(row)
+    return torch.from_numpy(np.stack(rows)).long(), torch.tensor(lens, dtype=torch.long)
+
+
+def rollout_batch(x: torch.Tensor, pool: tuple, step: int, s: TrainSettings):
+    """The step's windows with their first `s.rollout_rows()` rows drawn from the pool; (x, real_len)."""
+    import numpy as np
+    import torch
+
+    k = s.rollout_rows()
+    windows, lens = pool
+    pick = torch.from_numpy(np.random.default_rng([s.seed, step, 3]).integers(0, len(windows), size=k))
+    x = x.clone()
+    x[:k] = windows[pick]
+    real_len = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+    real_len[:k] = lens[pick]
+    return x, real_len
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,8 +336,9 @@ def load_optimizer_tensors(opt: torch.optim.AdamW, tensors: dict[str, torch.Tens
 # The run folder
 
 
-def save_run(folder: Path, model: TiDARModel, opt: torch.optim.AdamW, state: dict, tokenizer_dir: Path) -> None:
-    """Checkpoint (importer format) + resume state, swapped in atomically."""
+def save_run(folder: Path, model: TiDARModel, opt: torch.optim.AdamW, state: dict, tokenizer_dir: Path,
+             extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Checkpoint (importer format) + resume state (plus `extra` tensors: the rollout pool), swapped in atomically."""
     from safetensors.torch import save_file
 
     from tidar_export.model.checkpoint import write_checkpoint_files
@@ -388,6 +499,14 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
                        disable=not sys.stderr.isatty())
             log = bar.write
         acc = {"loss": 0.0, "ar": 0.0, "diff": 0.0, "n": 0}
+        pool = None  # rollout pool: (windows, real_len), regenerated every rollout_every steps
+        if resume and "rollout.windows" in tensors:
+            pool = (tensors["rollout.windows"], tensors["rollout.real_len"])
+
+        def extra() -> dict:
+            return {} if pool is None else {"rollout.windows": pool[0].contiguous(),
+                                            "rollout.real_len": pool[1].contiguous()}
+
         t_log = time.perf_counter()
         while step < end:
             t0 = time.perf_counter()
@@ -395,7 +514,12 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
             for g in opt.param_groups:
                 g["lr"] = lr
             x = batch_windows(stream, step, s.batch_size, s.seq_len, s.seed)
-            total, ce_ar, ce_diff = losses(model, x, s.mode, s.block_size, s.ar_weight)
+            real_len = None
+            if s.draft_target == "rollout":
+                if pool is None or step % s.rollout_every == 0:
+                    pool = make_rollout_pool(model, stream, step, s)
+                x, real_len = rollout_batch(x, pool, step, s)
+            total, ce_ar, ce_diff = losses(model, x, s.mode, s.block_size, s.ar_weight, s.draft_target, real_len)
             opt.zero_grad(set_to_none=True)
             total.backward()
             if s.grad_clip > 0:
@@ -426,7 +550,7 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
                 t_log = time.perf_counter()
             if step % save_every == 0 or step == end:
                 model.eval()
-                save_run(out, model, opt, snapshot(), tok_dir)
+                save_run(out, model, opt, snapshot(), tok_dir, extra())
                 model.train()
         if bar is not None:
             bar.close()
