@@ -22,8 +22,8 @@ def normalize_proposals(block_size: int, proposals: Sequence[int] | None) -> tup
 
     None means all of 1..b (the paper's default). Block 1 must be present: after a step that
     accepts only the anchor (k = 1) it is the only block that can draft the next step, and
-    without it decoding would fall back to one token per step for good (TIDAR.md 8 leaves this
-    open; this project requires it, see docs/DECISIONS.md).
+    without it decoding would fall back to one token per step for good (the paper leaves this
+    open, docs/ALGORITHM.md section 8; this project requires it, see docs/DECISIONS.md).
     """
     b = block_size
     if proposals is None:

@@ -1,4 +1,4 @@
-"""The manifest: the contract between build time and run time (DESIGN.md).
+"""The manifest: the contract between build time and run time (docs/ARCHITECTURE.md).
 
 Every artifact directory has a `manifest.json` beside its graphs/engines. A runtime, in Python
 or C++, reads only the manifest and the artifact files, never the torch model. The schema is

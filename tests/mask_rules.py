@@ -1,4 +1,4 @@
-"""TIDAR.md's mask rules written out entry by entry, independent of tidar_export.model.masks."""
+"""The mask rules of docs/ALGORITHM.md written out entry by entry, independent of tidar_export.model.masks."""
 
 
 def train_mask_entry(q: int, k: int, S: int, b: int) -> bool:

@@ -1,4 +1,4 @@
-"""TiDAR greedy decoding equals AR greedy decoding, token for token (TIDAR.md 4, beta = 1)."""
+"""TiDAR greedy decoding equals AR greedy decoding, token for token (docs/ALGORITHM.md section 4, beta = 1)."""
 
 import pytest
 

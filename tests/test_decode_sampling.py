@@ -1,4 +1,4 @@
-"""TiDAR sampling has exactly the AR sampling distribution (TIDAR.md 6).
+"""TiDAR sampling has exactly the AR sampling distribution (docs/ALGORITHM.md section 6).
 
 On a model with an 8-token vocabulary, the exact distribution of the first three generated
 tokens under AR sampling is computed by enumerating all 8^3 continuations; TiDAR samples from

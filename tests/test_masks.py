@@ -1,4 +1,4 @@
-"""Every mask entry for small b against the rules of TIDAR.md, written out as plain loops."""
+"""Every mask entry for small b against the rules of docs/ALGORITHM.md (sections 2-4, 8), written out as plain loops."""
 
 import itertools
 
@@ -45,7 +45,7 @@ def test_prefill_mask_rules(P, b):
 
 
 def describe_step_rows(b, rs):
-    """Row -> ("draft", i) or ("mask", r, t), in the layout of TIDAR.md 4."""
+    """Row -> ("draft", i) or ("mask", r, t), in the layout of docs/ALGORITHM.md section 4."""
     rows = [("draft", i) for i in range(b)]
     rows += [("mask", r, t) for r in rs for t in range(b)]
     return rows

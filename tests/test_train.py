@@ -1,4 +1,4 @@
-"""The training recipe (TIDAR.md 2), resume, the eval command, and the shipped demo model.
+"""The training recipe (docs/ALGORITHM.md section 2), resume, the eval command, and the shipped demo model.
 
 Everything here trains tiny models for a few steps on a small generated corpus; nothing
 trains the demo model.
@@ -46,11 +46,11 @@ def _quiet(*_):
     pass
 
 
-# ------------------------------------------------------------------------------ layout (TIDAR.md 2)
+# -------------------------------------------------------------- layout (docs/ALGORITHM.md section 2)
 
 
 @pytest.mark.parametrize("S,b", [(8, 2), (8, 4), (12, 3)])
-def test_tidar_batch_matches_tidar_md(S, b):
+def test_tidar_batch_matches_the_algorithm(S, b):
     M = 1
     x = torch.arange(100, 100 + 2 * (S + 1)).view(2, S + 1)  # distinct tokens, 2 rows
     ids, pos, mask, labels = tidar_batch(x, b, M)

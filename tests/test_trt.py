@@ -619,7 +619,7 @@ def test_cuda_copies_and_graph_replay_on_a_gpu():
 
 NEEDS_TRT = pytest.mark.skipif(not (HAS_TRT and HAS_POLYGRAPHY and CUDA_STATE == "gpu"),
                                reason="needs TensorRT, Polygraphy and a CUDA GPU (none here: TensorRT cannot be "
-                                      "installed on the CPU development machines, DESIGN.md)")
+                                      "installed on the CPU development machines, docs/ARCHITECTURE.md)")
 
 
 @NEEDS_TRT

@@ -47,7 +47,7 @@ DEFAULT_PROMPT_LEN = 32
 DEFAULT_MAX_NEW = 96
 DEFAULT_REPEATS = 5
 DEFAULT_COST_ITERS = 20
-# b:proposals (TIDAR.md 8): narrow steps for devices whose step cost grows with width (CPUs),
+# b:proposals (docs/ALGORITHM.md section 8): narrow steps for devices whose step cost grows with width (CPUs),
 # and the paper's kind of sparse sets for large b
 DEFAULT_SPARSE = ("2:1", "3:1", "4:1", "4:1,2", "6:1,2", "8:1,2,4,8", "16:1,2,4,8,16", "16:1,4,7,10,16")
 

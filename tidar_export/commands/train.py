@@ -11,7 +11,7 @@ from tidar_export.train.trainer import TrainSettings, read_state, train
 
 
 _FLAGS = {  # TrainSettings field -> (flag, type, help)
-    "mode": ("--mode", str, "tidar (TIDAR.md 2 objective) or ar (next-token loss only: the baseline)"),
+    "mode": ("--mode", str, "tidar (docs/ALGORITHM.md section 2) or ar (next-token loss only: the baseline)"),
     "corpus": ("--corpus", str, "'stdlib' (the Python standard library's .py source) or a folder of text files"),
     "pattern": ("--pattern", str, "file glob inside the corpus (default *.py)"),
     "arch": ("--arch", str, "llama | qwen2 | qwen3 (fresh runs)"),

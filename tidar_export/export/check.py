@@ -1,6 +1,6 @@
 """`tidar-export check`: verify an artifact against its manifest, its target, and torch.
 
-Three layers, each failure collected (STYLE.md: a result per output, one typed error that
+Three layers, each failure collected (a result per output, one typed error that
 lists every failing check):
 1. Files: the manifest loads (version, sizes), every graph parses, every external weight
    reference lies inside the shared weight file. A broken artifact stops here with a

@@ -102,7 +102,7 @@ class _CachedGraph(_GraphModule):
 
 
 class StepGraph(_CachedGraph):
-    """One TiDAR decode step (TIDAR.md 4). draft_ids [B, b], cache_len [B], past_key_values.* ->
+    """One TiDAR decode step (docs/ALGORITHM.md section 4). draft_ids [B, b], cache_len [B], past_key_values.* ->
     token_ids [B, n_out], logits [B, n_out, V], present.* (rows: tidar_runtime.layout)."""
 
     def __init__(self, model: TiDARModel, block_size: int, proposals: Sequence[int], kv_update: str):
@@ -310,7 +310,7 @@ _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
 def _name_nodes(model: ir.Model) -> None:
-    """Node names from the module path: "/model/layers.0/self_attn/q_proj/MatMul" (STYLE.md).
+    """Node names from the module path: "/model/layers.0/self_attn/q_proj/MatMul", so that graph diffs read by layer.
 
     Then drops the tracer's node metadata: the names carry the module path, and its stack
     traces would put absolute source paths of the exporting machine into the artifact.

@@ -1,7 +1,7 @@
 """Artifacts of other block sizes / proposal sets, exported from an artifact's checkpoint.
 
 The block size and the proposal set are baked into an artifact's step (and prefill) graph, but
-the draft length can change at decode time without retraining (TIDAR.md 7). So `bench`
+the draft length can change at decode time without retraining (docs/ALGORITHM.md section 1). So `bench`
 (step-cost curve) and `tune` (block-size search) export one complete artifact per candidate
 from the same checkpoint, with every other option copied from the base artifact's manifest
 (target, precision, max_seq_len, max_batch, mask token), into a work directory:

@@ -1,7 +1,7 @@
 """Model configuration: one dataclass, a comment on every field, and named presets.
 
 The same config describes the plain AR transformer and its TiDAR use: TiDAR adds no
-parameters, only `block_size` and `mask_token_id` (TIDAR.md section 1).
+parameters, only `block_size` and `mask_token_id` (docs/ALGORITHM.md section 1).
 """
 
 from __future__ import annotations

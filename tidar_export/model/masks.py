@@ -1,4 +1,4 @@
-"""The single source of truth for TiDAR's attention masks and position ids (TIDAR.md 2-4, 8).
+"""The single source of truth for TiDAR's attention masks and position ids (docs/ALGORITHM.md sections 2-4, 8).
 
 Convention everywhere: a boolean matrix `allow[q, k]`, True where query q may attend to key k.
 The in-step patterns below are constants of (block size, proposal set); only the part that
@@ -27,7 +27,7 @@ def causal_mask(n: int) -> torch.Tensor:
 
 
 def train_mask(seq_len: int, block_size: int) -> torch.Tensor:
-    """[2S, 2S] training mask over [clean x S | mask x S] (TIDAR.md 2)."""
+    """[2S, 2S] training mask over [clean x S | mask x S] (docs/ALGORITHM.md section 2)."""
     S, b = seq_len, block_size
     i = torch.arange(S)
     m = torch.zeros(2 * S, 2 * S, dtype=torch.bool)
@@ -59,7 +59,7 @@ def prefill_positions(prompt_len: int, block_size: int) -> torch.Tensor:
 
 
 def step_mask(block_size: int, proposals: Sequence[int] | None = None) -> torch.Tensor:
-    """[q, q] in-step part of the decode-step mask (TIDAR.md 4), q = step_len(b, proposals).
+    """[q, q] in-step part of the decode-step mask (docs/ALGORITHM.md section 4), q = step_len(b, proposals).
 
     Draft i sees d_0..d_i. Block r sees d_0..d_{r-1} and all of block r, never another block.
     Drafts never see mask tokens.
@@ -93,7 +93,7 @@ def block_row(block_size: int, proposals: Sequence[int] | None, r: int) -> int:
 def with_cache(in_step: torch.Tensor, cache_len: torch.Tensor, max_len: int) -> torch.Tensor:
     """Full mask over a preallocated cache of `max_len` slots, [B, 1, q, max_len].
 
-    The step's keys are written at slots L..L+q-1 (TIDAR.md 5), so key slot s is visible to
+    The step's keys are written at slots L..L+q-1 (docs/ALGORITHM.md section 5), so key slot s is visible to
     query i iff s < L (committed cache) or (L <= s < L+q and in_step[i, s-L]). Slots at or past
     L+q hold stale keys of earlier steps and are hidden. `cache_len` is [B] (per-row L).
     Written with tensor ops only, so that it traces to ONNX with `in_step` as a constant.

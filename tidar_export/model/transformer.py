@@ -6,7 +6,7 @@ list of tensors (no cache objects), and the attention mask is built from tensor 
 
 One forward serves every pass. The caller gives the new tokens, their position ids, the
 in-step mask pattern (`tidar_export.model.masks`) and, for cached passes, the preallocated cache and
-each row's committed length L. The new keys/values are written at slots L..L+T-1 (TIDAR.md 5)
+each row's committed length L. The new keys/values are written at slots L..L+T-1 (docs/ALGORITHM.md section 5)
 and the updated cache is returned; nothing else of the cache changes.
 """
 

@@ -7,7 +7,7 @@ Reports, on the held-out files of a corpus (`tidar_export.train.data`: never see
   diffusion accuracy by slot t of the block (slot t predicts t tokens past the next one: the
   draft quality that greedy acceptance depends on);
 - greedy decoding of `--num-prompts` held-out prompts, AR and TiDAR at each `--block-sizes`
-  b: tokens per forward (T/NFE, decode forwards only, TIDAR.md 4), the accepted-length
+  b: tokens per forward (T/NFE, decode forwards only, docs/ALGORITHM.md section 4), the accepted-length
   histogram, the acceptance rate of each draft slot (given the earlier slots were accepted),
   and whether the TiDAR tokens equal the AR tokens (they must: greedy verification with
   beta = 1 reproduces the AR decode).

@@ -1,4 +1,4 @@
-"""The TiDAR training recipe (TIDAR.md 2) and its AR-only baseline: `tidar-export train`.
+"""The TiDAR training recipe (docs/ALGORITHM.md section 2) and its AR-only baseline: `tidar-export train`.
 
 TiDAR mode, one forward per batch over 2S tokens, no cache:
 
@@ -50,7 +50,7 @@ DRAFT_TARGETS = ("data", "self", "rollout")
 
 @dataclass(frozen=True)
 class TrainSettings:
-    mode: str = "tidar"  # "tidar" (TIDAR.md 2 objective) or "ar" (next-token loss only, the baseline)
+    mode: str = "tidar"  # "tidar" (docs/ALGORITHM.md section 2) or "ar" (next-token loss only, the baseline)
     corpus: str = "stdlib"  # "stdlib" or a folder of text files
     pattern: str = "*.py"  # file glob inside the corpus folder
     # model shape (fresh runs; a run continued from --init-from keeps that checkpoint's shape)
@@ -131,7 +131,7 @@ RESUMABLE_CHANGES = ("steps",)
 
 
 def tidar_batch(x: torch.Tensor, block_size: int, mask_token_id: int):
-    """TiDAR training batch from windows x [B, S+1] (TIDAR.md 2).
+    """TiDAR training batch from windows x [B, S+1] (docs/ALGORITHM.md section 2).
 
     Returns ids [B, 2S], positions [B, 2S], mask [2S, 2S] (True = may attend), labels [B, 2S].
     """
