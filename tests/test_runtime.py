@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import random_model
 from tests.fake_trt import FakeCuda
 from tests.test_decode_sampling import N_NEW, PROMPT, chi_square_pvalue, exact_ar_distribution
-from tidar_export.model.transformer.checkpoint import save_checkpoint
+from tidar_export.model.checkpoint import save_checkpoint
 from tidar_export.cli import main
 from tidar_export.bench.demo import (SETTING_FILE, STAMP_FILE, stale_reason, checkpoint_digest, cost_line,
                                demo_model_path, demo_setting)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tidar_export.train.trainer import data
-from tidar_export.model.transformer.checkpoint import load_checkpoint
+from tidar_export.train import data
+from tidar_export.model.checkpoint import load_checkpoint
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
 from tidar_export.train.trainer import (TrainSettings, ar_batch, losses, make_rollout_pool, rollout_batch, self_targets,
@@ -304,8 +304,8 @@ def test_user_errors_are_one_line(corpus, tmp_path, capsys):
 
 
 def test_demo_model_decodes_and_tidar_equals_ar():
-    from tidar_export.bench.measure.demo import demo_model_path
-    from tidar_export.model.transformer.reference import TorchBackend
+    from tidar_export.bench.demo import demo_model_path
+    from tidar_export.model.reference import TorchBackend
     from tidar_runtime import generate_ar, generate_tidar
 
     path = demo_model_path()
