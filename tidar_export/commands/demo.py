@@ -62,7 +62,7 @@ def cmd_demo(args) -> int:
 
 
 def register(subparsers) -> None:
-    from tidar_export.cli import int_list
+    from tidar_export.commands.args import int_list
 
     p = subparsers.add_parser("demo", help="export the embedded demo model and decode Python prompts in AR and "
                               "TiDAR mode over ONNX Runtime")
