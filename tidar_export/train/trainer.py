@@ -233,7 +233,7 @@ def make_rollout_pool(model: TiDARModel, stream: torch.Tensor, step: int, s: Tra
     import numpy as np
     import torch
 
-    from tidar_export.reference import TorchBackend
+    from tidar_export.model.reference import TorchBackend
     from tidar_runtime import generate_ar_batch
 
     S = s.seq_len
