@@ -71,7 +71,7 @@ class Manifest:
     mask_token_id: int  # the TiDAR mask token
     max_seq_len: int  # KV cache slots per row
     max_batch: int  # rows of the step graphs
-    precision: str  # "fp32" | "fp16" | "bf16" | "int8" | "fp8"
+    precision: str  # "fp32" | "fp16" | "bf16" | "int8" | "fp8" | "int4" | "int8-wo"
     target: str  # "ort" | "trt-10.3" | "trt-10.15"
     kv_update: str  # "slice": graphs output the new K/V [B, KV, T, hd], the runtime writes them at L;
     # "inplace": they output the whole cache [B, KV, max_seq_len, hd] with the new K/V written at L
@@ -111,7 +111,7 @@ class Manifest:
 
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KiB; a larger file is not one
 MAX_JSON_DEPTH = 32  # the deepest manifest field (tuning.candidates[i].proposals[j]) is at depth 5
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4", "int8-wo")  # the last two: weight-only (tidar-export quantize)
 TENSOR_DTYPES = ("int64", "int32", "int8", "uint8", "bool", "float32", "float16", "bfloat16",
                  "float8e4m3fn", "float8_e4m3fn")
 # Bounds of what a runtime allocates from the manifest (checked before any allocation).
