@@ -209,7 +209,7 @@ def test_openai_client(server, reference):
     ({"prompt": "x", "n": 2}, 400, "n=2 is not supported"),
     ({"prompt": "x", "logprobs": 3}, 400, "logprobs=3 is not supported"),
     ({"prompt": list(range(2, 300))}, 400, "does not fit the KV cache of 256 slots"),
-    ({"prompt": [5, 99999]}, 400, "token ids must lie in 0..4095"),
+    ({"prompt": [5, 99999]}, 400, "token id 99999 is outside the vocabulary (0..4095)"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "'gpt-4' is not served here"),
 ], ids=lambda v: None if isinstance(v, (bytes, dict)) else str(v)[:24])
 def test_bad_requests(server, body, status, message):

@@ -347,7 +347,7 @@ def save_run(folder: Path, model: TiDARModel, opt: torch.optim.AdamW, state: dic
     try:
         write_checkpoint_files(model, staging, tokenizer_from=tokenizer_dir)
         tensors, steps = optimizer_tensors(opt)
-        save_file(tensors, str(staging / STATE_TENSORS))
+        save_file(tensors | (extra or {}), str(staging / STATE_TENSORS))
         (staging / STATE_JSON).write_text(json.dumps(state | {"optimizer_steps": steps}, indent=1) + "\n")
         fileio.publish_dir(staging, folder)  # the output policy was applied when the run started
     except BaseException:
