@@ -428,6 +428,7 @@ def test_awq_folding_keeps_the_float_function(artifacts, tmp_path):
     feeds = quant.collect_calibration_inputs(src, _prompts(vocab, 3, 2), samples=6, max_new_tokens=8)
     step = onnx.load(str(src / m.graphs["step"].file))
     stats = quant.activation_stats({"step": step}, feeds, rows=True)
+    quant.unshare_weights(step)  # as quantize_artifact does before folding
     groups = quant.awq_groups(step, m.model)
     assert {g.fold[0] for g in groups} == {"gamma", "columns", "v_proj"}
     for g in groups:  # force a strong scale everywhere, whatever the search picks
@@ -437,11 +438,22 @@ def test_awq_folding_keeps_the_float_function(artifacts, tmp_path):
             mean = np.repeat(mean.reshape(kv, h // kv, -1).mean(1), h // kv, axis=0).reshape(-1)
         g.scales = (mean / mean.mean()).astype(np.float32)
     folded = onnx.load(str(src / m.graphs["step"].file))
+    quant.unshare_weights(folded)
     for name, array in quant.awq_folded_weights(step, groups, m.model).items():
         quant._replace_initializer(folded, name, array)
     feed = feeds["step"][0]
     want = ort.InferenceSession(step.SerializeToString()).run(["logits"], feed)[0]
-    got = ort.InferenceSession(folded.SerializeToString()).run(["logits"], feed)[0]
+    # The folded model's own cache holds V / s (its v_proj is divided by s): feed it that cache,
+    # as its own prefill and steps would have written it.
+    h, kv, hd = m.model["num_heads"], m.model["num_kv_heads"], m.model["head_dim"]
+    own = dict(feed)
+    for g in groups:
+        if g.fold[0] == "v_proj":
+            layer = int(g.role.split("/model/layers.")[1].split("/")[0])
+            sv = g.scales.reshape(h, hd)[:: h // kv]  # [kv, hd]: one scale per kv-head channel
+            name = f"past_key_values.{layer}.value"
+            own[name] = (own[name] / sv[None, :, None, :]).astype(own[name].dtype)
+    got = ort.InferenceSession(folded.SerializeToString()).run(["logits"], own)[0]
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
 
 

@@ -493,6 +493,49 @@ class AwqGroup:
     scales: np.ndarray | None = None
 
 
+def unshare_weights(model) -> int:
+    """Give every extra MatMul / RMSNormalization / bias Add that reads the same weight
+    initializer a copy of its own (named `{weight}@{node}`), so that folding an AWQ scale into
+    one layer's weight or bias leaves the others alone. The exporter merges identical
+    initializers: every RMSNorm weight (all ones) and every bias (zeros) of a fresh model becomes
+    one tensor read by all of them. Node names are the same in the three graphs, so each graph
+    gets the same names. Returns the copies made."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list] = {}  # initializer -> [(node, input index)]
+    for n in model.graph.node:
+        slots = [1] if n.op_type in ("MatMul", "RMSNormalization") else [0, 1] if n.op_type == "Add" else []
+        for i in slots:
+            if i < len(n.input) and n.input[i] in inits and (n.op_type != "Add" or len(inits[n.input[i]].dims) == 1):
+                readers.setdefault(n.input[i], []).append((n, i))
+    copies = 0
+    for name, uses in readers.items():
+        for n, i in sorted(uses, key=lambda u: u[0].name)[1:]:
+            twin = TensorProto()
+            twin.CopyFrom(inits[name])
+            twin.name = f"{name}@{n.name}"
+            model.graph.initializer.append(twin)
+            n.input[i] = twin.name
+            copies += 1
+    return copies
+
+
+def output_bias(model, weight: str) -> str | None:
+    """The bias initializer added to the output of the MatMul that reads `weight` (Qwen2's
+    q/k/v biases), or None."""
+    inits = {t.name: t for t in model.graph.initializer}
+    mm = next((n for n in model.graph.node if n.op_type == "MatMul" and n.input[1:] == [weight]), None)
+    if mm is None:
+        return None
+    for n in model.graph.node:
+        if n.op_type == "Add" and mm.output[0] in n.input:
+            other = [i for i in n.input if i != mm.output[0]]
+            if other and other[0] in inits and len(inits[other[0]].dims) == 1:
+                return other[0]
+    return None
+
+
 def awq_groups(model, manifest_model: dict) -> list[AwqGroup]:
     """The linear layers grouped by the activation they read, with the op that can absorb 1/s:
     the RMSNorm (or Mul) weight before q/k/v and gate/up, the up_proj output columns before
@@ -584,12 +627,16 @@ def awq_folded_weights(model, groups: list[AwqGroup], manifest_model: dict) -> d
         kind, target = g.fold
         if kind == "gamma":
             out[target] = get(target) / g.scales
-        elif kind == "columns":
-            out[target] = get(target) / g.scales[None, :]
+            continue
+        if kind == "columns":
+            s = g.scales
         else:  # v_proj columns: the kv-head channel behind each o_proj input channel
             hd = len(g.scales) // heads
-            sv = g.scales.reshape(heads, hd)[:: heads // kv].reshape(-1)
-            out[target] = get(target) / sv[None, :]
+            s = g.scales.reshape(heads, hd)[:: heads // kv].reshape(-1)
+        out[target] = get(target) / s[None, :]
+        bias = output_bias(model, target)  # the output channels divided by s carry their bias along
+        if bias is not None:
+            out[bias] = get(bias) / s
     return out
 
 
@@ -688,13 +735,7 @@ def externalize_packed(weights, model) -> None:
 
     for t in model.graph.initializer:
         if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) and t.raw_data:
-            offset, length = weights.add(t.data_type, tuple(t.dims), np.frombuffer(t.raw_data, np.uint8))
-            t.ClearField("raw_data")
-            del t.external_data[:]
-            for key, value in (("location", weights.name), ("offset", str(offset)), ("length", str(length))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
-            t.data_location = onnx.TensorProto.EXTERNAL
+            weights.point_at(t, *weights.add(t.data_type, tuple(t.dims), np.frombuffer(t.raw_data, np.uint8)))
 
 
 def keep_bias_adds_unfused(model) -> int:
@@ -834,6 +875,8 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
             f"modes in {time.perf_counter() - t0:.1f}s, shared by the three graphs")
     elif method == "awq":
         stats = activation_stats(graphs, feeds, rows=True, seed=seed)
+        for model in graphs.values():  # before the groups: a fold must change one layer only
+            unshare_weights(model)
         awq = awq_groups(graphs["step"], manifest.model)
         awq_search(graphs["step"], awq, stats, WEIGHT_ONLY_BITS[precision], block_size, manifest.model)
         overrides = awq_folded_weights(graphs["step"], awq, manifest.model)
