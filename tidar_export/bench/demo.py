@@ -142,9 +142,9 @@ def _median(values) -> float | None:
 
 
 def setting_text(b: int, proposals) -> str:
-    rs = list(proposals)
-    text = "1..%d" % b if rs == list(range(1, b + 1)) else ",".join(str(r) for r in rs)
-    return f"b = {b}, proposals {{{text}}}"
+    from tidar_export.bench.report import proposal_text
+
+    return f"b = {b}, proposals {{{proposal_text(proposals, b)}}}"
 
 
 def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log=lambda msg: None,

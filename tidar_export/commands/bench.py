@@ -48,13 +48,17 @@ def cmd_bench(args) -> int:
     report = bench(args.artifact, args.backend, args.threads, args.prompts, args.num_prompts, args.prompt_len,
                    args.max_new_tokens, args.repeats, args.checkpoint, args.workdir, args.curve_block_sizes,
                    args.sparse or DEFAULT_SPARSE, args.cost_iters)
-    text = markdown(report)
+    return write_report(args, report, markdown(report), report["step_cost"]["points"])
+
+
+def write_report(args, report: dict, text: str, curve: list[dict], sweep: list[dict] | None = None) -> int:
+    """The outputs bench and tune share: --json, --markdown, --plot, then the markdown on stdout."""
     if args.json_out:
         write_atomic(args.json_out, json.dumps(report, indent=2) + "\n")
     if args.markdown:
         write_atomic(args.markdown, text)
     if args.plot:
-        plot(args.plot, report["step_cost"]["points"],
+        plot(args.plot, curve, sweep,
              title=f"{report['artifact']} on {report['machine']['cpu']} ({report['backend']}, {report['threads']} thread)")
     print(text)
     return 0

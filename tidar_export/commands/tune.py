@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 
 from tidar_export.bench import measure as B
-from tidar_export.bench.report import curve_points, plot, require_matplotlib, tune_markdown
-from tidar_export.commands.bench import add_measure_flags
+from tidar_export.bench.report import curve_points, require_matplotlib, tune_markdown
+from tidar_export.commands.bench import add_measure_flags, write_report
 from tidar_export.bench.tune import tune
-from tidar_runtime.fileio import write_atomic
 
 
 def register(sub) -> None:
@@ -33,14 +31,4 @@ def cmd_tune(args) -> int:
                   args.prompt_len, args.max_new_tokens, args.repeats, args.block_sizes,
                   args.sparse or B.DEFAULT_SPARSE, args.workdir, args.cost_iters, write=not args.dry_run,
                   force=args.force)
-    text = tune_markdown(report)
-    if args.json_out:
-        write_atomic(args.json_out, json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        write_atomic(args.markdown, text)
-    if args.plot:
-        plot(args.plot, curve_points(report), report["candidates"],
-               title=f"{report['artifact']} on {report['machine']['cpu']} ({report['backend']}, "
-                     f"{report['threads']} thread)")
-    print(text)
-    return 0
+    return write_report(args, report, tune_markdown(report), curve_points(report), report["candidates"])

@@ -101,16 +101,22 @@ class WeightFile:
             array = onnx.numpy_helper.to_array(tensor)
             if array.nbytes < EXTERNAL_MIN_BYTES:
                 continue
-            offset, length = self.add(tensor.data_type, tuple(tensor.dims), array)
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                tensor.ClearField(field)
-            # Written by hand: onnx's set_external_data refuses a tensor without raw_data, and an
-            # initializer may hold its values in float_data etc. (or its raw_data is cleared above).
-            del tensor.external_data[:]
-            for key, value in (("location", self.name), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+            self.point_at(tensor, *self.add(tensor.data_type, tuple(tensor.dims), array))
+
+    def point_at(self, tensor, offset: int, length: int) -> None:
+        """Make the TensorProto `tensor` an external reference to bytes offset..offset+length of
+        this file, dropping its inline values."""
+        import onnx
+
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(field)
+        # Written by hand: onnx's set_external_data refuses a tensor without raw_data, and an
+        # initializer may hold its values in float_data etc. (or its raw_data is cleared above).
+        del tensor.external_data[:]
+        for key, value in (("location", self.name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = onnx.TensorProto.EXTERNAL
 
     def close(self) -> None:
         self._f.close()
