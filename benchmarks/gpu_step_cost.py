@@ -235,6 +235,15 @@ def demo_decode(args, device: str) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
+    lines = []
+    if report.get("curve"):
+        lines += _curve_markdown(report)
+    if report.get("demo"):
+        lines += _demo_markdown(report)
+    return "\n".join(lines) + "\n"
+
+
+def _curve_markdown(report: dict) -> list[str]:
     c = report["curve"]
     lines = [f"Step-cost curve: {c['preset']}-shaped random model, {c['dtype']}, torch "
              f"{'under CUDA graphs' if c['cuda_graphs'] else 'eager (CPU check, not a measurement)'}, "
@@ -245,17 +254,20 @@ def markdown(report: dict) -> str:
             range(1, p["block_size"] + 1)) else ",".join(map(str, p["proposals"])))
         lines.append(f"| {p['block_size'] if p['width'] > 1 else 'AR'} | {rs} | {p['width']} | {p['ms_p50']:.4f} | "
                      f"{p['ms_min']:.4f} | {p['cost_ratio']:.2f} |")
-    if report.get("demo"):
-        how = "CUDA graphs" if report["curve"]["cuda_graphs"] else "eager CPU check, not a measurement"
-        lines += ["", f"Demo model, AR vs TiDAR (torch, {how}, batch 1, greedy):", "",
-                  "| b | width | AR tokens/s | TiDAR tokens/s | speedup median [min, max] | T/NFE | conversion | equal to AR |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in report["demo"]:
-            sp, tpf = r["speedup"], r["tidar"]["tokens_per_forward"]
-            lines.append(f"| {r['block_size']} | {r['width']} | {r['ar']['tokens_per_s']['median']:.1f} | "
-                         f"{r['tidar']['tokens_per_s']['median']:.1f} | {sp['median']:.2f} [{sp['min']:.2f}, "
-                         f"{sp['max']:.2f}] | {tpf:.2f} | {sp['median'] / tpf:.2f} | {'yes' if r['equal_to_ar'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _demo_markdown(report: dict) -> list[str]:
+    how = "CUDA graphs" if report["cuda_graphs"] else "eager CPU check, not a measurement"
+    lines = ["", f"Demo model, AR vs TiDAR (torch, {how}, batch 1, greedy):", "",
+             "| b | width | AR tokens/s | TiDAR tokens/s | speedup median [min, max] | T/NFE | conversion | equal to AR |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["demo"]:
+        sp, tpf = r["speedup"], r["tidar"]["tokens_per_forward"]
+        lines.append(f"| {r['block_size']} | {r['width']} | {r['ar']['tokens_per_s']['median']:.1f} | "
+                     f"{r['tidar']['tokens_per_s']['median']:.1f} | {sp['median']:.2f} [{sp['min']:.2f}, "
+                     f"{sp['max']:.2f}] | {tpf:.2f} | {sp['median'] / tpf:.2f} | {'yes' if r['equal_to_ar'] else 'NO'} |")
+    return lines
 
 
 def main() -> int:
@@ -269,6 +281,7 @@ def main() -> int:
     p.add_argument("--sparse", action="append", help=f"B:R,R,.. (default {' '.join(DEFAULT_SPARSE)})")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--skip-demo", action="store_true", help="only the step-cost curve")
+    p.add_argument("--demo-only", action="store_true", help="only the demo model's AR vs TiDAR")
     p.add_argument("--demo-checkpoint", help="default: the embedded demo model")
     p.add_argument("--demo-block-sizes", type=block_size_range, help="default: the checkpoint's block size")
     p.add_argument("--num-prompts", type=int, default=8)
@@ -290,7 +303,11 @@ def main() -> int:
         print("skipped: CUDA is not available (torch.cuda.is_available() is False); this benchmark measures "
               "the torch backend under CUDA graphs on a GPU (--allow-cpu runs an eager CPU check)", file=sys.stderr)
         return 0
-    report = {"device": name, "torch": torch.__version__, "curve": step_cost_curve(args, device)}
+    if args.skip_demo and args.demo_only:
+        p.error("--skip-demo and --demo-only leave nothing to run")
+    report = {"device": name, "torch": torch.__version__, "cuda_graphs": device == "cuda"}
+    if not args.demo_only:
+        report["curve"] = step_cost_curve(args, device)
     if not args.skip_demo:
         report["demo"] = demo_decode(args, device)
     text = markdown(report)

@@ -110,4 +110,9 @@ def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
     ir_model.metadata_props["tidar_graphs.target"] = spec.name
     ir_model.metadata_props["tidar_graphs.passes"] = json.dumps(
         {k: v for k, v in fired.items() if k not in ("cleanup", "tidy")}, sort_keys=True)
-    return ir.serde.serialize_model(ir_model)
+    proto = ir.serde.serialize_model(ir_model)
+    # The IR version the opsets need (ONNX's table: opset 23 -> IR 11, opset 24 -> IR 12); the
+    # tracer's IR 10 would under-declare an opset-23/24 graph. Never lowered below the tracer's.
+    proto.ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(proto.opset_import,
+                                                                                ignore_unknown=True))
+    return proto

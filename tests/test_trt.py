@@ -731,3 +731,35 @@ def test_given_budgets_are_set_and_capped(fake_engines):
     be.close()
     with pytest.raises(TiDARError, match="must be a byte count"):
         _streaming(fake_engines, FakeCuda(), budget={"step": 5})  # no budget for the prefill
+
+
+# --------------------------------------------------------------------------- versions and precision risks
+
+
+@pytest.mark.parametrize("target, opset, ir_version", [("trt-10.3", 18, 10), ("trt-10.15", 24, 12)])
+def test_lowered_graphs_declare_the_ir_version_of_their_opset(exported, target, opset, ir_version):
+    """ONNX maps opset 23 to IR 11 and opset 24 to IR 12; opset 18 needs IR 8, the tracer writes 10."""
+    import onnx
+    import onnxruntime as ort
+
+    path = exported(target) / "step.onnx"
+    proto = onnx.load(str(path), load_external_data=False)
+    assert {o.domain or "ai.onnx": o.version for o in proto.opset_import}["ai.onnx"] == opset
+    assert proto.ir_version == ir_version
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # ONNX Runtime takes that IR version
+
+
+def test_check_warns_about_fp32_fused_attention_for_trt_10_15(exported):
+    from tidar_export.export.check import attention_warnings, check_artifact
+
+    report = check_artifact(exported("trt-10.15"))  # fp32 graphs with fused Attention
+    assert report.ok and len(report.warnings) == 1
+    line = report.warnings[0]
+    assert "\n" not in line and "non-decomposable IAttention" in line and "--dtype bf16" in line
+    assert "prefill 2, step 2, ar_step 2 nodes" in line  # the tiny model: one Attention per layer, 2 layers
+    assert check_artifact(exported("trt-10.3")).warnings == []  # decomposed attention: no risk
+    m = load_manifest(exported("trt-10.15"))
+    for t in m.graphs["step"].inputs:
+        if t.name.startswith("past_key_values."):
+            t.dtype = "bfloat16"
+    assert attention_warnings(m, {"step": None}) == []  # bf16 graphs: what trt-10.15 is meant for

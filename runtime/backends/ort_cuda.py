@@ -31,6 +31,7 @@ and a stand-in CUDA API whose "device" memory is host memory (tests/test_runtime
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -75,6 +76,13 @@ class OrtCudaBackend(DeviceBackend):
         m = self._read_manifest(artifact_dir)
         self.kv_dtype = np_dtype(m.graphs["step"].input(self.past_names[0]).dtype)
         self.kv_mode = "slice" if m.kv_update == "slice" else "pingpong"
+        opset = int((m.versions.get("opsets") or {}).get("ai.onnx", 0))
+        if opset >= 24:
+            # ONNX opset 24 bumped Reshape and Cast; CUDA-provider builds that register them only up to
+            # opset 23 run every Reshape/Cast of these graphs on the CPU, with copies around each.
+            warnings.warn(f"{self.dir}: opset-{opset} graphs (target {m.target}) on ONNX Runtime's CUDA provider: "
+                          "builds without opset-24 Reshape/Cast CUDA kernels place those nodes on the CPU; "
+                          "export with --target ort (opset 23) for the ort-cuda backend")
         self.cuda_graphs = cuda_graphs and self.kv_mode == "slice" and ort_device == "cuda"
         self.cuda_graph_status: dict[str, str] = {}
         cuda_api.set_device(device)

@@ -16,26 +16,19 @@ def _add_tidar_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_init(args) -> int:
-    import torch
-
-    from tidar_export.model.checkpoint import save_checkpoint
+    from tidar_export.export.tracing import PRECISIONS
+    from tidar_export.model.checkpoint import write_random_checkpoint
     from tidar_export.model.config import preset
-    from tidar_export.model.transformer import TiDARModel
-    from tidar_runtime.fileio import prepare_output
 
     cfg = preset(args.preset)
     if args.block_size is not None:
         cfg = cfg.replace(block_size=args.block_size)
     if args.seed < 0:
         raise TiDARError(f"--seed must be >= 0, got {args.seed}")
-    prepare_output(args.output, "checkpoint", args.force)  # before the (possibly large) model is made
-    torch.manual_seed(args.seed)
-    model = TiDARModel(cfg)
-    for p in model.parameters():  # HF-style init: N(0, 0.02) for weights
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.02)
-    out = save_checkpoint(model, args.output, force=args.force)
-    print(f"wrote random {args.preset} checkpoint ({cfg.num_params() / 1e6:.2f}M params) to {out}")
+    # Tensor by tensor into bounded shards: a qwen3-8b checkpoint never sits in memory whole.
+    out = write_random_checkpoint(cfg, args.output, dtype=PRECISIONS[args.dtype], seed=args.seed,
+                                  force=args.force)
+    print(f"wrote random {args.preset} checkpoint ({cfg.num_params() / 1e6:.2f}M params, {args.dtype}) to {out}")
     return 0
 
 
@@ -104,6 +97,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.add_argument("--block-size", type=int, help="TiDAR block size to record")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="dtype of the written tensors (default fp32)")
     add_force_flag(p)
     p.set_defaults(func=cmd_init)
 

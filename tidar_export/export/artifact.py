@@ -5,8 +5,11 @@
 The three graphs are traced by tidar_export.export.tracing and lowered for the target by
 `tidar_graphs.lower`. Weights: every initializer of at least EXTERNAL_MIN_BYTES goes to
 weights.bin, once per distinct content (the three graphs point at the same offsets), so models
-over 2 GB work and the data is stored once. The artifact is written into a staging directory
-beside the target and renamed at the end (tidar_runtime.fileio); any failure removes it.
+over 2 GB work and the data is stored once. The checkpoint's tensors are streamed: the traced
+model holds no weight data, and each tensor is read from its shard (transposed where the
+graph wants [in, out]) only when it is written to weights.bin, so the export holds about one
+tensor at a time, never the whole model (`_streamed_weights`). The artifact is written into a
+staging directory beside the target and renamed at the end (tidar_runtime.fileio); any failure removes it.
 
 Heavy imports (torch, onnx) happen inside the functions, so that the CLI starts fast.
 """
@@ -49,6 +52,7 @@ class WeightFile:
         self.name = path.name
         self._f = open(path, "wb")
         self._offsets: dict[tuple, tuple[int, int]] = {}
+        self._sources: dict[tuple, tuple[int, int]] = {}  # source_key of a streamed tensor -> (offset, length)
         self.size = 0
 
     def add(self, dtype: int, shape: tuple[int, ...], data: np.ndarray) -> tuple[int, int]:
@@ -78,7 +82,13 @@ class WeightFile:
             t = value.const_value
             if t is None or isinstance(t, ir.ExternalTensor) or t.nbytes < EXTERNAL_MIN_BYTES:
                 continue
-            offset, length = self.add(t.dtype.value, tuple(t.shape.numpy()), t.numpy())
+            key = getattr(t, "source_key", None)  # a streamed checkpoint tensor: read it once for all graphs
+            if key is not None and key in self._sources:
+                offset, length = self._sources[key]
+            else:
+                offset, length = self.add(t.dtype.value, tuple(t.shape.numpy()), t.numpy())
+                if key is not None:
+                    self._sources[key] = (offset, length)
             value.const_value = ir.ExternalTensor(str(self.path), offset, length, t.dtype, shape=t.shape,
                                                   name=value.name)
         self._f.flush()
@@ -122,6 +132,71 @@ class WeightFile:
         self._f.close()
 
 
+def _streamed_weights(source, weights: WeightFile):
+    """The `prepare` hook of `tracing.trace` for a model of `checkpoint.open_streamed`.
+
+    Its parameters are placeholders without data, so before torch.onnx's optimizer runs (it
+    would fold the weight transposes over them), every initializer that names a checkpoint
+    tensor gets a lazy value that reads the tensor from its shard; a Transpose of such a weight
+    (nn.Linear's [out, in] -> [in, out]) becomes a lazy initializer that reads and transposes.
+    Then all of them go to the weights file, one tensor in memory at a time; the optimizer and
+    the graph passes only ever see references into that file.
+    """
+    import onnx_ir as ir
+    import torch
+
+    ir_dtype = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
+                torch.bfloat16: ir.DataType.BFLOAT16}[source.dtype]
+
+    class ShardTensor(ir.LazyTensor):
+        def __init__(self, name: str, transposed: bool):
+            shape = tuple(source.tensor_shape(name))
+            shape = shape[::-1] if transposed else shape
+            super().__init__(lambda: _ir_tensor(source.tensor(name), transposed), dtype=ir_dtype,
+                             shape=ir.Shape(shape), name=name + (".T" if transposed else ""))
+            self.source_key = (*source.location(name), transposed)
+
+    def _ir_tensor(t: torch.Tensor, transposed: bool):
+        if transposed:
+            t = t.t().contiguous()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return ir.Tensor(t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), dtype=ir.DataType.BFLOAT16)
+        return ir.Tensor(t.numpy())
+
+    def prepare(model) -> None:
+        g = model.graph
+        for node in list(g):
+            src = node.inputs[0] if node.inputs else None
+            perm = node.attributes.get("perm")
+            if (node.op_type != "Transpose" or node.domain != "" or src is None or not src.is_initializer()
+                    or src.name not in source or perm is None or tuple(perm.as_ints()) != (1, 0)
+                    or node.outputs[0].is_graph_output() or len(src.uses()) != 1):
+                # a weight used elsewhere too (a tied embedding's Gather) keeps its Transpose: no second copy
+                continue
+            out = node.outputs[0]
+            name = out.name
+            lazy = ShardTensor(src.name, True)
+            value = ir.Value(name=f"{name}.streamed", shape=lazy.shape, type=ir.TensorType(ir_dtype), const_value=lazy)
+            out.replace_all_uses_with(value)
+            g.remove(node, safe=True)
+            value.name = name
+            g.register_initializer(value)
+            if not src.uses():
+                del g.initializers[src.name]
+        for value in g.initializers.values():
+            if value.name in source and not isinstance(value.const_value, ShardTensor):
+                value.const_value = ShardTensor(value.name, False)
+            raw = getattr(value.const_value, "raw", None)
+            if isinstance(raw, torch.Tensor) and raw.numel() > 1 and not any(raw.stride()):
+                # a placeholder no checkpoint tensor replaced: exporting it would write a constant weight
+                raise RuntimeError(f"initializer {value.name} is a weight placeholder with no checkpoint tensor")
+        weights.externalize_ir(model)
+
+    return prepare
+
+
 # --------------------------------------------------------------------------- artifact
 
 
@@ -148,7 +223,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     import torch
 
     import tidar_export
-    from tidar_export.model.checkpoint import load_checkpoint, read_config
+    from tidar_export.model.checkpoint import open_streamed, read_config
     from tidar_export.export.tracing import EXPORT_OPSET, graph_io, make_plan, manifest_dims, trace
     from tidar_runtime.manifest import GraphSpec, Manifest
 
@@ -156,14 +231,14 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     output = prepare_output(output, force, inputs=[checkpoint])
     cfg = read_config(checkpoint, block_size, mask_token_id)
     plan = make_plan(cfg, block_size, proposals, target, precision, max_seq_len, max_batch)  # before loading
-    model = load_checkpoint(checkpoint, block_size, mask_token_id, dtype=plan.dtype)
+    model, source = open_streamed(checkpoint, block_size, mask_token_id, dtype=plan.dtype)
 
     with staged_artifact(output, force) as (tmp, weights):
         graphs: dict[str, GraphSpec] = {}
         opsets: dict[str, int] = {}
         for kind in GRAPH_KINDS:
             t0 = time.perf_counter()
-            traced = trace(model, plan, kind)
+            traced = trace(model, plan, kind, prepare=_streamed_weights(source, weights))
             weights.externalize_ir(traced)
             proto = ir.serde.serialize_model(traced)
             del traced

@@ -250,8 +250,11 @@ def example_inputs(cfg, plan: ExportPlan, kind: str) -> tuple[torch.Tensor, ...]
     return (ids, cache_len, *past)
 
 
-def trace(model: TiDARModel, plan: ExportPlan, kind: str) -> ir.Model:
-    """Trace one graph with torch.onnx's dynamo exporter; returns the optimized ONNX IR model."""
+def trace(model: TiDARModel, plan: ExportPlan, kind: str, prepare=None) -> ir.Model:
+    """Trace one graph with torch.onnx's dynamo exporter; returns the optimized ONNX IR model.
+
+    prepare: called with the traced model (HF weight names) before torch.onnx's optimizer runs;
+    the streaming export gives the weights their data there (tidar_export.export.artifact)."""
     module = graph_module(model, plan, kind)
     inputs, outputs = graph_io(model.cfg, plan, kind)
     dynamic_shapes = None
@@ -265,6 +268,8 @@ def trace(model: TiDARModel, plan: ExportPlan, kind: str) -> ir.Model:
             dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
         )
     _name_weights(program.model)
+    if prepare is not None:
+        prepare(program.model)
     program.optimize()  # torch.onnx's own constant folding and cleanup (folds the weight transposes)
     m = program.model
     _name_nodes(m)

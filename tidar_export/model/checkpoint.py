@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -280,6 +281,177 @@ def save_checkpoint(model: TiDARModel, folder: str | os.PathLike, tokenizer_from
     tmp = fileio.staging_dir(folder)
     try:
         write_checkpoint_files(model, tmp, tokenizer_from)
+        fileio.publish_dir(tmp, folder, "checkpoint", force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+# --------------------------------------------------------------------------- streaming from shards
+#
+# A large checkpoint (the paper's 8B: 16 GB of bf16) must not be held in memory whole to be
+# exported. `open_streamed` reads only the safetensors headers, checks every tensor name and
+# shape against the config, and returns a model whose parameters are zero-stride placeholders
+# (one element each, the full shape: enough for torch.export to trace) together with a
+# `StreamedWeights` that reads one tensor at a time from its shard when the exporter writes it
+# to the artifact's weights file. `write_random_checkpoint` is the writing side: a randomly
+# initialised checkpoint of any preset, generated tensor by tensor into bounded shards.
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+DEFAULT_SHARD_BYTES = 2 << 30  # bytes of tensor data per written shard (what `write_random_checkpoint` holds at once)
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header dict) of one safetensors file, without reading data."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100 << 20:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise TiDARError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})") from None
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+class StreamedWeights:
+    """The checkpoint tensors of a model, read one at a time from their shards (`array`)."""
+
+    def __init__(self, entries: dict[str, tuple[Path, int, int, torch.dtype, tuple[int, ...]]], dtype: torch.dtype):
+        self._entries = entries  # name -> (file, byte offset, byte length, stored dtype, shape)
+        self.dtype = dtype  # what `array` returns
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][4]
+
+    def location(self, name: str) -> tuple[str, int]:
+        """(file, byte offset): the same for a tensor's every name (tied embeddings)."""
+        return str(self._entries[name][0]), self._entries[name][1]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read from its shard now and converted to `dtype` (a fresh CPU tensor)."""
+        path, offset, length, stored, shape = self._entries[name]
+        buf = bytearray(length)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf) != length:
+                raise TiDARError(f"{path}: truncated tensor {name}")
+        t = torch.frombuffer(buf, dtype=stored).reshape(shape) if length else torch.empty(shape, dtype=stored)
+        return t if stored == self.dtype else t.to(self.dtype)
+
+
+def open_streamed(folder: str | os.PathLike, block_size: int | None = None, mask_token_id: int | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[TiDARModel, StreamedWeights]:
+    """A traceable model of the checkpoint's shapes whose parameters hold no data, and the
+    checkpoint's tensors to stream (names and shapes checked as `load_checkpoint` checks them)."""
+    folder = Path(folder)
+    cfg = read_config(folder, block_size, mask_token_id)
+    with torch.device("meta"):
+        model = TiDARModel(cfg).to(dtype)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    entries, unexpected = {}, []
+    for f in _weight_files(folder):
+        start, header = _safetensors_header(f)
+        for name, info in header.items():
+            if name not in expected:
+                if not (name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight"):
+                    unexpected.append(name)
+                continue
+            stored = _ST_DTYPES.get(info.get("dtype"))
+            if stored is None:
+                raise TiDARError(f"{f}: tensor {name} has dtype {info.get('dtype')}; streaming reads "
+                                 f"{', '.join(_ST_DTYPES)}")
+            begin, end = info["data_offsets"]
+            entries[name] = (f, start + begin, end - begin, stored, tuple(info["shape"]))
+    if unexpected:
+        raise TiDARError(f"{folder}: {len(unexpected)} checkpoint tensors are not supported by the "
+                         f"{cfg.arch} model, first {sorted(unexpected)[0]}")
+    missing = sorted(set(expected) - set(entries))
+    if missing:
+        raise TiDARError(f"{folder}: {len(missing)} tensors missing from the checkpoint, first {missing[0]}")
+    for name, (f, _, length, stored, shape) in entries.items():
+        if shape != expected[name]:
+            raise TiDARError(f"{folder}: tensor {name} has shape {shape}, config implies {expected[name]}")
+        if length != int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=stored).element_size():
+            raise TiDARError(f"{f}: tensor {name} has {length} bytes, its shape and dtype need another size")
+    if cfg.tie_word_embeddings:  # one parameter, two names: the graphs may call it either
+        entries["lm_head.weight"] = entries["model.embed_tokens.weight"]
+    # Placeholders: one element broadcast to the full shape (zero strides), on the CPU like the
+    # tracer's inputs; tied parameters stay one object.
+    placeholders: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in placeholders:
+                    placeholders[id(p)] = torch.nn.Parameter(torch.zeros((), dtype=dtype).expand(p.shape),
+                                                             requires_grad=False)
+                module._parameters[key] = placeholders[id(p)]
+    return model.eval(), StreamedWeights(entries, dtype)
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """HF-style init: N(0, 0.02) for matrices (row chunks, so no fp32 copy of a whole matrix),
+    ones for norm weights, zeros for biases."""
+    if len(shape) == 1:
+        return (torch.ones if "norm" in name else torch.zeros)(shape, dtype=dtype)
+    out = torch.empty(shape, dtype=dtype)
+    rows = max(1, (64 << 20) // (4 * int(np.prod(shape[1:]))))  # <= 64 MiB of fp32 at a time
+    for i in range(0, shape[0], rows):
+        out[i:i + rows] = torch.randn((min(rows, shape[0] - i), *shape[1:]), generator=gen).mul_(0.02)
+    return out
+
+
+def write_random_checkpoint(cfg: TiDARConfig, folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                            seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False) -> Path:
+    """A randomly initialised HF-format checkpoint of `cfg`, written tensor by tensor: at most
+    one shard (`shard_bytes` of data) is in memory. One `model.safetensors` when it fits in a
+    shard, else `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json`.
+    Atomic and under the output policy, as `save_checkpoint`."""
+    folder = fileio.prepare_output(folder, "checkpoint", force)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in TiDARModel(cfg).state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape, dtype=np.int64)) * itemsize
+        if groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    files = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    tmp = fileio.staging_dir(folder)
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        weight_map = {}
+        for file, names in zip(files, groups):
+            shard = {name: _random_tensor(name, shapes[name], dtype, gen) for name in names}
+            save_file(shard, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, file))
+            del shard
+        if len(files) > 1:
+            total = sum(int(np.prod(s, dtype=np.int64)) * itemsize for s in shapes.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        hf = config_to_hf(cfg)
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         fileio.publish_dir(tmp, folder, "checkpoint", force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
