@@ -300,6 +300,7 @@ def save_checkpoint(model: TiDARModel, folder: str | os.PathLike, tokenizer_from
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_ST_OTHER = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 DEFAULT_SHARD_BYTES = 2 << 30  # bytes of tensor data per written shard (what `write_random_checkpoint` holds at once)
 
 
@@ -320,7 +321,9 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
 class StreamedWeights:
     """The checkpoint tensors of a model, read one at a time from their shards (`array`)."""
 
-    def __init__(self, entries: dict[str, tuple[Path, int, int, torch.dtype, tuple[int, ...]]], dtype: torch.dtype):
+    def __init__(self, folder: Path, entries: dict[str, tuple[Path, int, int, torch.dtype, tuple[int, ...]]],
+                 dtype: torch.dtype):
+        self.folder = folder  # the checkpoint, for messages
         self._entries = entries  # name -> (file, byte offset, byte length, stored dtype, shape)
         self.dtype = dtype  # what `array` returns
 
@@ -347,6 +350,7 @@ class StreamedWeights:
             if f.readinto(buf) != length:
                 raise TiDARError(f"{path}: truncated tensor {name}")
         t = torch.frombuffer(buf, dtype=stored).reshape(shape) if length else torch.empty(shape, dtype=stored)
+        check_tensor_values(self.folder, name, t)  # finite, as load_checkpoint checks each tensor
         return t if stored == self.dtype else t.to(self.dtype)
 
 
@@ -370,6 +374,9 @@ def open_streamed(folder: str | os.PathLike, block_size: int | None = None, mask
                     unexpected.append(name)
                 continue
             stored = _ST_DTYPES.get(info.get("dtype"))
+            if stored is None and info.get("dtype") in _ST_OTHER:  # the message load_checkpoint gives
+                raise TiDARError(f"{folder}: tensor {name} has dtype {_ST_OTHER[info['dtype']]}, "
+                                 "a floating-point type is expected")
             if stored is None:
                 raise TiDARError(f"{f}: tensor {name} has dtype {info.get('dtype')}; streaming reads "
                                  f"{', '.join(_ST_DTYPES)}")
@@ -398,7 +405,7 @@ def open_streamed(folder: str | os.PathLike, block_size: int | None = None, mask
                     placeholders[id(p)] = torch.nn.Parameter(torch.zeros((), dtype=dtype).expand(p.shape),
                                                              requires_grad=False)
                 module._parameters[key] = placeholders[id(p)]
-    return model.eval(), StreamedWeights(entries, dtype)
+    return model.eval(), StreamedWeights(folder, entries, dtype)
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
