@@ -1,0 +1,202 @@
+"""Peer benchmark: onnxruntime-genai's export of a checkpoint against ours, ONNX Runtime CPU.
+
+    python benchmarks/peer_cpu.py --workdir DIR [--checkpoint CKPT] [--artifact ART ...]
+                                  [--threads 1] [--num-prompts 8] [--prompt-len 32]
+                                  [--max-new-tokens 96] [--repeats 5] [--json OUT]
+
+What it does:
+1. Builds the peer's model from the same checkpoint (once, into DIR/peer):
+   `python -m onnxruntime_genai.models.builder -i CKPT -o DIR/peer -p fp32 -e cpu`.
+   onnxruntime-genai is optional (`pip install onnxruntime-genai==0.18.0`); without it the
+   script says so in one line and exits 1.
+2. Exports our artifact from the same checkpoint into DIR/ours (`tidar-export export`) unless
+   `--artifact` names one or more (the first gives our AR; every one gives a TiDAR setting).
+3. Decodes the same prompts greedily with the peer's AR, our AR and our TiDAR decode, all on
+   the CPU provider with the same intra-op thread count, interleaved: for each repeat and
+   prompt the modes run in a rotating order, so that load changes on a shared machine hit
+   every mode alike. No stop token (the peer's EOS is set to the mask token, which is never
+   predicted), so every decode produces exactly --max-new-tokens tokens.
+
+Tokens/s (per repeat, median and spread over repeats) is the runtime's definition
+(tidar_runtime.stats): the tokens after the first over the decode time, the prefill pass
+excluded. For the peer the prefill is `append_tokens` (which runs the prompt's forward), and
+the decode time is that of the `generate_next_token` calls. Also reported: the ratios to the
+peer's AR of the same repeat, T/NFE, and whether the greedy outputs of all modes are equal.
+Nothing here is a test: the figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
+def build_peer(checkpoint: Path, out: Path) -> None:
+    if (out / "genai_config.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
+           "-p", "fp32", "-e", "cpu"]
+    print("$ " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class Peer:
+    """onnxruntime-genai greedy decoding from token ids, no stop token, `threads` intra-op threads."""
+
+    def __init__(self, og, model_dir: Path, threads: int, mask_token_id: int):
+        self.og = og
+        config = og.Config(str(model_dir))
+        config.clear_providers()  # the CPU provider
+        opts = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        # eos = the TiDAR mask token, which is only ever an input (genai rejects ids outside the
+        # vocabulary): the peer runs to max_length like our decodes here; were the mask token
+        # ever predicted, the peer would stop there and the equality check would say so
+        config.overlay(json.dumps({"model": {"eos_token_id": mask_token_id, "pad_token_id": mask_token_id,
+                                             "decoder": {"session_options": opts}}}))
+        self.model = og.Model(config)
+
+    def decode(self, prompt: list[int], max_new: int) -> tuple[list[int], float, float]:
+        """(new tokens, prefill seconds, decode seconds)."""
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + max_new, num_beams=1)
+        gen = self.og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.asarray(prompt, dtype=np.int32))
+        t1 = time.perf_counter()
+        while not gen.is_done():
+            gen.generate_next_token()
+        t2 = time.perf_counter()
+        seq = list(gen.get_sequence(0))[len(prompt):]
+        return [int(t) for t in seq], t1 - t0, t2 - t1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="folder for the peer's model and our export")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the embedded demo model)")
+    p.add_argument("--artifact", action="append", default=[],
+                   help="our artifact(s) from that checkpoint (default: export one into WORKDIR/ours)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return fail("onnxruntime-genai is not installed: pip install onnxruntime-genai==0.18.0")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    from tidar_export.bench.demo import demo_model_path
+    from tidar_export.bench.measure import artifact_tokenizer, default_prompts, machine, spread
+    from tidar_runtime import generate_ar_batch, generate_tidar_batch
+    from tidar_runtime.backends.ort import OrtBackend
+    from tidar_runtime.stats import rate
+
+    ckpt = Path(args.checkpoint or demo_model_path())
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    build_peer(ckpt, work / "peer")
+    arts = [Path(a) for a in args.artifact]
+    if not arts:
+        arts = [work / "ours"]
+        if not (arts[0] / "manifest.json").is_file():
+            cmd = [sys.executable, "-m", "tidar_export", "export", str(ckpt), "-o", str(arts[0])]
+            print("$ tidar-export export CKPT -o WORKDIR/ours", file=sys.stderr, flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+    backends = [OrtBackend(a, intra_op_threads=args.threads) for a in arts]
+    first = backends[0]
+    tok = artifact_tokenizer(arts[0], first.manifest)
+    prompts, source = default_prompts(tok, first.vocab_size, first.mask_token_id, args.num_prompts,
+                                      args.prompt_len, args.max_new_tokens)
+    peer = Peer(og, work / "peer", args.threads, first.mask_token_id)
+
+    def ours(fn, be):
+        def run(prompt, n):
+            res = fn(be, [prompt], n)[0]
+            return res.tokens, res.stats.prefill_s, sum(res.stats.step_s), res.stats
+        return run
+
+    modes = {"peer_ar": lambda prompt, n: peer.decode(prompt, n) + (None,), "ar": ours(generate_ar_batch, first)}
+    labels = {"peer_ar": "onnxruntime-genai AR", "ar": "ours AR"}
+    for a, be in zip(arts, backends):
+        key = f"tidar_b{be.block_size}_" + "-".join(map(str, be.proposals))
+        modes[key] = ours(generate_tidar_batch, be)
+        labels[key] = f"ours TiDAR b={be.block_size} proposals={{{','.join(map(str, be.proposals))}}}"
+    names = list(modes)
+
+    for name in names:  # warm-up
+        out = modes[name](prompts[0], 4)
+    rates = {n: [] for n in names}
+    tokens: dict[str, dict[int, list[int]]] = {n: {} for n in names}
+    accepted: dict[str, list[int]] = {n: [] for n in names}
+    loads = [os.getloadavg()[0]]
+    for rep in range(args.repeats):
+        num = {n: 0 for n in names}
+        sec = {n: 0.0 for n in names}
+        for i, prompt in enumerate(prompts):
+            k = (rep * len(prompts) + i) % len(names)
+            for name in names[k:] + names[:k]:
+                out, _, decode_s, stats = modes[name](prompt, args.max_new_tokens)
+                num[name] += len(out) - 1
+                sec[name] += decode_s
+                tokens[name].setdefault(i, out)
+                if stats is not None and rep == 0:
+                    accepted[name] += stats.accepted
+        for name in names:
+            rates[name].append(rate(num[name], sec[name]) or 0.0)
+        loads.append(os.getloadavg()[0])
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in names)
+              + " tok/s", file=sys.stderr, flush=True)
+
+    ref = tokens["peer_ar"]
+    result = {
+        "command": "python benchmarks/peer_cpu.py " + " ".join(sys.argv[1:]),
+        "machine": machine() | {"load_avg_1m_during": spread(loads)},
+        "prompts": {"source": source, "num": len(prompts), "prompt_len": args.prompt_len},
+        "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "threads": args.threads,
+        "modes": {},
+        "all_equal": all(tokens[n] == ref for n in names),
+    }
+    for name in names:
+        ratio = [r / b if b else 0.0 for r, b in zip(rates[name], rates["peer_ar"])]
+        acc = accepted[name]
+        result["modes"][name] = {
+            "label": labels[name],
+            "tokens_per_s": spread(rates[name]),
+            "ratio_to_peer_ar": spread(ratio),
+            "tokens_per_forward": round(sum(acc) / len(acc), 3) if acc else 1.0,
+            "equal_to_peer": tokens[name] == ref,
+        }
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    print("\n| mode | tokens/s median [min, max] | ratio to peer AR median [min, max] | T/NFE | greedy = peer |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        m = result["modes"][name]
+        t, r = m["tokens_per_s"], m["ratio_to_peer_ar"]
+        print(f"| {m['label']} | {t['median']:.1f} [{t['min']:.1f}, {t['max']:.1f}] | "
+              f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] | {m['tokens_per_forward']:.2f} | "
+              f"{'yes' if m['equal_to_peer'] else 'no'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
