@@ -118,6 +118,27 @@ def test_one_weight_file_written_once(artifacts, checkpoint):
     assert param_bytes * 0.9 < (art / WEIGHTS_FILE).stat().st_size < param_bytes * 1.2
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_fusions_in_exported_graphs(artifacts, checkpoint, target):
+    """The graphs `export` writes (not wrappers traced in test_graphs) carry their target's
+    lowering: fused Attention / RotaryEmbedding / RMSNormalization for ort and trt-10.15 (and the
+    in-place TensorScatter cache write in trt-10.15's cached graphs), everything decomposed for
+    trt-10.3 (JetPack 6's parser has none of those ops)."""
+    from collections import Counter
+
+    layers = load_checkpoint(checkpoint).cfg.num_layers
+    art = artifacts(target)
+    fused = target != "trt-10.3"
+    for kind in ("prefill", "step", "ar_step"):
+        ops = Counter(n.op_type for n in onnx.load(str(art / f"{kind}.onnx"), load_external_data=False).graph.node)
+        assert ops["Attention"] == (layers if fused else 0), (target, kind, ops)
+        assert ops["Softmax"] == (0 if fused else layers), (target, kind, ops)
+        assert ops["RotaryEmbedding"] == (2 * layers if fused else 0), (target, kind, ops)  # q and k
+        assert ops["RMSNormalization"] == (2 * layers + 1 if fused else 0), (target, kind, ops)  # + final norm
+        inplace = target == "trt-10.15" and kind != "prefill"
+        assert ops["TensorScatter"] == (2 * layers if inplace else 0), (target, kind, ops)  # K and V
+
+
 def test_check_command_ok(artifacts, capsys):
     assert main(["check", str(artifacts("ort"))]) == 0
     out = capsys.readouterr().out
