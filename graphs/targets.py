@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
-from tidar_graphs import cleanup, decompositions, fixups, fusions
+from tidar_graphs import cleanup, contrib, decompositions, fixups, fusions
 from tidar_runtime.errors import TiDARError
 
 logger = logging.getLogger(__name__)
@@ -39,9 +39,21 @@ class Target:
     # new K/V [B, KV, T, hd] and the runtime writes them at each row's L. "inplace": they
     # return the whole cache with the new K/V scattered in at L, meant to alias the past buffers.
     kv_update: str
+    # The AR step's own cache contract where it differs from kv_update (None: the same); see
+    # `kv_update_of`, which also asks whether the model's heads fit the op that needs it.
+    ar_step_kv_update: str | None = None
     decompose: tuple[Pass, ...] = ()  # before the opset conversion
     fuse: tuple[Pass, ...] = ()  # after the opset conversion
     fixups: tuple[Pass, ...] = ()  # after the final cleanup
+
+    def kv_update_of(self, kind: str, head_dim: int) -> str | None:
+        """How graph `kind` of a model with heads of `head_dim` writes the cache (None: prefill).
+        The ort AR step is in place only where GroupQueryAttention takes the head size."""
+        if kind == "prefill":
+            return None
+        if kind == "ar_step" and self.ar_step_kv_update and contrib.group_query_attention_fits(head_dim):
+            return self.ar_step_kv_update
+        return self.kv_update
 
 
 _DECOMPOSE_ALL = (decompositions.decompose_attention, decompositions.decompose_rms_norm, decompositions.decompose_rotary,
@@ -49,13 +61,18 @@ _DECOMPOSE_ALL = (decompositions.decompose_attention, decompositions.decompose_r
 
 _TARGETS = {
     # ONNX Runtime: opset-23 Attention / RMSNormalization / RotaryEmbedding, which measured
-    # faster than the decomposed graph on ORT 1.32 CPU (docs/GRAPHS.md). The cache write stays
-    # ScatterElements: ORT's TensorScatter copies the cache unless the caller binds it in place
-    # and logs a warning on every run otherwise.
+    # faster than the decomposed graph on ORT 1.32 CPU (docs/GRAPHS.md). The prefill and step
+    # graphs return the new K/V ("slice"); the AR step is ONNX Runtime's GroupQueryAttention over
+    # a cache buffer shared with its outputs ("inplace", graphs/contrib.py): the tracer writes its
+    # cache in the graph (ScatterElements), and `ar_step_group_query_attention` folds that write
+    # and the attention into one node (models whose head size GroupQueryAttention refuses keep
+    # the "slice" AR step). Opset 23 stays: the CUDA provider registers some opset-24 kernels
+    # (Reshape, Cast) only in newer builds.
     "ort": Target(
-        name="ort", opset=23, table="ort.json", static_shapes=False, kv_update="slice",
+        name="ort", opset=23, table="ort.json", static_shapes=False, kv_update="slice", ar_step_kv_update="inplace",
         decompose=(decompositions.decompose_tensor_scatter,),
-        fuse=(fusions.fuse_rms_norm, fusions.fuse_rotary, fusions.fuse_attention, fusions.fuse_attention_gqa),
+        fuse=(fusions.fuse_rms_norm, fusions.fuse_rotary, fusions.fuse_attention, fusions.fuse_attention_gqa,
+              contrib.ar_step_group_query_attention),
     ),
     # TensorRT 10.3 (JetPack 6): no Attention / RMSNormalization / RotaryEmbedding /
     # TensorScatter in its ONNX parser, so everything stays decomposed, at opset 18.

@@ -55,6 +55,8 @@ class GraphSpec:
     engine_info: dict = field(default_factory=dict)  # TensorRT version, compute capability, flags
     bytes: int | None = None  # size of `file` as written (a shorter file is a truncated artifact)
     digest: str | None = None  # BLAKE2b-128 (hex) of `file` as written; checked on every load
+    kv_update: str | None = None  # step / ar_step: how this graph writes the cache, where it differs
+    # from the manifest's kv_update (the ort target's ar_step: "inplace"); None: the manifest's
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -90,6 +92,11 @@ class Manifest:
     @property
     def step_len(self) -> int:
         return step_len(self.block_size, self.proposals)
+
+    def kv_update_of(self, kind: str) -> str:
+        """How the cached graph `kind` ("step" | "ar_step") writes the cache: its own kv_update,
+        else the manifest's."""
+        return self.graphs[kind].kv_update or self.kv_update
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -245,6 +252,9 @@ def validate(d, where: str) -> "Manifest":
         f.obj(f"graphs.{kind}.engine_info", g.get("engine_info", {}))
         f.int(f"graphs.{kind}.bytes", g.get("bytes"), 0, 1 << 46, none=True)
         f.str(f"graphs.{kind}.digest", g.get("digest"), none=True, max_len=128)
+        f.str(f"graphs.{kind}.kv_update", g.get("kv_update"), ("slice", "inplace"), none=True)
+        if kind == "prefill" and g.get("kv_update") is not None:
+            raise f.fail(f"graphs.{kind}.kv_update", "absent (the prefill graph has no cache input)", g["kv_update"])
         names = {}
         for side in ("inputs", "outputs"):
             names[side] = []

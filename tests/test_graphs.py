@@ -24,7 +24,7 @@ from onnx import TensorProto
 import tidar_graphs
 from tests.conftest import random_model
 from tidar_export.model import masks
-from tidar_graphs import checker, cleanup, decompositions, fixups, fusions
+from tidar_graphs import checker, cleanup, contrib, decompositions, fixups, fusions
 from tidar_runtime.errors import TiDARError
 
 S = 32  # cache slots of the traced step graphs
@@ -219,6 +219,71 @@ def test_kv_scatter_to_tensor_scatter(graphs, kind):
             attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
             assert attrs == {"axis": -2, "mode": b"linear"}
     assert _max_diff(original, fused) < TOL
+
+
+@pytest.fixture(scope="module")
+def ar_step_16():
+    """A scatter-layout AR step of a tiny model with 16-wide heads (GroupQueryAttention takes
+    multiples of 16 only), and qk-norm, named as the tracer names it. Two rows."""
+    model = random_model(seed=3, head_dim=16, qk_norm=True)
+    cfg = model.cfg
+    module = _Cached(model, masks.causal_mask(1), torch.zeros(1, dtype=torch.long), "scatter")
+    past = [torch.zeros(2, cfg.num_kv_heads, S, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
+    proto = _trace(module, (torch.randint(0, cfg.vocab_size, (2, 1)), torch.tensor([3, 9]), *past))
+    m = ir.serde.deserialize_model(proto)
+    m.graph.name = "ar_step"
+    m.graph.outputs[0].name = "logits"
+    for i, (past_in, present_out) in enumerate(zip(m.graph.inputs[2:], m.graph.outputs[1:])):
+        past_in.name, present_out.name = f"past_key_values.{i}", f"present.{i}"  # the runtime's pairing
+    return ir.serde.serialize_model(m)
+
+
+def test_ar_step_group_query_attention(ar_step_16):
+    """The ort AR step becomes GroupQueryAttention (rotation and cache write inside); run as the
+    runtime runs it, present.* bound to the past buffers, it equals the traced graph: logits,
+    the new slot of each row, and every other slot unchanged."""
+    from tidar_runtime.backends.ort import run_graph
+
+    lowered = tidar_graphs.lower(ar_step_16, "ort")
+    ops = _ops(lowered)
+    assert ops.get("GroupQueryAttention") == L and not {"Attention", "RotaryEmbedding", "TensorScatter",
+                                                         "ScatterElements", "Concat"} & set(ops), ops
+    assert json.loads(dict((p.key, p.value) for p in lowered.metadata_props)["tidar_graphs.passes"])[
+        "ar_step_group_query_attention"] == L
+    assert tidar_graphs.check_graph(lowered, "ort") == []
+    rng = np.random.default_rng(5)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sessions = [ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+                for m in (ar_step_16, lowered)]
+    for lengths in ([0, 7], [S - 1, 12]):
+        feeds = _feeds(ar_step_16, batch=2)
+        feeds["cache_len"] = np.array(lengths, np.int64)
+        for name in feeds:
+            if name.startswith("past"):
+                feeds[name] = rng.standard_normal(feeds[name].shape).astype(np.float32)
+        before = {k: v.copy() for k, v in feeds.items()}
+        want = run_graph(sessions[0], feeds, inplace=False)
+        got = run_graph(sessions[1], feeds, inplace=True)
+        assert all(np.array_equal(before[k], feeds[k]) for k in feeds)  # the caller's arrays are untouched
+        assert np.abs(got["logits"] - want["logits"]).max() < TOL
+        for name in (n for n in want if n.startswith("present")):
+            assert np.abs(got[name] - want[name]).max() < TOL, name  # new slots, and the rest as passed in
+
+
+def test_ar_step_group_query_attention_only_where_it_fits(graphs, ar_step_16):
+    """Only the graph named ar_step, in the scatter layout, is rewritten; a head size that
+    GroupQueryAttention refuses keeps the AR step "slice" (Target.kv_update_of)."""
+    step = ir.serde.deserialize_model(ar_step_16)
+    step.graph.name = "step"
+    assert contrib.ar_step_group_query_attention(step) == 0
+    concat = ir.serde.deserialize_model(graphs[("ar_step", "concat")])
+    concat.graph.name = "ar_step"
+    assert contrib.ar_step_group_query_attention(concat) == 0
+    target = tidar_graphs.get_target("ort")
+    assert target.kv_update_of("ar_step", 16) == "inplace" and target.kv_update_of("ar_step", 8) == "slice"
+    assert target.kv_update_of("step", 16) == "slice" and target.kv_update_of("prefill", 16) is None
+    assert tidar_graphs.get_target("trt-10.15").kv_update_of("ar_step", 16) == "inplace"
 
 
 def test_int_clip_to_min_max(graphs):

@@ -155,13 +155,14 @@ class DeviceBackend:
         """After a step or ar_step pass. "slice": write each row's new K/V at its L (the commit
         itself is the loop's L += k). "pingpong": the pass wrote the whole updated cache into the
         other set, which now holds the committed K/V. Otherwise ("alias") it was written in place."""
-        if self.kv_mode == "slice":
+        mode = self.kv_modes[kind]
+        if mode == "slice":
             new = self._new_len[kind]
             for row, L in enumerate(cache_len.tolist()):
                 count = min(new, self.max_len - L)
                 if count > 0:
                     self._copy_kv(row, L, count, row, new)
-        elif self.kv_mode == "pingpong":
+        elif mode == "pingpong":
             self._parity ^= 1
 
     def _fetch(self, batch: int, rows: int, want_logits: bool) -> Outputs:

@@ -1,11 +1,14 @@
 """ONNX Runtime backend: runs an exported artifact (manifest + prefill/step/ar_step graphs).
 
 The KV cache is a set of preallocated numpy arrays [B, KV, max_len, hd] per layer, bound to
-the step graphs as inputs without copies (I/O binding). With `kv_update = "slice"` the graphs
-return only the step's new K/V [B, KV, q, hd]; this backend writes them at each row's L (a
-copy of q slots per row and layer: the commit itself is the loop's `L += k`). With
-`kv_update = "inplace"` the graphs return the whole updated cache, bound to a second buffer
-set, and the two sets swap roles after every pass. No cache-sized array is allocated per step.
+the step graphs as inputs without copies (I/O binding). Each cached graph has a kv_update
+(`Manifest.kv_update_of`). "slice": the graph returns only the pass's new K/V [B, KV, q, hd];
+this backend writes them at each row's L (a copy of q slots per row and layer: the commit
+itself is the loop's `L += k`). "inplace": the graph returns the whole updated cache, and its
+present.* outputs are bound to the very buffers of its past_key_values.* inputs, so the graph
+writes the new slots in place (GroupQueryAttention in the ort target's AR step detects the
+shared buffer by address; TensorScatter in the trt-10.15 graphs skips its copy when its output
+aliases its input). No cache-sized array is allocated or copied per step.
 
 The AR mode reuses the TiDAR prefill graph: its first output row is the AR prediction at the
 last prompt token, and the prompt's K/V do not depend on the mask slots (which are causal-
@@ -42,7 +45,7 @@ class OrtBackend:
             raise TiDARError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
         self._ort = ort
         m = read_artifact(self, artifact_dir)
-        self.inplace = m.kv_update == "inplace"
+        self.inplace = {kind: m.kv_update_of(kind) == "inplace" for kind in ("step", "ar_step")}
         self.providers = providers or ["CPUExecutionProvider"]
         self._opts = ort.SessionOptions()
         self._opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -54,17 +57,18 @@ class OrtBackend:
         self.kv_dtype = np_dtype(spec.dtype)
         shape = (m.max_batch, m.model["num_kv_heads"], m.max_seq_len, m.model["head_dim"])
         self.cache = [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
-        self._spare = [np.zeros(shape, self.kv_dtype) for _ in self.past_names] if self.inplace else None
         self._out = {  # preallocated inputs and outputs of the static-shape graphs
-            "step": self._alloc_io("draft_ids", self.block_size, n_out(self.block_size, self.proposals), m.step_len),
-            "ar_step": self._alloc_io("input_ids", 1, 1, 1),
+            "step": self._alloc_io("step", "draft_ids", self.block_size, n_out(self.block_size, self.proposals),
+                                   m.step_len),
+            "ar_step": self._alloc_io("ar_step", "input_ids", 1, 1, 1),
         }
         self._bindings: dict = {}
 
-    def _alloc_io(self, ids_name: str, width: int, rows: int, new_len: int) -> dict:
+    def _alloc_io(self, kind: str, ids_name: str, width: int, rows: int, new_len: int) -> dict:
         m = self.manifest
         B, kv, hd = m.max_batch, m.model["num_kv_heads"], m.model["head_dim"]
-        present = None if self.inplace else [np.zeros((B, kv, new_len, hd), self.kv_dtype) for _ in self.present_names]
+        present = None if self.inplace[kind] else [np.zeros((B, kv, new_len, hd), self.kv_dtype)
+                                                   for _ in self.present_names]
         return {"inputs": {ids_name: np.zeros((B, width), np.int64), "cache_len": np.zeros(B, np.int64)},
                 "token_ids": np.zeros((B, rows), np.int64),
                 "logits": np.zeros((B, rows, self.vocab_size), np.float32),
@@ -84,16 +88,15 @@ class OrtBackend:
 
     # -- passes ------------------------------------------------------------------------------
     def _binding(self, kind: str):
-        """The I/O binding of a static-shape graph, built once per cache buffer set.
+        """The I/O binding of a static-shape graph, built once (the cache buffers never move).
 
         Every buffer it names is preallocated and never moves: the id/length inputs (the caller's
         arrays are copied in), the cache, the outputs (logits always: the graph computes them
         anyway, and binding them saves ORT an allocation per run). Rebinding all of them on
         every pass cost about a quarter of an AR step on the demo model (docs/GRAPHS.md).
         """
-        for bound, io in self._bindings.get(kind, ()):
-            if all(a is b for a, b in zip(bound, self.cache)):
-                return io
+        if kind in self._bindings:
+            return self._bindings[kind]
         sess, out = self.session(kind), self._out[kind]
         io = sess.io_binding()
         for name, arr in out["inputs"].items():
@@ -102,10 +105,10 @@ class OrtBackend:
             self._bind_in(io, name, arr)
         self._bind_out(io, "token_ids", out["token_ids"])
         self._bind_out(io, "logits", out["logits"])
-        targets = self._spare if self.inplace else out["present"]
+        targets = self.cache if self.inplace[kind] else out["present"]  # inplace: the past buffers themselves
         for name, arr in zip(self.present_names, targets):
             self._bind_out(io, name, arr)
-        self._bindings.setdefault(kind, []).append((tuple(self.cache), io))
+        self._bindings[kind] = io
         return io
 
     def _run_static(self, kind: str, feeds: dict, cache_len: np.ndarray, want_logits: bool) -> Outputs:
@@ -113,9 +116,7 @@ class OrtBackend:
         for name, arr in feeds.items():
             np.copyto(out["inputs"][name], arr, casting="same_kind")
         self.session(kind).run_with_iobinding(self._binding(kind))
-        if self.inplace:  # the graph wrote the whole updated cache into the spare set: swap
-            self.cache, self._spare = self._spare, self.cache
-        else:
+        if not self.inplace[kind]:  # inplace: the graph wrote its new slots into the cache itself
             new_len = out["present"][0].shape[2]
             if len(cache_len) == 1:
                 L = int(cache_len[0])
@@ -154,3 +155,37 @@ class OrtBackend:
 
     def ar_step(self, tokens: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
         return self._run_static("ar_step", {"input_ids": tokens, "cache_len": cache_len}, cache_len, want_logits)
+
+
+def run_graph(session, feeds: dict, inplace: bool) -> dict:
+    """One run of a cached graph outside a backend (check, quantize's calibration, tests): the
+    outputs by name. For an "inplace" graph the present.* outputs are bound to copies of the
+    past_key_values.* inputs, as a backend binds them (GroupQueryAttention writes only the new
+    slots of a shared buffer); the caller's arrays are not modified."""
+    if not inplace:
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+    from tidar_runtime.layout import PAST_PREFIX, PRESENT_PREFIX
+
+    io, caches = session.io_binding(), {}
+    for name, value in feeds.items():
+        if not isinstance(value, np.ndarray):  # an OrtValue (bfloat16): bound as it is, not aliased
+            io.bind_ortvalue_input(name, value)
+            continue
+        if name.startswith(PAST_PREFIX + "."):
+            value = caches[name] = np.array(value, copy=True, order="C")
+        io.bind_cpu_input(name, value)
+    for out in session.get_outputs():
+        past = PAST_PREFIX + out.name[len(PRESENT_PREFIX):]
+        if out.name.startswith(PRESENT_PREFIX + ".") and past in caches:
+            arr = caches[past]
+            io.bind_output(out.name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        else:
+            io.bind_output(out.name, "cpu")
+    session.run_with_iobinding(io)
+    outputs = dict(zip((o.name for o in session.get_outputs()), io.copy_outputs_to_cpu()))
+    for out in session.get_outputs():  # the aliased caches, which hold the updated cache
+        past = PAST_PREFIX + out.name[len(PRESENT_PREFIX):]
+        if out.name.startswith(PRESENT_PREFIX + ".") and past in caches:
+            outputs[out.name] = caches[past]
+    return outputs

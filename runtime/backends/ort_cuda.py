@@ -4,18 +4,19 @@ Same contract as OrtBackend (tidar_runtime.backends.ort) and the same buffer pla
 TrtBackend (docs/RUNTIME.md):
 
 - Every device buffer is allocated once in `__init__` through the ctypes CUDA helper
-  (tidar_runtime.backends.cuda): the KV cache [B, KV, max_len, hd] per layer and K/V (two sets
-  for "inplace" artifacts), scratch for the new K/V, the inputs, the token ids and logits; the
+  (tidar_runtime.backends.cuda): the KV cache [B, KV, max_len, hd] per layer and K/V, scratch
+  for the new K/V, the inputs, the token ids and logits; the
   host side is pinned memory. Buffers are bound to ONNX Runtime by address (I/O binding), and
   the bindings of the static step graphs are made once, so a pass never allocates.
 - ONNX Runtime runs on this backend's own CUDA stream (`user_compute_stream`) and is told not
   to synchronize at the end of a run (`disable_synchronize_execution_providers`). A pass
-  enqueues the input copies, the run, the K/V writes ("slice": one strided copy per row,
-  layer and K/V, at the row's L) and the copy of the token ids (and of the logits only when
-  sampling) on that one stream, then synchronizes once.
+  enqueues the input copies, the run, the K/V writes of a "slice" graph (one strided copy per
+  row, layer and K/V, at the row's L; an "inplace" graph's present.* are bound to the cache
+  buffers themselves, "alias": GroupQueryAttention in the ort AR step needs that) and the copy
+  of the token ids (and of the logits only when sampling) on that one stream, then
+  synchronizes once.
 - CUDA graphs: ONNX Runtime's own capture (`enable_cuda_graph`) for the step and ar_step
-  sessions, whose bindings never move. Only for "slice" artifacts: "inplace" ones alternate
-  two cache sets, and a captured graph would keep the first set's addresses. If ONNX Runtime
+  sessions, whose bindings never move. If ONNX Runtime
   refuses (a node not placed on the CUDA provider), the session runs without a graph and
   `cuda_graph_status` says why.
 
@@ -75,7 +76,7 @@ class OrtCudaBackend(DeviceBackend):
         self._ort, self._cuda, self.device = ort, cuda_api, device
         m = self._read_manifest(artifact_dir)
         self.kv_dtype = np_dtype(m.graphs["step"].input(self.past_names[0]).dtype)
-        self.kv_mode = "slice" if m.kv_update == "slice" else "pingpong"
+        self.kv_modes = {kind: "slice" if m.kv_update_of(kind) == "slice" else "alias" for kind in ("step", "ar_step")}
         opset = int((m.versions.get("opsets") or {}).get("ai.onnx", 0))
         if opset >= 24:
             # ONNX opset 24 bumped Reshape and Cast; CUDA-provider builds that register them only up to
@@ -83,7 +84,7 @@ class OrtCudaBackend(DeviceBackend):
             warnings.warn(f"{self.dir}: opset-{opset} graphs (target {m.target}) on ONNX Runtime's CUDA provider: "
                           "builds without opset-24 Reshape/Cast CUDA kernels place those nodes on the CPU; "
                           "export with --target ort (opset 23) for the ort-cuda backend")
-        self.cuda_graphs = cuda_graphs and self.kv_mode == "slice" and ort_device == "cuda"
+        self.cuda_graphs = cuda_graphs and ort_device == "cuda"
         self.cuda_graph_status: dict[str, str] = {}
         cuda_api.set_device(device)
         try:
@@ -101,7 +102,7 @@ class OrtCudaBackend(DeviceBackend):
         KV, hd = m.model["num_kv_heads"], m.model["head_dim"]
         self._kv_shape = (B, KV, S, hd)
         rb = hd * np.dtype(self.kv_dtype).itemsize  # bytes of one slot of one head
-        self._alloc_cache(2 if self.kv_mode == "pingpong" else 1, KV, rb)
+        self._alloc_cache(1, KV, rb)
         # new K/V: the prefill's [1, KV, P + b, hd] (P <= S), and in "slice" mode the steps' [B, KV, q, hd]
         scratch = max(KV * (S + b) * rb, B * KV * m.step_len * rb)
         self._scratch = {name: self._malloc(scratch) for name in self.present_names}
@@ -147,7 +148,7 @@ class OrtCudaBackend(DeviceBackend):
         self._bindings = {}
         for kind in ("step", "ar_step"):
             width, rows, new = (self.block_size if kind == "step" else 1), self._rows[kind], self._new_len[kind]
-            for parity in range(len(self._cache)):
+            for parity in range(len(self._cache)):  # one set: "slice" and "alias" never swap
                 io = self._sessions[kind].io_binding()
                 self._bind_in(io, "draft_ids" if kind == "step" else "input_ids", np.int64, (B, width), self._d_ids)
                 self._bind_in(io, "cache_len", np.int64, (B,), self._d_cache_len)
@@ -156,10 +157,10 @@ class OrtCudaBackend(DeviceBackend):
                 self._bind_out(io, "token_ids", np.int64, (B, rows), self._d_tok)
                 self._bind_out(io, "logits", np.float32, (B, rows, self.vocab_size), self._d_logits)
                 for past, pres in zip(self.past_names, self.present_names):
-                    if self.kv_mode == "slice":
+                    if self.kv_modes[kind] == "slice":
                         self._bind_out(io, pres, self.kv_dtype, (B, KV, new, hd), self._scratch[pres])
-                    else:  # the whole updated cache, into the other set
-                        self._bind_out(io, pres, self.kv_dtype, self._kv_shape, self._cache[1 - parity][past])
+                    else:  # "alias": the whole updated cache is the cache buffer itself
+                        self._bind_out(io, pres, self.kv_dtype, self._kv_shape, self._cache[parity][past])
                 self._bindings[(kind, parity)] = io
 
     def _bind_in(self, io, name: str, dtype, shape, ptr: int) -> None:
@@ -190,7 +191,7 @@ class OrtCudaBackend(DeviceBackend):
         self._check_open()
         self._upload_step_inputs(ids, cache_len)
         self._sessions[kind].run_with_iobinding(self._bindings[(kind, self._parity)], self._run_options)
-        self._commit_step_kv(kind, cache_len)  # "slice": each row's new K/V at its L; "pingpong": swap sets
+        self._commit_step_kv(kind, cache_len)  # "slice": each row's new K/V at its L; "alias": nothing
         return self._fetch(self.max_batch, self._rows[kind], want_logits)
 
     # -- teardown (close: DeviceBackend) ------------------------------------------------------

@@ -364,10 +364,14 @@ class TrtBackend(DeviceBackend):
         rb = hd * _ITEMSIZE[kv_dtype]  # bytes of one slot of one head
         lo, _, hi = (tuple(s) for s in self._engines["prefill"].get_tensor_profile_shape("input_ids", 0))
         self.min_prompt, self.max_prompt = int(lo[1]), int(hi[1])
+        if any(m.kv_update_of(k) != m.kv_update for k in cached):
+            raise TiDARError(f"{self.dir}: the step and ar_step graphs write the cache differently "
+                             f"(target {m.target}); TensorRT engines are built from trt-* artifacts")
         if m.kv_update == "slice":
             self.kv_mode = "slice"
         else:
             self.kv_mode = "alias" if all(self._aliased(k) for k in cached) else "pingpong"
+        self.kv_modes = dict.fromkeys(("step", "ar_step"), self.kv_mode)  # one mode for both graphs here
         sets = 2 if self.kv_mode == "pingpong" else 1
         # New K/V land in scratch: the prefill's [1, KV, P + b, hd], and in "slice" mode the steps' [B, KV, q, hd].
         scratch = KV * (self.max_prompt + b) * rb

@@ -212,10 +212,46 @@ def torch_runner(model, manifest: Manifest, kind: str, marks: dict[str, str]):
     return TorchRunner()
 
 
-def onnxrt_runner(path: Path):
+def onnxrt_runner(path: Path, inplace: bool = False):
+    """Polygraphy's OnnxrtRunner; for an "inplace" graph a runner that binds present.* to the
+    past buffers as the runtime does (tidar_runtime.backends.ort.run_graph), since such a graph
+    (GroupQueryAttention over a shared buffer) writes only the new slots."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name="onnxrt")
+    if not inplace:
+        return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name="onnxrt")
+    import onnxruntime as ort
+
+    from tidar_runtime.backends.ort import run_graph
+
+    class AliasingOnnxrtRunner(_base_runner()):
+        def __init__(self):
+            super().__init__(name="onnxrt", prefix="onnxrt-runner")
+
+        def activate_impl(self):
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        def deactivate_impl(self):
+            del self.session
+
+        def get_input_metadata_impl(self):
+            from polygraphy.common import TensorMetadata
+
+            meta, dtypes = TensorMetadata(), {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                                              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+            for t in self.session.get_inputs():
+                meta.add(t.name, dtypes.get(t.type, np.float32), [d if isinstance(d, int) else -1 for d in t.shape])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            t0 = time.perf_counter()
+            out = run_graph(self.session, {k: np.asarray(v) for k, v in feed_dict.items()}, inplace=True)
+            self.inference_time = time.perf_counter() - t0
+            return OrderedDict(out)
+
+    return AliasingOnnxrtRunner()
 
 
 def tensorrt_runner(manifest: Manifest, artifact_dir: Path, kind: str, onnx_path: Path | None, marks: list[str]):
@@ -385,7 +421,7 @@ def compare_graph(artifact_dir: Path, manifest: Manifest, kind: str, model=None,
             if model is not None:
                 torch_paths = dict(module_scopes(manifest.model["num_layers"]))
                 runners.append(torch_runner(model, manifest, kind, {t: torch_paths[s] for s, t in marks}))
-            runners.append(onnxrt_runner(path))
+            runners.append(onnxrt_runner(path, kind != "prefill" and manifest.kv_update_of(kind) == "inplace"))
             if use_trt:
                 runners.append(tensorrt_runner(manifest, artifact_dir, kind, path if tensors else None, tensors))
             with _quiet_polygraphy():

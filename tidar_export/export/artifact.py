@@ -247,8 +247,10 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
             onnx.save_model(lowered, str(tmp / f"{kind}.onnx"))
             opsets.update({imp.domain or "ai.onnx": imp.version for imp in lowered.opset_import})
             inputs, outputs = graph_io(cfg, plan, kind)
+            own = plan.kv_update_of(kind)
             graphs[kind] = GraphSpec(kind=kind, file=f"{kind}.onnx", inputs=inputs, outputs=outputs,
-                                     bytes=(tmp / f"{kind}.onnx").stat().st_size)
+                                     bytes=(tmp / f"{kind}.onnx").stat().st_size,
+                                     kv_update=own if own is not None and own != plan.kv_update else None)
             log(f"{kind}: traced and lowered for {target} in {time.perf_counter() - t0:.1f}s")
         weights.close()
         tokenizer = {"file": None, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}

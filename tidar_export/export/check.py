@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tidar_export.errors import TiDARError, first_line
+from tidar_runtime.backends.ort import run_graph
 from tidar_runtime.layout import PRESENT_PREFIX, past_names
 from tidar_runtime.manifest import GraphSpec, Manifest, load_manifest, verify_digests
 
@@ -315,7 +316,8 @@ def numeric_results(artifact_dir: Path, manifest: Manifest, model, seed: int = 0
             case = (f"batch={batch} prompt_len={lengths}" if kind == "prefill"
                     else f"batch={batch} cache_len={list(map(int, lengths))}")
             try:
-                got = dict(zip(names, session.run(names, {k: _to_ort(v) for k, v in feeds.items()})))
+                inplace = kind != "prefill" and manifest.kv_update_of(kind) == "inplace"
+                got = run_graph(session, {k: _to_ort(v) for k, v in feeds.items()}, inplace)
             except ort_errors as e:
                 results.append(OutputResult(kind, case, "*", np.nan, np.nan, np.nan, np.nan, "-", False,
                                             f"ONNX Runtime failed: {first_line(e)}"))

@@ -138,12 +138,21 @@ class ExportPlan:
     precision: str
     max_seq_len: int
     max_batch: int
+    head_dim: int = 0  # the model's; decides whether the ort AR step can be GroupQueryAttention
 
     @property
     def kv_update(self) -> str:
+        """How the target's step graph writes the cache ("slice" | "inplace")."""
         import tidar_graphs
 
-        return tidar_graphs.get_target(self.target).kv_update  # how the target writes the cache
+        return tidar_graphs.get_target(self.target).kv_update
+
+    def kv_update_of(self, kind: str) -> str | None:
+        """How graph `kind` writes the cache: the step's, or the AR step's own where the target
+        gives it one (the ort target's AR step runs GroupQueryAttention in place). None: prefill."""
+        import tidar_graphs
+
+        return tidar_graphs.get_target(self.target).kv_update_of(kind, self.head_dim)
 
     @property
     def q_len(self) -> int:
@@ -181,7 +190,7 @@ def make_plan(cfg, block_size: int | None = None, proposals: Sequence[int] | Non
                          f"{cfg.max_position_embeddings}")
     if max_batch < 1:
         raise TiDARError(f"max_batch must be >= 1, got {max_batch}")
-    return ExportPlan(b, rs, target, precision, max_seq_len, max_batch)
+    return ExportPlan(b, rs, target, precision, max_seq_len, max_batch, cfg.head_dim)
 
 
 def graph_module(model: TiDARModel, plan: ExportPlan, kind: str) -> _GraphModule:
@@ -190,7 +199,7 @@ def graph_module(model: TiDARModel, plan: ExportPlan, kind: str) -> _GraphModule
     if kind == "step":
         return StepGraph(model, plan.block_size, plan.proposals, plan.kv_update).eval()
     if kind == "ar_step":
-        return ARStepGraph(model, plan.kv_update).eval()
+        return ARStepGraph(model, plan.kv_update_of("ar_step")).eval()
     raise ValueError(kind)
 
 
@@ -209,7 +218,7 @@ def graph_io(cfg, plan: ExportPlan, kind: str) -> tuple[list[TensorSpec], list[T
                    for name in past_names(n)]
         rows, batch = ("n_out", "batch") if kind == "step" else (1, "batch")
         new_len = "q_len" if kind == "step" else 1
-        present_len = new_len if plan.kv_update == "slice" else "max_seq_len"
+        present_len = new_len if plan.kv_update_of(kind) == "slice" else "max_seq_len"
     outputs = [TensorSpec("token_ids", "int64", [batch, rows]),
                TensorSpec("logits", "float32", [batch, rows, "vocab"])]
     outputs += [TensorSpec(name, kv_dtype, [batch, "kv_heads", present_len, "head_dim"])

@@ -127,7 +127,7 @@ def reference_outputs(model, manifest: Manifest, kind: str, feeds: dict) -> dict
                 offsets, in_step, rows = torch.zeros(1, dtype=torch.long), masks.causal_mask(1), torch.tensor([0])
             T = ids.shape[1]
             logits, keys, values = model(ids, L[:, None] + offsets, in_step, past_k, past_v, L, kv_write="scatter")
-            if manifest.kv_update == "slice":  # the new K/V only: slots L..L+T-1 of each row
+            if manifest.kv_update_of(kind) == "slice":  # the new K/V only: slots L..L+T-1 of each row
                 pick = lambda c: torch.stack([c[j, :, l : l + T] for j, l in enumerate(L.tolist())])  # noqa: E731
                 present = [(pick(k), pick(v)) for k, v in zip(keys, values)]
             else:
