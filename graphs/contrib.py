@@ -234,3 +234,71 @@ def _rewrite(g: ir.Graph, node: ir.Node, cache_len: ir.Value, lengths: list, tab
         old.name = f"{name}_scattered"
         new.name = name
         g.outputs[index] = new
+
+
+def _free_axis(value: ir.Value, axis: int, name: str) -> None:
+    """The traced static length of `axis` no longer holds (it follows max(cache_len) now)."""
+    if value.shape is not None:
+        d = list(value.shape)
+        d[axis] = ir.SymbolicDim(name)
+        value.shape = ir.Shape(d)
+
+
+def attend_used_cache(model: ir.Model) -> int:
+    """Attention over the used slots of a "slice" graph's cache, not all max_seq_len of them.
+
+    The step graphs attend over [cache | new] (Concat of the past_key_values input and the new
+    K/V, and the mask Concat(cache part [.., S], in-step part [.., T])). Every row's committed
+    slots are 0..L-1, so slicing the cache and the mask's cache part to max(cache_len) slots
+    changes no attention weight (slots at or past a row's L stay masked) and makes the cost of
+    the Concat and of the attention follow the longest row instead of the cache size.
+    """
+    g = model.graph
+    cache_len = next((v for v in g.inputs if v.name == "cache_len"), None)
+    if cache_len is None:
+        return 0
+    used: list[ir.Value] = []
+    sliced: dict[int, ir.Value] = {}  # id(mask Concat) -> the slice of its cache part
+    count = 0
+    for node in [n for n in g if n.op_type == "Attention" and n.domain in ("", "ai.onnx") and len(n.inputs) == 4]:
+        k_cat, v_cat, mask_cat = (x.producer() for x in node.inputs[1:4])
+        if any(c is None or c.op_type != "Concat" or len(c.inputs) != 2 for c in (k_cat, v_cat, mask_cat)):
+            continue
+        pasts = [k_cat.inputs[0], v_cat.inputs[0]]
+        if not all(p.is_graph_input() for p in pasts) or attr(k_cat, "axis") % 4 != 2 or attr(v_cat, "axis") % 4 != 2:
+            continue
+        cache_part, pd = mask_cat.inputs[0], dims(pasts[0])
+        if id(mask_cat) not in sliced:  # the mask is one Concat shared by every layer: checked and cut once
+            cd = dims(cache_part)
+            if cd is None or pd is None or len(cd) != 4 or attr(mask_cat, "axis") % 4 != 3 or cd[3] != pd[2]:
+                continue
+        block: list[ir.Node] = []
+        if not used:
+            longest = ir.Node("", "ReduceMax", [cache_len], attributes=[ir.AttrInt64("keepdims", 1)],
+                              name="/used_cache/ReduceMax")
+            block.append(longest)
+            zero = _const(ir.Value(name="used_cache_start", const_value=ir.tensor(np.array([0], np.int64))), block)
+            two = _const(ir.Value(name="used_cache_axis2", const_value=ir.tensor(np.array([2], np.int64))), block)
+            three = _const(ir.Value(name="used_cache_axis3", const_value=ir.tensor(np.array([3], np.int64))), block)
+            used += [longest.outputs[0], zero, two, three]
+        end, zero, two, three = used
+        for cat, past in ((k_cat, pasts[0]), (v_cat, pasts[1])):
+            cut = ir.Node("", "Slice", [past, zero, end, two], name=f"{past.name}/used")
+            block.append(cut)
+            cut.outputs[0].dtype = past.dtype
+            cat.replace_input_with(0, cut.outputs[0])
+            _free_axis(cat.outputs[0], 2, "used_len")
+        if id(mask_cat) not in sliced:
+            cut = ir.Node("", "Slice", [cache_part, zero, end, three], name="/used_cache/mask")
+            block.append(cut)
+            cut.outputs[0].dtype = cache_part.dtype
+            sliced[id(mask_cat)] = cut.outputs[0]
+            g.insert_before(mask_cat, block)
+            mask_cat.replace_input_with(0, cut.outputs[0])
+            _free_axis(mask_cat.outputs[0], 3, "used_len")
+        else:
+            g.insert_before(k_cat, block)
+        count += 1
+    if count:
+        g.sort()  # the first layer's slices may sit after a Concat that now reads them
+    return count

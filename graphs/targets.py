@@ -72,7 +72,7 @@ _TARGETS = {
         name="ort", opset=23, table="ort.json", static_shapes=False, kv_update="slice", ar_step_kv_update="inplace",
         decompose=(decompositions.decompose_tensor_scatter,),
         fuse=(fusions.fuse_rms_norm, fusions.fuse_rotary, fusions.fuse_attention, fusions.fuse_attention_gqa,
-              contrib.ar_step_group_query_attention),
+              contrib.ar_step_group_query_attention, contrib.attend_used_cache),
     ),
     # TensorRT 10.3 (JetPack 6): no Attention / RMSNormalization / RotaryEmbedding /
     # TensorScatter in its ONNX parser, so everything stays decomposed, at opset 18.

@@ -286,6 +286,21 @@ def test_ar_step_group_query_attention_only_where_it_fits(graphs, ar_step_16):
     assert tidar_graphs.get_target("trt-10.15").kv_update_of("ar_step", 16) == "inplace"
 
 
+@pytest.mark.parametrize("length", [0, 5, S - masks.step_len(4)])
+def test_attend_used_cache(graphs, length):
+    """The ort step attends over max(cache_len) cache slots (Slice of cache and mask), not all S:
+    the same outputs at an empty, a short and a full cache."""
+    step = graphs[("step", "concat")]
+    lowered = tidar_graphs.lower(step, "ort")
+    assert json.loads(dict((p.key, p.value) for p in lowered.metadata_props)["tidar_graphs.passes"])[
+        "attend_used_cache"] == L
+    assert _ops(lowered)["Slice"] >= 2 * L + 1  # K and V of every layer, and the mask once
+    feeds = _feeds(step)
+    feeds["cache_len"] = np.full_like(feeds["cache_len"], length)
+    got, want = _run(lowered, feeds), _run(step, feeds)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) < TOL
+
+
 def test_int_clip_to_min_max(graphs):
     original = graphs[("step", "scatter")]  # the cache mask clamps int64 slot offsets
     fixed, (n,) = _apply(_prepared(original), fixups.int_clip_to_min_max)
