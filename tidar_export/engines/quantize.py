@@ -851,6 +851,12 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
     if artifact.resolve() == output.resolve():
         raise TiDARError("the quantized artifact must go to another directory than its source (-o)")
     output = prepare_output(output, force, inputs=[artifact])
+    if precision in WEIGHT_ONLY_BITS and manifest.target != "ort":
+        from tidar_export.engines.build import TRT_INT4_BLOCK_SIZES
+
+        if block_size not in TRT_INT4_BLOCK_SIZES:
+            log(f"warning: blocks of {block_size} run in ONNX Runtime, but `tidar-export build` refuses them: "
+                f"TensorRT's INT4 weights take blocks of {' or '.join(map(str, TRT_INT4_BLOCK_SIZES))}")
     needs_calibration = precision in QMAX or method == "awq"
     source = None
     if needs_calibration:
