@@ -51,7 +51,7 @@ def test_torch_and_onnxruntime_agree_per_output_and_per_module(exported):
         assert all(d.ok and d.rel < 1e-5 for d in layers)
 
 
-from tidar_runtime.manifest import file_digest  # noqa: E402
+from tidar_runtime.manifest import file_digest, load_manifest  # noqa: E402
 
 
 def test_a_corrupted_layer_is_found(exported, tmp_path):
@@ -95,6 +95,77 @@ def test_cli(exported, capsys, tmp_path):
         assert main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and text in err, err
+
+
+# --------------------------------------------------------------------------- weight-only artifacts
+
+
+@pytest.fixture(scope="module")
+def weight_only(tmp_path_factory):
+    """(checkpoint, get(target, precision, **quantize kwargs) -> artifact) on a tiny random model
+    with weights of std 1/sqrt(fan_in), half conftest's: at 2/sqrt(fan_in) its sharp attention
+    turns 4-bit weight noise into logit errors as large as the logits themselves, far from a
+    trained model's (the demo model's int4 errors set the tolerances, engines/compare.py)."""
+    import numpy as np
+    import torch
+
+    from tidar_export.engines.quantize import quantize_artifact
+
+    root = tmp_path_factory.mktemp("weight-only")
+    model = random_model(seed=11)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(0.5)
+    ckpt = save_checkpoint(model, root / "ckpt")
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(2, 256, size=int(rng.integers(4, 20))).tolist() for _ in range(6)]
+    made = {}
+
+    def get(target: str, precision: str, **kwargs):
+        if target not in made:
+            made[target] = export_artifact(ckpt, root / target, target=target, max_seq_len=64)
+        key = (target, precision, tuple(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = quantize_artifact(made[target], root / f"{target}-{precision}-{len(made)}", precision,
+                                          prompts=prompts, samples=16, max_new_tokens=16, **kwargs)
+        return made[key]
+
+    return ckpt, get
+
+
+@pytest.mark.parametrize("target, precision, kwargs", [
+    ("ort", "int8-wo", {}),  # AWQ: MatMulNBits, GatherBlockQuantized, a V cache holding V / s
+    ("trt-10.15", "int4", {"method": "rtn", "block_size": 64}),  # block-quantized INT4 DequantizeLinear
+])
+def test_weight_only_artifact_compares_ok(weight_only, target, precision, kwargs):
+    ckpt, get = weight_only
+    reports = compare_artifact(get(target, precision, **kwargs), ckpt, use_trt=False, localize=True)
+    for rep in reports:
+        assert rep.ok, format_report([rep])
+        assert {"logits", "token_ids", "present.0.value"} <= {r.output for r in rep.results}
+        (layers,) = rep.layers.values()
+        assert len(layers) == len(module_scopes(2))  # every module found through the weight-only ops
+        if precision == "int8-wo":
+            assert all(d.ok for d in layers), format_report([rep], verbose=True)
+
+
+def test_awq_value_cache_is_compared_in_the_reference_units(weight_only, monkeypatch):
+    """AWQ folds o_proj's scale into v_proj, so the artifact's V cache holds V / s: compare feeds
+    it past V / s and reads present V * s. Without that its present.*.value fail (and, in the
+    step graphs, what a misread cache feeds on)."""
+    from tidar_export.engines import compare
+
+    ckpt, get = weight_only
+    art = get("ort", "int8-wo")
+    assert compare.value_cache_scales(art, load_manifest(art))
+    logs = []
+    assert all(rep.ok for rep in compare_artifact(art, ckpt, use_trt=False, log=logs.append))
+    assert any("V cache holds V / s" in line for line in logs)
+    monkeypatch.setattr(compare, "value_cache_scales", lambda *_: {})
+    reports = compare_artifact(art, ckpt, use_trt=False)
+    failed = {r.output for rep in reports for r in rep.results if not r.ok}
+    assert {"present.0.value", "present.1.value"} <= failed, failed
 
 
 @pytest.mark.skipif(not HAS_TRT, reason="tensorrt is not installed (needs NVIDIA's package index and a GPU)")

@@ -491,6 +491,20 @@ def test_weight_only_refusals_are_one_line(artifacts, tmp_path, capsys):
         assert not (tmp_path / "x").exists()
 
 
+def test_int4_for_tensorrt_warns_of_block_sizes_the_build_refuses(artifacts, tmp_path):
+    """TensorRT's INT4 weights take blocks of 64 or 128: quantize says so for 32, build refuses it."""
+    logs = []
+    art = quant.quantize_artifact(artifacts(TARGET), tmp_path / "b32", "int4", method="rtn", log=logs.append)
+    assert any(line.startswith("warning: blocks of 32") and "64 or 128" in line for line in logs), logs
+    with pytest.raises(TiDARError, match="blocks of 64 or 128 only"):
+        build_settings(load_manifest(art), art)
+    logs.clear()
+    art = quant.quantize_artifact(artifacts(TARGET), tmp_path / "b64", "int4", method="rtn", block_size=64,
+                                  log=logs.append)
+    assert not any(line.startswith("warning") for line in logs)
+    assert build_settings(load_manifest(art), art).precision == "int4"
+
+
 def test_int8_weight_only_on_ort(artifacts):
     art = artifacts("ort", "int8-wo", method="rtn")
     proto = onnx.load(str(art / "step.int8-wo.onnx"), load_external_data=False)

@@ -191,10 +191,65 @@ def test_quantized_artifact_builds_only_its_precision(tmp_path, have, asked):
         build_settings(quantized_manifest(have), tmp_path, precision=asked)
 
 
+def weight_only_manifest(precision: str = "int4", target: str = "trt-10.15", opset: int = 24) -> Manifest:
+    """The manifest `tidar-export quantize --precision int4|int8-wo` writes for `target`."""
+    m = quantized_manifest(precision)
+    m.target, m.versions = target, {"opsets": {"ai.onnx": opset}}
+    return m
+
+
+def _recipe(directory, block: int | None) -> None:
+    """quantization.json as `tidar-export quantize` writes it (the field the build reads)."""
+    recipe = {"precision": "int4", "format": "block-quantized DequantizeLinear"}
+    if block is not None:
+        recipe["block_size"] = block
+    (directory / "quantization.json").write_text(json.dumps(recipe))
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_int4_weight_only_builds_from_trt_10_15_graphs(tmp_path, block):
+    """Strongly typed: the INT4 weights and their block DequantizeLinear decide; no INT4 flag."""
+    _recipe(tmp_path, block)
+    s = build_settings(weight_only_manifest(), tmp_path)
+    assert s.precision == "int4" and s.strongly_typed and not s.flags
+    assert [g.onnx for g in s.graphs] == [f"{k}.int4.onnx" for k in ("prefill", "step", "ar_step")]
+    assert build_settings(weight_only_manifest(), tmp_path, precision="int4").precision == "int4"
+
+
+@pytest.mark.parametrize("manifest, block, message", [
+    (weight_only_manifest(), 32, "blocks of 32, and TensorRT's INT4 weights take per-block scales with blocks of "
+                                 "64 or 128 only: re-quantize with --block-size 64 or 128"),
+    (weight_only_manifest(), None, "int4 block size is unknown"),
+    (weight_only_manifest(target="trt-10.3", opset=18), 64, "opset >= 21); the trt-10.3 graphs are opset 18 and "
+                                                            "TensorRT 10.3's ONNX parser reads opsets 9..20"),
+    (weight_only_manifest(target="ort", opset=23), 64, "MatMulNBits (target ort), which TensorRT's ONNX parser"),
+    (weight_only_manifest("int8-wo", target="ort", opset=23), 64, "holds int8-wo weights as ONNX Runtime's"),
+    (weight_only_manifest("int8-wo"), 64, "int8-wo is lowered for target ort only"),
+])
+def test_weight_only_artifacts_tensorrt_cannot_take_are_refused(tmp_path, manifest, block, message):
+    _recipe(tmp_path, block)
+    with pytest.raises(TiDARError) as e:
+        build_settings(manifest, tmp_path)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("have, asked", [("int4", "fp32"), ("int4", "int8"), ("int8-wo", "int4")])
+def test_weight_only_artifact_builds_only_its_precision(tmp_path, have, asked):
+    _recipe(tmp_path, 64)
+    with pytest.raises(TiDARError, match=f"holds {have} weight-only graphs.*--precision {have}"):
+        build_settings(weight_only_manifest(have), tmp_path, precision=asked)
+
+
+def test_weight_only_precision_needs_a_quantized_artifact(tmp_path):
+    with pytest.raises(TiDARError, match=r"are fp32; int4 engines are built from weight-only quantized graphs: "
+                                         r"run `tidar-export quantize .* --precision int4`"):
+        build_settings(make_manifest("float32"), tmp_path, precision="int4")
+
+
 @pytest.mark.parametrize("options, message", [
     ({"optimization_level": 6}, "0..5"),
     ({"hardware_compat": "turing+"}, "hardware compatibility"),
-    ({"precision": "int4"}, "unknown precision"),
+    ({"precision": "int2"}, "unknown precision"),
     ({"tf32": True, "precision": "fp16"}, "fp32 engines only"),
     ({"prefill_opt_len": 0}, "prefill-opt-len"),
 ])
@@ -253,6 +308,14 @@ def test_cli_build_dry_run_needs_no_tensorrt(artifact_dir, capsys):
 def test_cli_build_user_errors_are_one_line(artifact_dir, tmp_path, capsys):
     err = _one_line_error(capsys, ["build", str(artifact_dir), "--precision", "int8"])
     assert "explicitly quantized (Q/DQ) graphs: run `tidar-export quantize" in err
+    int4 = tmp_path / "int4"
+    int4.mkdir()
+    m = weight_only_manifest()
+    for g in m.graphs.values():
+        (int4 / g.file).write_bytes(b"onnx placeholder")
+    m.save(int4)
+    _recipe(int4, 32)
+    assert "blocks of 64 or 128 only" in _one_line_error(capsys, ["build", str(int4), "--dry-run"])
     assert "artifact directory not found" in _one_line_error(capsys, ["build", str(tmp_path / "x"), "--dry-run"])
     assert "0..5" in _one_line_error(capsys, ["build", str(artifact_dir), "--builder-optimization-level", "9"])
 
@@ -441,6 +504,27 @@ def _ort_results(art, params=SamplingParams(), max_new=NEW):
 
     return ([r.tokens for r in generate_tidar_batch(OrtBackend(art), PROMPTS, max_new, params)],
             [r.tokens for r in generate_ar_batch(OrtBackend(art), PROMPTS, max_new, params)])
+
+
+def test_int4_weight_only_engines_decode_like_ort(exported, tmp_path):
+    """A trt-10.15 int4 artifact (RTN, blocks of 64) through build_engines and TrtBackend over the
+    stand-ins, whose engines run its block-quantized graphs: the same tokens as ONNX Runtime on
+    those graphs, TiDAR == AR. (What TensorRT's own INT4 kernels compute needs a GPU.)"""
+    from tidar_export.engines.quantize import quantize_artifact
+
+    art = quantize_artifact(exported("trt-10.15"), tmp_path / "int4", "int4", method="rtn", block_size=64)
+    build_engines(build_settings(load_manifest(art), art), log=lambda _: None, compiler=FakeCompiler())
+    m = load_manifest(art)
+    assert {g.engine_info["precision"] for g in m.graphs.values()} == {"int4"}
+    assert [g.engine_info["onnx"] for g in m.graphs.values()] == [f"{k}.int4.onnx" for k in m.graphs]
+    tidar_ort, ar_ort = _ort_results(art)
+    assert tidar_ort == ar_ort
+    cuda = FakeCuda()
+    backend = TrtBackend(art, trt_module=fake_tensorrt(cuda, aliased=True), cuda_api=cuda)
+    assert [r.tokens for r in generate_tidar_batch(backend, PROMPTS, NEW)] == tidar_ort
+    assert [r.tokens for r in generate_ar_batch(backend, PROMPTS, NEW)] == ar_ort
+    backend.close()
+    assert cuda.live_allocations() == 0
 
 
 @pytest.mark.parametrize("target, aliased, mode", [("trt-10.3", False, "slice"), ("trt-10.15", True, "alias"),

@@ -34,8 +34,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("build", help="build TensorRT engines for an exported artifact (needs a GPU)")
     p.add_argument("artifact", help="artifact directory written by `tidar-export export`")
     p.add_argument("--precision", choices=PRECISIONS,
-                   help="the artifact's precision (default): its export dtype, or int8|fp8 for an artifact "
-                        "written by `tidar-export quantize`")
+                   help="the artifact's precision (default): its export dtype, or int8|fp8|int4 for an artifact "
+                        "written by `tidar-export quantize` (int4: trt-10.15 artifacts with blocks of 64 or 128; "
+                        "int8-wo is ONNX Runtime only and refused)")
     p.add_argument("--timing-cache", metavar="FILE", help="tactic timing cache to read and update")
     p.add_argument("--builder-optimization-level", type=int, metavar="N", help="0..5 (TensorRT's default: 3)")
     p.add_argument("--hardware-compat", choices=HARDWARE_COMPAT,

@@ -13,9 +13,10 @@ Two layers, so that everything but the TensorRT call itself is testable without 
 
 Precision: networks are strongly typed, so precision comes from the ONNX tensor types (fp32,
 fp16, bf16: the dtype the artifact was exported with) and from explicit Q/DQ nodes (int8,
-fp8: the Q/DQ graphs of an artifact written by `tidar-export quantize`, docs/QUANTIZATION.md).
-No precision builder flag is set: on a strongly typed network the types alone decide
-(TensorRT 11 builds only strongly typed networks and has dropped those flags).
+fp8: the Q/DQ graphs of an artifact written by `tidar-export quantize`, docs/QUANTIZATION.md;
+int4: its weight-only graphs, block-quantized INT4 DequantizeLinear on the weights, float
+activations). No precision builder flag is set: on a strongly typed network the types alone
+decide (TensorRT 11 builds only strongly typed networks and has dropped those flags).
 """
 
 from __future__ import annotations
@@ -35,8 +36,15 @@ from tidar_runtime.fileio import usual_mode
 from tidar_runtime.layout import PAST_PREFIX
 from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-QUANTIZED = ("int8", "fp8")  # need an artifact of explicit Q/DQ graphs (`tidar-export quantize`)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4", "int8-wo")
+# Need an artifact written by `tidar-export quantize`: int8/fp8 Q/DQ graphs, int4/int8-wo weight-only graphs.
+QUANTIZED = ("int8", "fp8", "int4", "int8-wo")
+WEIGHT_ONLY = ("int4", "int8-wo")
+# What TensorRT documents for INT4 weights ("Quantization Schemes" of its developer guide): per-block
+# scales with a block size of 64 or 128 along one of the last two dimensions, and INT4 for weights
+# only. The ONNX form, an INT4 initializer and DequantizeLinear's block_size, is opset 21.
+TRT_INT4_BLOCK_SIZES = (64, 128)
+TRT_INT4_MIN_OPSET = 21
 KV_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # ONNX activation dtype -> name
 HARDWARE_COMPAT = ("ampere+",)
 # Prefill profile: the prompt length TensorRT tunes its tactics for. Prefill runs once per
@@ -88,23 +96,70 @@ def base_precision(manifest: Manifest) -> str:
     return KV_PRECISION[kv]
 
 
+def weight_only_block_size(manifest: Manifest, artifact_dir: Path) -> int | None:
+    """The block size of a weight-only artifact, from the recipe `tidar-export quantize` wrote
+    beside it (quantization.json); None when there is no readable recipe."""
+    from tidar_export.engines.quantize import SIDECAR
+
+    try:
+        recipe = json.loads((Path(artifact_dir) / SIDECAR).read_text())
+    except (OSError, ValueError):
+        return None
+    block = recipe.get("block_size") if isinstance(recipe, dict) else None
+    return block if isinstance(block, int) else None
+
+
+def check_weight_only(manifest: Manifest, artifact_dir: Path) -> None:
+    """Refuse, in one line and before TensorRT is touched, a weight-only artifact TensorRT cannot
+    parse or has no kernels for: the lowering `tidar-export quantize` chose is the target's."""
+    precision, target = manifest.precision, manifest.target
+    if target == "ort":
+        raise TiDARError(
+            f"{artifact_dir} holds {precision} weights as ONNX Runtime's com.microsoft MatMulNBits (target ort), which "
+            f"TensorRT's ONNX parser does not read: export for trt-10.15 and quantize that with --precision int4")
+    if precision != "int4":  # `quantize` writes int8-wo for target ort only
+        raise TiDARError(f"{artifact_dir}: {precision} is lowered for target ort only; TensorRT's block-quantized "
+                         f"weights are INT4: quantize a trt-10.15 artifact with --precision int4")
+    opset = manifest.versions.get("opsets", {}).get("ai.onnx")
+    if target == "trt-10.3" or (opset is not None and opset < TRT_INT4_MIN_OPSET):
+        why = (f"the trt-10.3 graphs are opset {opset} and TensorRT 10.3's ONNX parser reads opsets 9..20"
+               if target == "trt-10.3" else f"the {target} graphs are opset {opset}")
+        raise TiDARError(
+            f"{artifact_dir}: int4 weight-only engines need block-quantized INT4 DequantizeLinear (ONNX opset >= "
+            f"{TRT_INT4_MIN_OPSET}); {why}: export for trt-10.15 and quantize that")
+    block = weight_only_block_size(manifest, artifact_dir)
+    if block is None:
+        raise TiDARError(f"{artifact_dir}: no readable quantization.json, so the int4 block size is unknown "
+                         f"(TensorRT takes blocks of {' or '.join(map(str, TRT_INT4_BLOCK_SIZES))}): re-quantize it")
+    if block not in TRT_INT4_BLOCK_SIZES:
+        raise TiDARError(
+            f"{artifact_dir}: int4 blocks of {block}, and TensorRT's INT4 weights take per-block scales with blocks of "
+            f"{' or '.join(map(str, TRT_INT4_BLOCK_SIZES))} only: re-quantize with --block-size "
+            f"{' or '.join(map(str, TRT_INT4_BLOCK_SIZES))}")
+
+
 def _onnx_files(manifest: Manifest, artifact_dir: Path, precision: str) -> dict[str, str]:
     """The ONNX file of each graph. fp32/fp16/bf16: the artifact's own graphs, whose dtype must be
-    the one asked for. int8/fp8: a quantized artifact (`tidar-export quantize`), whose graphs
-    are the explicit Q/DQ graphs; an unquantized artifact is refused with the command to run."""
+    the one asked for. int8/fp8/int4: a quantized artifact (`tidar-export quantize`), whose graphs
+    are the explicit Q/DQ or weight-only graphs; an unquantized artifact is refused with the
+    command to run."""
     files = {kind: manifest.graphs[kind].file for kind in GRAPH_KINDS}
     if manifest.precision in QUANTIZED:
+        kind = "weight-only" if manifest.precision in WEIGHT_ONLY else "Q/DQ"
         if precision != manifest.precision:
             raise TiDARError(
-                f"--precision {precision}: {artifact_dir} holds {manifest.precision} Q/DQ graphs, and strongly "
+                f"--precision {precision}: {artifact_dir} holds {manifest.precision} {kind} graphs, and strongly "
                 f"typed engines compute what the graphs say; build it with --precision {manifest.precision}, or "
                 f"build the artifact it was quantized from")
+        if manifest.precision in WEIGHT_ONLY:
+            check_weight_only(manifest, artifact_dir)
         return files
     base = base_precision(manifest)
     if precision in QUANTIZED:
+        kind = "weight-only quantized" if precision in WEIGHT_ONLY else "explicitly quantized (Q/DQ)"
         raise TiDARError(
             f"--precision {precision}: the graphs of {artifact_dir} are {base}; {precision} engines are built from "
-            f"explicitly quantized (Q/DQ) graphs: run `tidar-export quantize {artifact_dir} -o QUANTIZED_DIR "
+            f"{kind} graphs: run `tidar-export quantize {artifact_dir} -o QUANTIZED_DIR "
             f"--precision {precision}` and build QUANTIZED_DIR")
     if precision != base:
         raise TiDARError(

@@ -1,4 +1,4 @@
-"""`tidar-export compare`: the same inputs through torch, ONNX Runtime and TensorRT (docs/COMPARE.md).
+"""`tidar-export compare`: the same inputs through torch, ONNX Runtime and TensorRT (docs/QUANTIZATION.md).
 
     tidar-export compare ARTIFACT_DIR --checkpoint CKPT [--graphs prefill,step] [--localize] [--no-trt]
 
@@ -11,6 +11,9 @@ random cache for the step graphs) runs through every runner that exists here:
 Polygraphy's Comparator runs them and its SimpleCompareFunc checks `logits` and every
 `present.*` against per-output tolerances (elementwise |a - b| <= atol + rtol * |b|, b the
 first runner). `token_ids` is checked with `check`'s rule: equal, except at a near tie.
+An AWQ artifact whose o_proj scale s is folded into v_proj keeps V / s in its cache
+(quantization.json `value_cache_scales`): its runners are fed past V / s and their present V
+is multiplied by s, so that a cache means the same to every runner.
 
 On a failure (or with `--localize`) the graphs are run again with intermediate outputs marked
 (the embedding, each decoder layer's attention and MLP outputs and residual stream, the final
@@ -33,18 +36,27 @@ import numpy as np
 
 from tidar_export.export import check
 from tidar_export.errors import TiDARError
-from tidar_runtime.layout import PAST_PREFIX
+from tidar_runtime.layout import PAST_PREFIX, PRESENT_PREFIX
 from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
 
-# (atol, rtol) per precision and output family. fp32/fp16/bf16 are check.py's; int8/fp8 are
-# Q/DQ graphs against the fp32 torch model (measured on the demo model, docs/COMPARE.md).
+# (atol, rtol) per precision and output family. fp32/fp16/bf16 are check.py's; the others are
+# quantized graphs against the fp32 torch model (docs/QUANTIZATION.md, "Comparing runtimes").
+# int8/fp8: a first setting. int4/int8-wo: measured on compare's own inputs (ONNX Runtime CPU
+# vs torch) for the demo model (max_seq_len 256; int4 AWQ blocks 32/128, RTN 128, tables kept
+# or not, trt-10.15 blocks 64/128; int8-wo AWQ 32, RTN 128) and a tiny random model (std
+# 1/sqrt(fan_in), ort and trt-10.15). Largest atol needed at rtol 0.1, demo / tiny: int4 logits
+# 3.31 / 1.92, present 1.26 / 1.22; int8-wo logits 0.23 / 0.13, present 0.065 / 0.067.
 TOLERANCES = {
     **check.TOLERANCES,
     "int8": {"logits": (1.0, 0.1), "present": (0.5, 0.1)},
     "fp8": {"logits": (2.0, 0.2), "present": (1.0, 0.2)},
+    "int4": {"logits": (5.0, 0.1), "present": (2.0, 0.1)},
+    "int8-wo": {"logits": (0.5, 0.1), "present": (0.2, 0.1)},
 }
-# Intermediate tensors: max |a - b| relative to max |b| of the tensor, per precision.
-HIDDEN_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 0.1, "fp8": 0.2}
+# Intermediate tensors: max |a - b| relative to max |b| of the tensor, per precision (they only
+# localize a failure). Measured maxima, demo / tiny: int4 0.46 / 0.73, int8-wo 0.021 / 0.041.
+HIDDEN_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 0.1, "fp8": 0.2, "int4": 0.75,
+                    "int8-wo": 0.08}
 
 
 @dataclass
@@ -273,6 +285,58 @@ def tensorrt_runner(manifest: Manifest, artifact_dir: Path, kind: str, onnx_path
     return TrtRunner(EngineFromNetwork(network, config=CreateConfig(profiles=[profile])), name="tensorrt")
 
 
+def value_cache_scales(artifact_dir: Path, manifest: Manifest) -> dict[int, np.ndarray]:
+    """Layer -> s ([kv_heads, 1, head_dim]) for an AWQ artifact whose V cache holds V / s (the
+    o_proj scale folded into v_proj; quantization.json `value_cache_scales`); {} otherwise."""
+    import json
+
+    from tidar_export.engines.quantize import SIDECAR
+
+    path = artifact_dir / SIDECAR
+    if not path.is_file():
+        return {}
+    recipe = json.loads(path.read_text())
+    kv, hd = manifest.model["num_kv_heads"], manifest.model["head_dim"]
+    return {int(layer): np.asarray(v, np.float32).reshape(kv, 1, hd)
+            for layer, v in (recipe.get("value_cache_scales") or {}).items()}
+
+
+def cache_scaled_runner(inner, scales: dict[int, np.ndarray]):
+    """`inner` (a Polygraphy runner over the artifact's graph) seen in the reference model's cache
+    units: past V divided by s on the way in, present V multiplied by s on the way out, so the
+    same cache means the same thing to every runner (value_cache_scales)."""
+
+    class CacheScaledRunner(_base_runner()):
+        def __init__(self):
+            super().__init__(name=inner.name, prefix="cache-scaled-runner")
+
+        def activate_impl(self):
+            inner.activate()
+
+        def deactivate_impl(self):
+            inner.deactivate()
+
+        def get_input_metadata_impl(self):
+            return inner.get_input_metadata(use_numpy_dtypes=False)
+
+        def infer_impl(self, feed_dict):
+            feeds = OrderedDict(feed_dict)
+            for i, sc in scales.items():
+                name = f"{PAST_PREFIX}.{i}.value"
+                if name in feeds:
+                    v = np.asarray(feeds[name])
+                    feeds[name] = (v / sc).astype(v.dtype)
+            out = OrderedDict((k, np.array(v)) for k, v in inner.infer(feeds, check_inputs=False).items())
+            for i, sc in scales.items():
+                name = f"{PRESENT_PREFIX}.{i}.value"
+                if name in out:
+                    out[name] = (out[name] * sc).astype(out[name].dtype)
+            self.inference_time = inner.last_inference_time()
+            return out
+
+    return CacheScaledRunner()
+
+
 @contextlib.contextmanager
 def _quiet_polygraphy():
     """Polygraphy logs every runner's inputs and outputs at INFO: keep its warnings and errors."""
@@ -323,7 +387,7 @@ def _precision(manifest: Manifest) -> str:
 
 
 def reference_model(checkpoint, manifest: Manifest):
-    """The torch model in the dtype of the artifact's graph I/O (fp32 for int8/fp8 Q/DQ graphs)."""
+    """The torch model in the dtype of the artifact's graph I/O (fp32 for quantized graphs)."""
     from tidar_export.engines.build import base_precision
     from tidar_export.export.tracing import PRECISIONS
     from tidar_export.model.reference import load_artifact_model
@@ -410,6 +474,8 @@ def compare_graph(artifact_dir: Path, manifest: Manifest, kind: str, model=None,
     if len(names) < 2:
         raise TiDARError("compare needs two runners: pass --checkpoint (torch) or run where TensorRT exists")
     report = GraphComparison(kind, case, names)
+    v_scales = value_cache_scales(artifact_dir, manifest)
+    own = (lambda r: cache_scaled_runner(r, v_scales)) if v_scales else (lambda r: r)  # noqa: E731
     pairs = [(names[0], n) for n in names[1:]] + ([("onnxrt", "tensorrt")] if len(names) == 3 else [])
 
     def run(marks: list[tuple[str, str]]):
@@ -421,9 +487,9 @@ def compare_graph(artifact_dir: Path, manifest: Manifest, kind: str, model=None,
             if model is not None:
                 torch_paths = dict(module_scopes(manifest.model["num_layers"]))
                 runners.append(torch_runner(model, manifest, kind, {t: torch_paths[s] for s, t in marks}))
-            runners.append(onnxrt_runner(path, kind != "prefill" and manifest.kv_update_of(kind) == "inplace"))
+            runners.append(own(onnxrt_runner(path, kind != "prefill" and manifest.kv_update_of(kind) == "inplace")))
             if use_trt:
-                runners.append(tensorrt_runner(manifest, artifact_dir, kind, path if tensors else None, tensors))
+                runners.append(own(tensorrt_runner(manifest, artifact_dir, kind, path if tensors else None, tensors)))
             with _quiet_polygraphy():
                 return Comparator.run(runners, data_loader=[feeds])
 
@@ -459,6 +525,10 @@ def compare_artifact(artifact_dir: str | os.PathLike, checkpoint=None, *, graphs
     if use_trt is None:
         use_trt = has_tensorrt()
     model = reference_model(checkpoint, manifest) if checkpoint is not None else None
+    v_scales = value_cache_scales(artifact_dir, manifest)
+    if v_scales:
+        log(f"AWQ artifact: its V cache holds V / s in layers {', '.join(map(str, sorted(v_scales)))}; the caches "
+            f"of its runners are scaled to the reference's units on the way in and out")
     reports = []
     for kind in graphs:
         t0 = time.perf_counter()

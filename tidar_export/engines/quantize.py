@@ -43,7 +43,8 @@ from tidar_export.errors import TiDARError
 from tidar_runtime.paths import confined
 from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
 
-QUANTIZER_VERSION = "2"  # 2: shared activation scales, own Q/DQ writer, weight-only int4 / int8
+QUANTIZER_VERSION = "3"  # 2: shared activation scales, own Q/DQ writer, weight-only int4 / int8;
+# 3: quantization.json records the V-cache scales of AWQ's v_proj folds (value_cache_scales)
 PRECISIONS = ("int8", "fp8", "int4", "int8-wo")
 INT8_METHODS = ("minmax", "percentile")  # activation range calibration for int8 / fp8
 DEFAULT_INT8_METHOD = "minmax"  # equal to percentile within noise on the demo model, and cheaper (docs/QUANTIZATION.md)
@@ -640,6 +641,22 @@ def awq_folded_weights(model, groups: list[AwqGroup], manifest_model: dict) -> d
     return out
 
 
+def value_cache_scales(groups: list[AwqGroup], manifest_model: dict) -> dict[str, list[float]]:
+    """Per layer (its index as a string), the per-channel factor s that an o_proj group's fold
+    divides v_proj's output columns by, in the cache's channel order ([kv_heads * head_dim],
+    kv-head major): the artifact's V cache holds V / s, so a comparison against the unfolded
+    model must scale caches by it (engines.compare). Layers without such a fold are absent."""
+    heads, kv = manifest_model.get("num_heads"), manifest_model.get("num_kv_heads")
+    out = {}
+    for g in groups:
+        if g.scales is None or g.fold is None or g.fold[0] != "v_proj":
+            continue
+        layer = g.role.split("/model/layers.", 1)[1].split("/", 1)[0]
+        hd = len(g.scales) // heads
+        out[layer] = [float(v) for v in g.scales.reshape(heads, hd)[:: heads // kv].reshape(-1)]
+    return out
+
+
 def weight_only_graph(model, precision: str, block: int, target: str, tables: bool, accuracy_level: int,
                       overrides: dict[str, np.ndarray]) -> dict:
     """Weight-only block quantization of every linear layer (and, with `tables`, of the embedding
@@ -851,6 +868,12 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
     if artifact.resolve() == output.resolve():
         raise TiDARError("the quantized artifact must go to another directory than its source (-o)")
     output = prepare_output(output, force, inputs=[artifact])
+    if precision in WEIGHT_ONLY_BITS and manifest.target != "ort":
+        from tidar_export.engines.build import TRT_INT4_BLOCK_SIZES
+
+        if block_size not in TRT_INT4_BLOCK_SIZES:
+            log(f"warning: blocks of {block_size} run in ONNX Runtime, but `tidar-export build` refuses them: "
+                f"TensorRT's INT4 weights take blocks of {' or '.join(map(str, TRT_INT4_BLOCK_SIZES))}")
     needs_calibration = precision in QMAX or method == "awq"
     source = None
     if needs_calibration:
@@ -924,7 +947,9 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
                 "activations": "not quantized" + (f" (MatMulNBits accuracy_level {accuracy_level})"
                                                   if manifest.target == "ort" else ""),
                 "quantized_ops": "MatMul of every linear layer" + (", LM head and embedding" if quantize_tables else ""),
-                "awq": {g.role: g.alpha for g in awq}})
+                "awq": {g.role: g.alpha for g in awq},
+                # the V cache of this artifact holds V / s in these layers (AWQ's o_proj fold)
+                "value_cache_scales": value_cache_scales(awq, manifest.model)})
         if needs_calibration:
             recipe["calibration"] = {"source": source, "prompts": len(prompts), "fingerprint": _fingerprint(prompts),
                                      "max_new_tokens": max_new_tokens, "samples_per_graph": samples, "seed": seed,
