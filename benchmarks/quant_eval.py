@@ -174,7 +174,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="quant_eval.") as scratch:
         work = Path(args.work or scratch)
         t0 = time.perf_counter()
-        fp32 = export_artifact(ckpt, work / "fp32", max_seq_len=args.max_seq_len)
+        # int8 / fp8 need the AR step with the step's own Attention op (docs/QUANTIZATION.md)
+        fp32 = export_artifact(ckpt, work / "fp32", max_seq_len=args.max_seq_len, ar_step="attention")
         print(f"exported fp32 in {time.perf_counter() - t0:.0f}s", flush=True)
         variants = {"fp32": fp32}
         feeds = None

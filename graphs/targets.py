@@ -46,12 +46,13 @@ class Target:
     fuse: tuple[Pass, ...] = ()  # after the opset conversion
     fixups: tuple[Pass, ...] = ()  # after the final cleanup
 
-    def kv_update_of(self, kind: str, head_dim: int) -> str | None:
+    def kv_update_of(self, kind: str, head_dim: int, gqa: bool = True) -> str | None:
         """How graph `kind` of a model with heads of `head_dim` writes the cache (None: prefill).
-        The ort AR step is in place only where GroupQueryAttention takes the head size."""
+        The ort AR step is in place only where GroupQueryAttention takes the head size, and
+        unless the export asked for the step's own Attention op instead (`gqa=False`)."""
         if kind == "prefill":
             return None
-        if kind == "ar_step" and self.ar_step_kv_update and contrib.group_query_attention_fits(head_dim):
+        if kind == "ar_step" and gqa and self.ar_step_kv_update and contrib.group_query_attention_fits(head_dim):
             return self.ar_step_kv_update
         return self.kv_update
 

@@ -339,3 +339,19 @@ def test_replace_dir_replaces_an_artifact_without_leftovers(tmp_path):
     (out / "manifest.json").write_text("old")
     replace_dir(new, out)
     assert (out / "manifest.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_ar_step_kind_in_the_plan():
+    """The ort AR step is GroupQueryAttention ("inplace") for head sizes that are multiples of 16,
+    unless --ar-step attention asks for the step's Attention op (what int8/fp8 artifacts need);
+    the step is "slice" either way, and an unknown kind is a one-line error."""
+    from tidar_export.export.tracing import make_plan
+
+    cfg = random_model(head_dim=16).cfg
+    assert make_plan(cfg).kv_update_of("ar_step") == "inplace"
+    plan = make_plan(cfg, ar_step="attention")
+    assert plan.kv_update_of("ar_step") == plan.kv_update_of("step") == "slice"
+    assert make_plan(random_model(head_dim=8).cfg).kv_update_of("ar_step") == "slice"
+    assert make_plan(cfg, target="trt-10.3").kv_update_of("ar_step") == "slice"
+    with pytest.raises(TiDARError, match="unknown --ar-step 'fast'"):
+        make_plan(cfg, ar_step="fast")

@@ -11,7 +11,8 @@ def cmd_export(args) -> int:
     t0 = time.perf_counter()
     out = export_artifact(args.checkpoint, args.output, block_size=args.block_size, proposals=args.proposals,
                           target=args.target, precision=args.dtype, max_seq_len=args.max_seq_len,
-                          max_batch=args.max_batch, mask_token_id=args.mask_token_id, log=print, force=args.force)
+                          max_batch=args.max_batch, mask_token_id=args.mask_token_id, ar_step=args.ar_step,
+                          log=print, force=args.force)
     print_written(args.target, out, t0)
     return 0
 
@@ -30,5 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-seq-len", type=int, help="KV cache slots per row (default: 2048, at most the "
                    "checkpoint's max_position_embeddings)")
     p.add_argument("--max-batch", type=int, default=1, help="rows of the step graphs (default: 1)")
+    p.add_argument("--ar-step", choices=("gqa", "attention"), default="gqa",
+                   help="ort target: the AR step as ONNX Runtime's GroupQueryAttention (gqa, default; "
+                        "head size a multiple of 16) or with the step's Attention op (attention: for "
+                        "artifacts to be quantized to int8/fp8, so that TiDAR == AR holds)")
     add_force_flag(p)
     p.set_defaults(func=cmd_export)

@@ -874,6 +874,11 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
         if block_size not in TRT_INT4_BLOCK_SIZES:
             log(f"warning: blocks of {block_size} run in ONNX Runtime, but `tidar-export build` refuses them: "
                 f"TensorRT's INT4 weights take blocks of {' or '.join(map(str, TRT_INT4_BLOCK_SIZES))}")
+    if precision in QMAX and manifest.target == "ort" and manifest.kv_update_of("ar_step") != manifest.kv_update:
+        # measured on the demo model: int8 TiDAR == own AR 23/24 with this AR step, 24/24 without
+        log(f"warning: the AR step of {artifact} is GroupQueryAttention, whose rounding differs from the step's "
+            f"Attention op; with {precision} activations TiDAR may then differ from --mode ar at near ties: "
+            f"export with --ar-step attention for a {precision} artifact whose TiDAR equals its AR")
     needs_calibration = precision in QMAX or method == "awq"
     source = None
     if needs_calibration:

@@ -209,7 +209,7 @@ def prepare_output(output: str | os.PathLike, force: bool = False, inputs=()) ->
 def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *, block_size: int | None = None,
                     proposals: Sequence[int] | None = None, target: str = "ort", precision: str = "fp32",
                     max_seq_len: int | None = None, max_batch: int = 1, mask_token_id: int | None = None,
-                    log=None, force: bool = False) -> Path:
+                    ar_step: str = "gqa", log=None, force: bool = False) -> Path:
     """Export a checkpoint folder to an artifact directory (atomically: temp dir, then rename).
 
     An existing artifact directory at `output` is replaced; any other non-empty folder is refused
@@ -230,7 +230,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     log = log or (lambda msg: None)
     output = prepare_output(output, force, inputs=[checkpoint])
     cfg = read_config(checkpoint, block_size, mask_token_id)
-    plan = make_plan(cfg, block_size, proposals, target, precision, max_seq_len, max_batch)  # before loading
+    plan = make_plan(cfg, block_size, proposals, target, precision, max_seq_len, max_batch, ar_step)  # before loading
     model, source = open_streamed(checkpoint, block_size, mask_token_id, dtype=plan.dtype)
 
     with staged_artifact(output, force) as (tmp, weights):

@@ -139,6 +139,7 @@ class ExportPlan:
     max_seq_len: int
     max_batch: int
     head_dim: int = 0  # the model's; decides whether the ort AR step can be GroupQueryAttention
+    gqa: bool = True  # False: the AR step keeps the step's Attention op (see `ar_step` in make_plan)
 
     @property
     def kv_update(self) -> str:
@@ -152,7 +153,7 @@ class ExportPlan:
         gives it one (the ort target's AR step runs GroupQueryAttention in place). None: prefill."""
         import tidar_graphs
 
-        return tidar_graphs.get_target(self.target).kv_update_of(kind, self.head_dim)
+        return tidar_graphs.get_target(self.target).kv_update_of(kind, self.head_dim, self.gqa)
 
     @property
     def q_len(self) -> int:
@@ -167,9 +168,17 @@ class ExportPlan:
         return PRECISIONS[self.precision]
 
 
+AR_STEP_KINDS = ("gqa", "attention")
+
+
 def make_plan(cfg, block_size: int | None = None, proposals: Sequence[int] | None = None, target: str = "ort",
-              precision: str = "fp32", max_seq_len: int | None = None, max_batch: int = 1) -> ExportPlan:
-    """Validate the export options against the model config (one-line TiDARError for each problem)."""
+              precision: str = "fp32", max_seq_len: int | None = None, max_batch: int = 1,
+              ar_step: str = "gqa") -> ExportPlan:
+    """Validate the export options against the model config (one-line TiDARError for each problem).
+
+    ar_step: "gqa" (the ort target's AR step as ONNX Runtime's GroupQueryAttention where the head
+    size allows; other targets ignore it) or "attention" (the same Attention op as the step
+    graph: what an artifact to be quantized to int8/fp8 needs, docs/QUANTIZATION.md)."""
     import tidar_graphs
 
     tidar_graphs.get_target(target)  # one-line error for an unknown target
@@ -190,7 +199,9 @@ def make_plan(cfg, block_size: int | None = None, proposals: Sequence[int] | Non
                          f"{cfg.max_position_embeddings}")
     if max_batch < 1:
         raise TiDARError(f"max_batch must be >= 1, got {max_batch}")
-    return ExportPlan(b, rs, target, precision, max_seq_len, max_batch, cfg.head_dim)
+    if ar_step not in AR_STEP_KINDS:
+        raise TiDARError(f"unknown --ar-step {ar_step!r}: choose one of {', '.join(AR_STEP_KINDS)}")
+    return ExportPlan(b, rs, target, precision, max_seq_len, max_batch, cfg.head_dim, ar_step == "gqa")
 
 
 def graph_module(model: TiDARModel, plan: ExportPlan, kind: str) -> _GraphModule:

@@ -69,7 +69,9 @@ class Variants:
         m = self.base
         return {"block_size": block_size, "proposals": list(proposals), "target": m.target,
                 "precision": m.precision, "max_seq_len": m.max_seq_len, "max_batch": m.max_batch,
-                "mask_token_id": m.mask_token_id}
+                "mask_token_id": m.mask_token_id,
+                # the base's AR step kind (ort: GroupQueryAttention when its ar_step has its own contract)
+                "ar_step": "gqa" if m.target != "ort" or m.kv_update_of("ar_step") != m.kv_update else "attention"}
 
     def get(self, block_size: int, proposals, progress=None) -> Path:
         """The artifact directory of this variant, exported now unless a matching one exists."""
@@ -92,7 +94,7 @@ class Variants:
         opts = want["options"]
         export_artifact(self.checkpoint, out, block_size=block_size, proposals=opts["proposals"],
                         target=opts["target"], precision=opts["precision"], max_seq_len=opts["max_seq_len"],
-                        max_batch=opts["max_batch"], mask_token_id=opts["mask_token_id"])
+                        max_batch=opts["max_batch"], mask_token_id=opts["mask_token_id"], ar_step=opts["ar_step"])
         write_atomic(sidecar, json.dumps(want, indent=2) + "\n")
         if progress:
             progress(f"exported {name} in {time.perf_counter() - t0:.1f}s")
