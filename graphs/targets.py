@@ -5,7 +5,7 @@ every target in ONNX Runtime). The pipeline is always:
 
     cleanup -> weight passes -> decompositions -> opset conversion -> fusions -> cleanup -> fix-ups -> tidy
 
-Weight passes rewrite constant weights (the ort target's fused q/k/v and gate/up projections).
+Weight passes rewrite constant weights (the ort target's fused q/k/v projection).
 The exporter runs them once more, earlier: on each traced graph before its weights are written
 (`prepare_weights`), so that a weight they replace is never stored; `lower` then finds nothing
 left to do and reports the counts `prepare_weights` recorded.
@@ -73,9 +73,9 @@ _TARGETS = {
     # cache in the graph (ScatterElements), and `ar_step_group_query_attention` folds that write
     # and the attention into one node (models whose head size GroupQueryAttention refuses keep
     # the "slice" AR step). Opset 23 stays: the CUDA provider registers some opset-24 kernels
-    # (Reshape, Cast) only in newer builds. q/k/v and gate/up are one MatMul each (fused weights,
-    # in all three graphs so that each weight is stored once; docs/GRAPHS.md has the timings), and
-    # the AR step's GroupQueryAttention reads the packed q/k/v where there is no qk-norm.
+    # (Reshape, Cast) only in newer builds. q/k/v is one MatMul (a fused weight, in all three graphs
+    # so that each weight is stored once; docs/GRAPHS.md has the timings), and the AR step's
+    # GroupQueryAttention reads its packed output where there is no qk-norm.
     "ort": Target(
         name="ort", opset=23, table="ort.json", static_shapes=False, kv_update="slice", ar_step_kv_update="inplace",
         weights=(fusions.fuse_projections,),

@@ -140,7 +140,7 @@ def _streamed_weights(source, weights: WeightFile, target: str):
     tensor gets a lazy value that reads the tensor from its shard; a Transpose of such a weight
     (nn.Linear's [out, in] -> [in, out]) becomes a lazy initializer that reads and transposes.
     The target's weight passes run on those lazy values (`tidar_graphs.prepare_weights`: the
-    ort target's fused q/k/v and gate/up weights replace their parts, which are then never read).
+    ort target's fused q/k/v weight replaces its parts, which are then never read).
     Then all of them go to the weights file, one tensor in memory at a time; the optimizer and
     the graph passes only ever see references into that file.
     """
