@@ -377,8 +377,8 @@ def kv_scatter_to_tensor_scatter(model: ir.Model) -> int:
 _PROJECTION = re.compile(r"^(?P<module>(?:.+\.)?layers\.\d+\.(?:self_attn|mlp))\.(?P<proj>[a-z]+)_proj\.weight\.T$")
 # fused name -> its parts, in the order of the concatenated output columns. q/k/v only: a fused
 # gate/up measured slower on the demo model (ORT 1.32 CPU, one thread; docs/GRAPHS.md): the Split
-# of its [B, T, 2 * intermediate] output costs more than the second MatMul it saves (+1.5% on the
-# width-72 step, no gain on the AR step). The pass takes {"gate_up": ("gate", "up")} as well.
+# of its [B, T, 2 * intermediate] output costs more than the second MatMul it saves (+1.5 to +3.7%
+# on the width-72 step, no gain on the AR step). The pass takes {"gate_up": ("gate", "up")} too.
 FUSED_PROJECTIONS = {"qkv": ("q", "k", "v")}
 _FAMILY = {part: fused for fused, parts in FUSED_PROJECTIONS.items() for part in parts}
 
