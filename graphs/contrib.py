@@ -9,7 +9,8 @@ the AR step's mask is exactly causal: one new token per row at slot L, seeing sl
 it buys, measured on the demo model (ORT 1.32 CPU, one thread, docs/GRAPHS.md): the rotary
 embedding moves into the attention kernel, the new K/V are written into the cache in place
 (no cache-sized Concat per layer and step), attention reads only each row's L + 1 used slots
-(not all max_seq_len), and the Transposes/Reshapes around it go.
+(not all max_seq_len), and the Transposes/Reshapes around it go. With fused projections
+(`fusions.fuse_projections`) and no qk-norm, it reads the packed q/k/v MatMul output directly.
 
 The rewrite changes the graph's cache contract: its present.* outputs become the whole cache
 [B, KV, max_seq_len, hd], and a runtime must bind them to the same buffers as the
@@ -144,6 +145,22 @@ def _flat(value: ir.Value, block: list[ir.Node]) -> ir.Value:
     return reshape.outputs[0]
 
 
+def _packed(q3: ir.Value, k3: ir.Value, v3: ir.Value) -> ir.Value | None:
+    """The packed [B, T, (H + 2 KV) * hd] tensor when q3, k3, v3 are the three outputs, in order,
+    of one Split along its last axis (`fusions.fuse_projections`): GroupQueryAttention takes it
+    as its query, with key and value empty, and skips the Split. None otherwise (qk-norm models
+    normalize q and k per head after the Split)."""
+    split = q3.producer()
+    outs = list(split.outputs) if split is not None and split.op_type == "Split" else []
+    if len(outs) != 3 or not all(a is b for a, b in zip(outs, (q3, k3, v3))):
+        return None
+    src = split.inputs[0]
+    d = dims(src)
+    if d is None or len(d) != 3 or attr(split, "axis", 0) % 3 != 2:
+        return None
+    return src
+
+
 def _const(value: ir.Value, block: list[ir.Node]) -> ir.Value:
     node = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", value.const_value)])
     block.append(node)
@@ -214,13 +231,15 @@ def _rewrite(g: ir.Graph, node: ir.Node, cache_len: ir.Value, lengths: list, tab
                                        const_value=ir.tensor(fn(angles).astype(np.float32).astype(dtype))), block)
                        for fn in (np.cos, np.sin)]
     q3, k3, v3 = (_flat(x, block) for x in (q4, k4, v4))
+    packed = _packed(q3, k3, v3)
     scale = attr(node, "scale", None)
     attrs = [ir.AttrInt64("num_heads", heads), ir.AttrInt64("kv_num_heads", kv_heads),
              ir.AttrInt64("do_rotary", 1), ir.AttrInt64("rotary_interleaved", 0)]
     if scale is not None:
         attrs.append(ir.AttrFloat32("scale", float(scale)))
     scope = node.name.rsplit("/", 1)[0] if node.name and "/" in node.name else ""
-    gqa = ir.Node(MS_DOMAIN, "GroupQueryAttention", [q3, k3, v3, past_k, past_v, *lengths, *tables[key]],
+    qkv = [packed, None, None] if packed is not None else [q3, k3, v3]
+    gqa = ir.Node(MS_DOMAIN, "GroupQueryAttention", [*qkv, past_k, past_v, *lengths, *tables[key]],
                   attributes=attrs, num_outputs=3, name=f"{scope}/GroupQueryAttention")
     block.append(gqa)
     out, present_k, present_v = gqa.outputs

@@ -1,4 +1,5 @@
-"""Fusions for the opset-23/24 targets: RMSNormalization, RotaryEmbedding, Attention (GQA), TensorScatter.
+"""Fusions for the opset-23/24 targets: RMSNormalization, RotaryEmbedding, Attention (GQA), TensorScatter,
+and the fused q/k/v projection (`fuse_projections`).
 
 Fusions are onnxscript rewriter rules (`onnxscript.rewriter.pattern`), one class per pattern.
 They are written for the graphs torch's dynamo exporter produces from
@@ -25,6 +26,8 @@ Semantics notes (why each rewrite is exact):
 from __future__ import annotations
 
 import math
+import os
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -32,6 +35,7 @@ from onnxscript.rewriter import pattern
 
 from tidar_graphs._match import (FLOAT_TYPES, apply, attr, axes_equal, compatible, const, dims, fail, ints,
                                  named_after, same, scalar, static)
+from tidar_graphs.cleanup import infer_shapes
 
 
 class RMSNormFusion(pattern.RewriteRuleClassBase):
@@ -365,3 +369,156 @@ def fuse_attention_gqa(model: ir.Model) -> int:
 
 def kv_scatter_to_tensor_scatter(model: ir.Model) -> int:
     return apply([KVScatterToTensorScatter.rule()], model)
+
+
+# --------------------------------------------------------------------------- fused projections
+
+# The [in, out] weights the tracer names after the module ("model.layers.0.self_attn.q_proj.weight.T")
+_PROJECTION = re.compile(r"^(?P<module>(?:.+\.)?layers\.\d+\.(?:self_attn|mlp))\.(?P<proj>[a-z]+)_proj\.weight\.T$")
+# fused name -> its parts, in the order of the concatenated output columns. q/k/v only: a fused
+# gate/up measured slower on the demo model (ORT 1.32 CPU, one thread; docs/GRAPHS.md): the Split
+# of its [B, T, 2 * intermediate] output costs more than the second MatMul it saves (+1.5 to +3.7%
+# on the width-72 step, no gain on the AR step). The pass takes {"gate_up": ("gate", "up")} too.
+FUSED_PROJECTIONS = {"qkv": ("q", "k", "v")}
+_FAMILY = {part: fused for fused, parts in FUSED_PROJECTIONS.items() for part in parts}
+
+
+class _Concatenated(ir.LazyTensor):
+    """The concatenation of `parts` along the last axis, read only when it is serialized or
+    written (the exporter writes it to its weights file; the parts are never read otherwise)."""
+
+    __slots__ = ("source_key",)
+
+    def __init__(self, parts: list, name: str):
+        shape = [*parts[0].shape.numpy()[:-1], sum(int(t.shape.numpy()[-1]) for t in parts)]
+        dtype = parts[0].dtype
+        super().__init__(lambda: ir.Tensor(np.concatenate([np.asarray(t.numpy()) for t in parts], axis=-1),
+                                           dtype=dtype), dtype=dtype, shape=ir.Shape(shape), name=name)
+        # The exporter's streamed checkpoint tensors carry a source_key (tidar_export.export.artifact):
+        # the fused tensor gets one too, so that the weights file reads it once for the three graphs.
+        keys = [getattr(t, "source_key", None) for t in parts]
+        self.source_key = ("concat", *keys) if all(k is not None for k in keys) else None
+
+
+def _readable(tensor) -> bool:
+    """Whether a tensor's data can be read (the passes never read weights that are out of reach)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        return os.path.isfile(tensor.path)
+    return tensor is not None
+
+
+def _sole_use(value: ir.Value) -> bool:
+    return len(value.uses()) == 1 and not value.is_graph_output() and not value.is_graph_input()
+
+
+def _bias_add(out: ir.Value, width: int) -> tuple[ir.Node, ir.Value] | None:
+    """(Add, bias) when `out` is read by exactly one Add(out, bias) with bias a 1-D constant [width]."""
+    users = out.consumers()
+    if len(users) != 1 or out.is_graph_output():
+        return None
+    add = users[0]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    bias = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    if bias is None or not bias.is_initializer() or not _sole_use(bias) or bias.const_value is None:
+        return None
+    if list(bias.const_value.shape.numpy()) != [width] or add.outputs[0].is_graph_output():
+        return None
+    return add, bias
+
+
+def _scope(module: str) -> str:
+    """"model.layers.0.self_attn.qkv_proj" -> "/model/layers.0/self_attn/qkv_proj" (the tracer's node names)."""
+    return "/" + re.sub(r"\.(?!\d)", "/", module)
+
+
+def fuse_projections(model: ir.Model) -> int:
+    """q/k/v MatMuls of one activation  ->  one MatMul and a Split (each group of FUSED_PROJECTIONS).
+
+    MatMul(x, W_q), MatMul(x, W_k), MatMul(x, W_v) with constant [in, out] weights named after
+    their modules (`model.layers.N.self_attn.{q,k,v}_proj.weight.T`, as the tracer names them)
+    become MatMul(x, concat(W_q, W_k, W_v, axis=-1)) followed by Split(axis=-1) into the three
+    widths; their bias Adds (Qwen2) become one Add of the concatenated biases before the Split.
+    The fused weight is `model.layers.N.self_attn.qkv_proj.weight.T` (a group "gate_up" would make
+    `mlp.gate_up_proj.weight.T`), a lazy concatenation that reads the parts only when it is
+    written; the parts leave the graph. Nodes are named in the fused module's scope
+    (`/model/layers.N/self_attn/qkv_proj/MatMul`, `/Add`, `/Split`). Exact: each output column is
+    the same dot product as before. A group is left alone when a part is missing, a weight is
+    read elsewhere too, or a weight's data is out of reach (external data not found).
+    """
+    g = model.graph
+    groups: dict[tuple, dict[str, ir.Node]] = {}  # (activation, module, fused name) -> part -> MatMul
+    first: dict[tuple, ir.Node] = {}  # the group's first MatMul in graph order: the fused nodes go before it
+    for node in g:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        x, w = node.inputs
+        m = _PROJECTION.match(w.name or "") if w is not None and w.is_initializer() else None
+        if m is None or m["proj"] not in _FAMILY or x is None:
+            continue
+        key = (id(x), m["module"], _FAMILY[m["proj"]])
+        groups.setdefault(key, {}).setdefault(m["proj"], node)
+        first.setdefault(key, node)
+    count = 0
+    for key in groups:
+        _, module, family = key
+        parts = FUSED_PROJECTIONS[family]
+        members = groups[key]
+        if set(members) != set(parts):
+            continue
+        nodes = [members[p] for p in parts]
+        weights = [n.inputs[1] for n in nodes]
+        tensors = [w.const_value for w in weights]
+        if (len({id(w) for w in weights}) != len(weights) or not all(map(_sole_use, weights))
+                or not all(map(_readable, tensors)) or any(o.is_graph_output() for n in nodes for o in n.outputs)):
+            continue
+        shapes = [tuple(t.shape.numpy()) for t in tensors]
+        if any(len(s) != 2 for s in shapes) or len({s[0] for s in shapes}) != 1 or len({t.dtype for t in tensors}) != 1:
+            continue
+        widths = [s[1] for s in shapes]
+        name = f"{module}.{family}_proj"
+        if f"{name}.weight.T" in g.initializers:
+            continue
+        biases = [_bias_add(n.outputs[0], width) for n, width in zip(nodes, widths)]
+        if not all(biases) or not all(_readable(b[1].const_value) for b in biases) or len(
+                {b[1].const_value.dtype for b in biases}) != 1:
+            biases = [None] * len(nodes)  # any Adds stay on the Split outputs
+        scope = _scope(name)
+        x = nodes[0].inputs[0]
+        fused_w = ir.Value(name=f"{name}.weight.T", shape=ir.Shape([shapes[0][0], sum(widths)]),
+                           type=ir.TensorType(tensors[0].dtype), const_value=_Concatenated(tensors, f"{name}.weight.T"))
+        g.register_initializer(fused_w)
+        block = [ir.Node("", "MatMul", [x, fused_w], name=f"{scope}/MatMul")]
+        out = block[-1].outputs[0]
+        out.dtype = tensors[0].dtype
+        olds = [n.outputs[0] for n in nodes]
+        if biases[0] is not None:
+            bias_t = [b[1].const_value for b in biases]
+            fused_b = ir.Value(name=f"{name}.bias", shape=ir.Shape([sum(widths)]), type=ir.TensorType(bias_t[0].dtype),
+                               const_value=_Concatenated(bias_t, f"{name}.bias"))
+            g.register_initializer(fused_b)
+            block.append(ir.Node("", "Add", [out, fused_b], name=f"{scope}/Add"))
+            out = block[-1].outputs[0]
+            out.dtype = tensors[0].dtype
+            olds = [b[0].outputs[0] for b in biases]
+        sizes = ir.Value(name=f"{name}.split", shape=ir.Shape([len(widths)]), type=ir.TensorType(ir.DataType.INT64),
+                         const_value=ir.tensor(np.array(widths, np.int64), name=f"{name}.split"))
+        g.register_initializer(sizes)
+        split = ir.Node("", "Split", [out, sizes], attributes=[ir.AttrInt64("axis", -1)], num_outputs=len(widths),
+                        name=f"{scope}/Split")
+        block.append(split)
+        g.insert_before(first[key], block)
+        for old, new in zip(olds, split.outputs):
+            new.dtype, new.shape = old.dtype, old.shape
+            value_name = old.name  # downstream keeps reading the same tensor names
+            old.replace_all_uses_with(new)
+            old.name = f"{value_name}.unfused"
+            new.name = value_name
+        dead = nodes + [b[0] for b in biases if b is not None]
+        g.remove(dead, safe=True)
+        for w in weights + [b[1] for b in biases if b is not None]:
+            del g.initializers[w.name]
+        count += 1
+    if count:
+        infer_shapes(model)
+    return count

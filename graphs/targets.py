@@ -3,7 +3,12 @@
 `lower(model, target)` is numerically equivalent to its input (tests/test_graphs.py checks
 every target in ONNX Runtime). The pipeline is always:
 
-    cleanup -> decompositions -> opset conversion -> fusions -> cleanup -> fix-ups -> tidy
+    cleanup -> weight passes -> decompositions -> opset conversion -> fusions -> cleanup -> fix-ups -> tidy
+
+Weight passes rewrite constant weights (the ort target's fused q/k/v projection).
+The exporter runs them once more, earlier: on each traced graph before its weights are written
+(`prepare_weights`), so that a weight they replace is never stored; `lower` then finds nothing
+left to do and reports the counts `prepare_weights` recorded.
 
 Decompositions run before the opset conversion because the fused opset-23/24 ops cannot be
 down-converted; fix-ups run after the last `cleanup` because its default rewrite rules would
@@ -42,6 +47,7 @@ class Target:
     # The AR step's own cache contract where it differs from kv_update (None: the same); see
     # `kv_update_of`, which also asks whether the model's heads fit the op that needs it.
     ar_step_kv_update: str | None = None
+    weights: tuple[Pass, ...] = ()  # rewrites of constant weights: prepare_weights, then first in lower
     decompose: tuple[Pass, ...] = ()  # before the opset conversion
     fuse: tuple[Pass, ...] = ()  # after the opset conversion
     fixups: tuple[Pass, ...] = ()  # after the final cleanup
@@ -68,9 +74,12 @@ _TARGETS = {
     # cache in the graph (ScatterElements), and `ar_step_group_query_attention` folds that write
     # and the attention into one node (models whose head size GroupQueryAttention refuses keep
     # the "slice" AR step). Opset 23 stays: the CUDA provider registers some opset-24 kernels
-    # (Reshape, Cast) only in newer builds.
+    # (Reshape, Cast) only in newer builds. q/k/v is one MatMul (a fused weight, in all three graphs
+    # so that each weight is stored once; docs/GRAPHS.md has the timings), and the AR step's
+    # GroupQueryAttention reads its packed output where there is no qk-norm.
     "ort": Target(
         name="ort", opset=23, table="ort.json", static_shapes=False, kv_update="slice", ar_step_kv_update="inplace",
+        weights=(fusions.fuse_projections,),
         decompose=(decompositions.decompose_tensor_scatter,),
         fuse=(fusions.fuse_rms_norm, fusions.fuse_rotary, fusions.fuse_attention, fusions.fuse_attention_gqa,
               contrib.ar_step_group_query_attention, contrib.attend_used_cache),
@@ -101,6 +110,26 @@ def get_target(target: str) -> Target:
         raise TiDARError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}") from None
 
 
+_PREPARED_KEY = "tidar_graphs.prepared"  # what prepare_weights fired, until lower reports it
+
+
+def prepare_weights(model: ir.Model, target: str) -> int:
+    """Run `target`'s weight passes on `model` (in place) before its weights are written.
+
+    The exporter calls this on each traced graph while its weights are still unread (lazy
+    checkpoint tensors): a fused weight replaces its parts, which are then never read or stored.
+    The counts are kept in the model's metadata for `lower` to report. Returns the total count.
+    """
+    spec = get_target(target)
+    fired = json.loads(model.metadata_props.get(_PREPARED_KEY, "{}"))
+    for step in spec.weights:
+        count = step(model)
+        fired[step.__name__] = fired.get(step.__name__, 0) + count
+        logger.info("%s: %s (before the weights are written) -> %d", spec.name, step.__name__, count)
+    model.metadata_props[_PREPARED_KEY] = json.dumps(fired, sort_keys=True)
+    return sum(fired.values())
+
+
 def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
     """Cleanup, decomposition or fusion, and opset conversion of `model` for `target`.
 
@@ -108,7 +137,7 @@ def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
     """
     spec = get_target(target)
     ir_model = ir.serde.deserialize_model(model)
-    fired: dict[str, int] = {}
+    fired: dict[str, int] = json.loads(ir_model.metadata_props.pop(_PREPARED_KEY, "{}"))
 
     def run(step: Pass) -> None:
         count = step(ir_model)
@@ -116,6 +145,8 @@ def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
         logger.info("%s: %s -> %d", spec.name, step.__name__, count)
 
     run(cleanup.cleanup)
+    for step in spec.weights:
+        run(step)
     for step in spec.decompose:
         run(step)
     cleanup.convert_opset(ir_model, spec.opset)  # re-infers shapes when it converts

@@ -36,6 +36,10 @@ def test_every_module_has_one_marked_tensor(exported):
     assert len(set(found.values())) == len(scopes)  # distinct tensors
     producers = {o: n.name for n in proto.graph.node for o in n.output}
     assert producers[found["/model/layers.1/mlp"]] == "/model/layers.1/mlp/down_proj/MatMul"
+    assert producers[found["/model/layers.1/self_attn"]] == "/model/layers.1/self_attn/o_proj/MatMul"
+    # the fused q/k/v projection (one MatMul, its bias Add and a Split) stays inside the attention's scope
+    assert {"/model/layers.1/self_attn/qkv_proj/MatMul", "/model/layers.1/self_attn/qkv_proj/Split"} <= set(
+        producers.values())
 
 
 def test_torch_and_onnxruntime_agree_per_output_and_per_module(exported):

@@ -114,6 +114,10 @@ def test_one_weight_file_written_once(artifacts, checkpoint):
             refs.setdefault(t.name, set()).add((info["offset"], info["length"]))
     assert all(len(places) == 1 for places in refs.values()), refs
     assert "model.embed_tokens.weight" in refs and "model.layers.0.mlp.up_proj.weight.T" in refs
+    # the ort graphs read one fused q/k/v weight per layer (graphs.fusions.fuse_projections); its
+    # parts are not stored beside it
+    assert "model.layers.0.self_attn.qkv_proj.weight.T" in refs
+    assert not [n for n in refs if any(f".self_attn.{p}_proj." in n for p in "qkv")], sorted(refs)
     param_bytes = load_checkpoint(checkpoint).cfg.num_params() * 4
     assert param_bytes * 0.9 < (art / WEIGHTS_FILE).stat().st_size < param_bytes * 1.2
 
@@ -124,19 +128,28 @@ def test_fusions_in_exported_graphs(artifacts, checkpoint, target):
     lowering: fused Attention / RotaryEmbedding / RMSNormalization for ort and trt-10.15 (and the
     in-place TensorScatter cache write in trt-10.15's cached graphs), everything decomposed for
     trt-10.3 (JetPack 6's parser has none of those ops). The ort target's AR step is one
-    GroupQueryAttention per layer instead, with the rotation and the cache write inside it."""
+    GroupQueryAttention per layer instead, with the rotation and the cache write inside it, and
+    the ort graphs compute q/k/v with one MatMul per layer."""
     from collections import Counter
 
     layers = load_checkpoint(checkpoint).cfg.num_layers
     art = artifacts(target)
     fused = target != "trt-10.3"
     for kind in ("prefill", "step", "ar_step"):
-        ops = Counter(n.op_type for n in onnx.load(str(art / f"{kind}.onnx"), load_external_data=False).graph.node)
+        proto = onnx.load(str(art / f"{kind}.onnx"), load_external_data=False)
+        ops = Counter(n.op_type for n in proto.graph.node)
+        weights = {t.name for t in proto.graph.initializer}
+        linear = sum(n.op_type == "MatMul" and n.input[1] in weights for n in proto.graph.node)
+        # q/k/v: one MatMul per layer for ort (and its Split, except where the AR step's
+        # GroupQueryAttention reads the packed output), three elsewhere; + o, gate, up, down, LM head
+        assert linear == (5 if target == "ort" else 7) * layers + 1, (target, kind, ops)
         if target == "ort" and kind == "ar_step":
             assert ops["GroupQueryAttention"] == layers, ops
             assert ops["Attention"] == ops["RotaryEmbedding"] == ops["TensorScatter"] == ops["Concat"] == 0, ops
             assert ops["RMSNormalization"] == 2 * layers + 1, ops
+            assert ops["Split"] == 0, ops
             continue
+        assert ops["Split"] == (layers if target == "ort" else 0), (target, kind, ops)
         assert ops["Attention"] == (layers if fused else 0), (target, kind, ops)
         assert ops["Softmax"] == (0 if fused else layers), (target, kind, ops)
         assert ops["RotaryEmbedding"] == (2 * layers if fused else 0), (target, kind, ops)  # q and k

@@ -9,6 +9,7 @@ Every rewrite is checked by running the graph before and after it in ONNX Runtim
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -332,6 +333,81 @@ def test_fusions_on_qwen3_mha_graph():
     assert ops["RotaryEmbedding"] == 2 * L and ops["TensorScatter"] == 2 * L
     assert _max_diff(original, lowered) < TOL
     assert tidar_graphs.check_graph(lowered, "trt-10.15") == []
+
+
+# Qwen2 (q/k/v biases), Qwen3 (qk-norm, no bias), Llama (neither); 16-wide heads (GroupQueryAttention)
+PROJECTION_MODELS = {"qwen2-bias": dict(arch="qwen2", attention_bias=True),
+                     "qwen3-qk-norm": dict(arch="qwen3", qk_norm=True, attention_bias=False),
+                     "llama": dict(arch="llama", attention_bias=False)}
+
+
+@pytest.mark.parametrize("name", PROJECTION_MODELS)
+def test_fuse_projections(name, tmp_path, monkeypatch):
+    """On the ort target the three graphs, traced as the exporter traces them (weights and nodes
+    named by module path), get one MatMul for q/k/v per layer (gate/up stay apart), with
+    concatenated weights (and biases) and a Split; nodes stay in the module scope; the AR step's
+    GroupQueryAttention reads the packed q/k/v except with qk-norm (normalized per head after the
+    Split). The lowered graphs compute what the traced, unfused ones compute."""
+    from tidar_export.export.tracing import make_plan, trace
+    from tidar_runtime.backends.ort import run_graph
+
+    model = random_model(seed=4, **PROJECTION_MODELS[name])
+    cfg = model.cfg
+    assert cfg.head_dim % 16 == 0
+    plan = make_plan(cfg, target="ort", max_seq_len=S)
+    qk_norm = cfg.qk_norm
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    for kind in ("prefill", "step", "ar_step"):
+        traced = ir.serde.serialize_model(trace(model, plan, kind))
+        lowered = tidar_graphs.lower(traced, "ort")
+        fired = json.loads({p.key: p.value for p in lowered.metadata_props}["tidar_graphs.passes"])
+        assert fired["fuse_projections"] == L, (kind, fired)
+        ops = _ops(lowered)
+        assert ops["MatMul"] == 5 * L + 1, (kind, ops)  # qkv, o, gate, up, down and the LM head
+        nodes = {n.name: n for n in lowered.graph.node}
+        inits = {t.name for t in lowered.graph.initializer}
+        for i in range(L):
+            scope = f"/model/layers.{i}/self_attn/qkv_proj"
+            assert nodes[f"{scope}/MatMul"].input[1] == f"model.layers.{i}.self_attn.qkv_proj.weight.T"
+            assert (f"{scope}/Add" in nodes) == cfg.attention_bias
+            assert f"/model/layers.{i}/mlp/gate_proj/MatMul" in nodes and f"/model/layers.{i}/mlp/up_proj/MatMul" in nodes
+        parts = [t for t in inits if re.search(r"\.(q|k|v)_proj\.", t)]
+        assert not parts, parts
+        packed = kind == "ar_step" and not qk_norm
+        assert ops.get("Split", 0) == (0 if packed else L), (kind, ops)
+        if kind == "ar_step":
+            gqa = [n for n in lowered.graph.node if n.op_type == "GroupQueryAttention"]
+            assert len(gqa) == L and all((list(n.input[1:3]) == ["", ""]) == packed for n in gqa)
+            producer = {o: n.name for n in lowered.graph.node for o in n.output}
+            last = "Add" if cfg.attention_bias else "MatMul"
+            assert all(producer[n.input[0]].endswith(f"/self_attn/qkv_proj/{last}") for n in gqa if packed)
+        assert tidar_graphs.check_graph(lowered, "ort", dynamic_dims=["prefill_batch", "prompt_len",
+                                                                      "prefill_len"]) == []
+        if kind != "ar_step":
+            assert _max_diff(traced, lowered) < TOL, kind
+            continue
+        sessions = [ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+                    for m in (traced, lowered)]
+        rng = np.random.default_rng(6)
+        feeds = _feeds(traced)
+        for k in feeds:
+            if k.startswith("past"):
+                feeds[k] = rng.standard_normal(feeds[k].shape).astype(np.float32)
+        want = run_graph(sessions[0], feeds, inplace=False)
+        got = run_graph(sessions[1], feeds, inplace=True)
+        for k in want:
+            assert np.abs(np.asarray(got[k], np.float64) - want[k]).max() < TOL, k
+
+    # weights out of reach (an external file that does not resolve from here): left unfused
+    path = tmp_path / "step.onnx"
+    onnx.save_model(ir.serde.serialize_model(trace(model, plan, "step")), str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=256)
+    proto = onnx.load(str(path), load_external_data=False)
+    monkeypatch.chdir(tmp_path.parent)
+    low = tidar_graphs.lower(proto, "ort")
+    assert json.loads({p.key: p.value for p in low.metadata_props}["tidar_graphs.passes"])["fuse_projections"] == 0
+    assert _ops(low)["MatMul"] == 7 * L + 1 and "Split" not in _ops(low)
 
 
 # --------------------------------------------------------------------------- decompositions

@@ -356,7 +356,9 @@ def test_int4_ort_lowers_to_matmulnbits_and_computes_the_block_dequantized_weigh
     proto = onnx.load(str(art / "step.int4.onnx"))
     ops = [n.op_type for n in proto.graph.node]
     layers = m.model["num_layers"]
-    assert ops.count("MatMulNBits") == 7 * layers + 1  # and the LM head
+    # q/k/v are one MatMul in the ort graphs (fused weight), + o, gate, up, down, and the LM head
+    assert ops.count("MatMulNBits") == 5 * layers + 1
+    assert "/model/layers.0/self_attn/qkv_proj/MatMul" in [n.name for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert ops.count("GatherBlockQuantized") == 1 and "MatMul" not in ops  # attention stays in its op
     assert not any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
     node = next(n for n in proto.graph.node if n.name == "/model/layers.0/mlp/down_proj/MatMul")
@@ -431,6 +433,14 @@ def test_awq_folding_keeps_the_float_function(artifacts, tmp_path):
     quant.unshare_weights(step)  # as quantize_artifact does before folding
     groups = quant.awq_groups(step, m.model)
     assert {g.fold[0] for g in groups} == {"gamma", "columns", "v_proj"}
+    h, kv, hd = m.model["num_heads"], m.model["num_kv_heads"], m.model["head_dim"]
+    for g in groups:  # the ort graphs' q/k/v is one MatMul: o_proj's 1/s goes into its v columns
+        if g.fold[0] == "v_proj":
+            assert g.fold[1].endswith(".self_attn.qkv_proj.weight.T") and g.fold[2] == ((h + kv) * hd, (h + 2 * kv) * hd)
+        if g.fold[0] == "columns":
+            assert g.fold[1].endswith(".mlp.up_proj.weight.T") and g.fold[2] == (0, m.model["intermediate_size"])
+    assert sum(g.linears[0].endswith("/self_attn/qkv_proj/MatMul") and g.fold[0] == "gamma" for g in groups) == m.model[
+        "num_layers"]
     for g in groups:  # force a strong scale everywhere, whatever the search picks
         mean = stats[g.role].abs_sum / stats[g.role].count
         if g.fold[0] == "v_proj":

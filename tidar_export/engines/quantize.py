@@ -7,7 +7,8 @@ calibration prompts (the fp32 artifact in ONNX Runtime; a reservoir keeps at mos
 inputs per graph):
 
 - int8 / fp8 (E4M3): explicit Q/DQ on both inputs of every linear layer's MatMul (q/k/v/o,
-  gate/up/down). Weights per output channel, activations per tensor, symmetric (zero point 0,
+  gate/up/down; in the ort target's graphs q/k/v and gate/up are one MatMul each, whose output
+  columns are the parts' columns, so per-channel scales carry over). Weights per output channel, activations per tensor, symmetric (zero point 0,
   TensorRT's requirement). ONE set of parameters per artifact: an activation's scale belongs to
   its tensor role (the linear layer reading it, a module path that is the same in the three
   graphs) and is calibrated over the inputs of prefill, step and ar_step together, so the AR
@@ -16,7 +17,7 @@ inputs per graph):
 - int4 / int8-wo: weight-only, block-wise along the input dimension (blocks of 32/64/128),
   symmetric; RTN or an AWQ-style per-channel scale search (s = mean|x|^alpha, alpha picked per
   layer group on calibration rows, 1/s folded into the RMSNorm weight / up_proj / v_proj before
-  it). The embedding table and LM head are quantized too (they are a third of the demo model).
+  it; in the ort target's fused gate_up / qkv weights, into their up / v columns). The embedding table and LM head are quantized too (they are a third of the demo model).
   Lowered per target: `ort` -> com.microsoft MatMulNBits (GatherBlockQuantized for the
   embedding); TensorRT targets -> block-quantized INT4 DequantizeLinear on the weights (opset
   21+: trt-10.15; refused for trt-10.3, whose parser reads opsets up to 20).
@@ -489,7 +490,10 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
 class AwqGroup:
     role: str  # the activation role the group's linear layers read
     linears: list[str]  # their MatMul names
-    fold: tuple | None  # where 1/s goes: ("gamma", init) | ("columns", weight) | ("v_proj", weight); None: RTN
+    # where 1/s goes: ("gamma", init) | ("columns", weight, (start, stop)) | ("v_proj", weight, (start, stop));
+    # None: RTN. The column range is the part of `weight` (and of its bias) that is divided: all of
+    # up_proj / v_proj, or the up / v columns inside a fused gate_up / qkv weight.
+    fold: tuple | None
     alpha: float = 0.0
     scales: np.ndarray | None = None
 
@@ -537,19 +541,45 @@ def output_bias(model, weight: str) -> str | None:
     return None
 
 
+def output_columns(model) -> dict[str, tuple[str, int, int]]:
+    """Tensor -> (weight, start, stop): the output columns start..stop-1 of a linear layer's
+    weight that a tensor holds. The MatMul's output (and its bias Add's) holds all of them; each
+    output of a Split along the last axis of it holds its part (`tidar_graphs.fusions.fuse_projections`
+    packs q/k/v and gate/up into one MatMul and splits its output)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    cols: dict[str, tuple[str, int, int]] = {}
+    for lin in linear_layers(model):
+        mm = next(n for n in model.graph.node if n.name == lin.node)
+        cols[mm.output[0]] = (lin.weight, 0, int(inits[lin.weight].dims[1]))
+        bias = output_bias(model, lin.weight)
+        for n in model.graph.node:
+            if bias is not None and n.op_type == "Add" and mm.output[0] in n.input and bias in n.input:
+                cols[n.output[0]] = cols[mm.output[0]]
+    for n in model.graph.node:
+        if n.op_type != "Split" or not n.input or n.input[0] not in cols or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if axis not in (-1, 2):  # the [B, T, N] projections: the last axis
+            continue
+        weight, start, _ = cols[n.input[0]]
+        for out, width in zip(n.output, _array(model, n.input[1]).tolist()):
+            cols[out] = (weight, start, start + int(width))
+            start += int(width)
+    return cols
+
+
 def awq_groups(model, manifest_model: dict) -> list[AwqGroup]:
     """The linear layers grouped by the activation they read, with the op that can absorb 1/s:
     the RMSNorm (or Mul) weight before q/k/v and gate/up, the up_proj output columns before
     down_proj (silu(gate) * up is linear in up), the v_proj output columns before o_proj
-    (attention is linear in V; one scale per kv-head channel, shared by its query heads)."""
+    (attention is linear in V; one scale per kv-head channel, shared by its query heads). With
+    fused projections the up and v columns are those parts of the gate_up and qkv weights."""
     inits = {t.name: t for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     linears = linear_layers(model)
     by_node = {lin.node: lin for lin in linears}
-    by_out = {}
-    for n in model.graph.node:
-        if n.name in by_node:
-            by_out[n.output[0]] = by_node[n.name]
+    cols = output_columns(model)
+    heads, kv = manifest_model.get("num_heads"), manifest_model.get("num_kv_heads")
     roles = activation_roles(linears)
     groups = []
     for act, role in sorted(roles.items(), key=lambda kv: kv[1]):
@@ -564,13 +594,17 @@ def awq_groups(model, manifest_model: dict) -> list[AwqGroup]:
             elif p.op_type == "Mul" and gammas:
                 fold = ("gamma", gammas[0])
             elif p.op_type == "Mul":
-                ups = [by_out[i] for i in p.input if i in by_out]
-                if len(ups) == 1:
-                    fold = ("columns", ups[0].weight)
-        if fold is None and "/self_attn/o_proj/" in role:
+                ups = [cols[i] for i in p.input if i in cols]
+                if len(ups) == 1 and ups[0][2] - ups[0][1] == k:
+                    fold = ("columns", ups[0][0], ups[0][1:])
+        if fold is None and "/self_attn/o_proj/" in role and heads and kv:
+            hd = k // heads
             v = by_node.get(role.replace("/o_proj/", "/v_proj/"))
-            if v is not None and manifest_model.get("num_kv_heads"):
-                fold = ("v_proj", v.weight)
+            qkv = by_node.get(role.replace("/o_proj/", "/qkv_proj/"))
+            if v is not None:
+                fold = ("v_proj", v.weight, (0, kv * hd))
+            elif qkv is not None and inits[qkv.weight].dims[1] == (heads + 2 * kv) * hd:
+                fold = ("v_proj", qkv.weight, ((heads + kv) * hd, (heads + 2 * kv) * hd))  # q | k | v columns
         groups.append(AwqGroup(role, members, fold))
     return groups
 
@@ -625,7 +659,7 @@ def awq_folded_weights(model, groups: list[AwqGroup], manifest_model: dict) -> d
         for m in g.linears:
             w = by_node[m].weight
             out[w] = get(w) * g.scales[:, None]
-        kind, target = g.fold
+        kind, target = g.fold[:2]
         if kind == "gamma":
             out[target] = get(target) / g.scales
             continue
@@ -634,10 +668,17 @@ def awq_folded_weights(model, groups: list[AwqGroup], manifest_model: dict) -> d
         else:  # v_proj columns: the kv-head channel behind each o_proj input channel
             hd = len(g.scales) // heads
             s = g.scales.reshape(heads, hd)[:: heads // kv].reshape(-1)
-        out[target] = get(target) / s[None, :]
+        start, stop = g.fold[2]
+        if stop - start != len(s):
+            raise TiDARError(f"AWQ: {len(s)} scales for columns {start}..{stop - 1} of {target}")
+        w = get(target).copy()
+        w[:, start:stop] /= s[None, :]
+        out[target] = w
         bias = output_bias(model, target)  # the output channels divided by s carry their bias along
         if bias is not None:
-            out[bias] = get(bias) / s
+            b = get(bias).copy()
+            b[start:stop] /= s
+            out[bias] = b
     return out
 
 

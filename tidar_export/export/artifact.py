@@ -132,17 +132,20 @@ class WeightFile:
         self._f.close()
 
 
-def _streamed_weights(source, weights: WeightFile):
+def _streamed_weights(source, weights: WeightFile, target: str):
     """The `prepare` hook of `tracing.trace` for a model of `checkpoint.open_streamed`.
 
     Its parameters are placeholders without data, so before torch.onnx's optimizer runs (it
     would fold the weight transposes over them), every initializer that names a checkpoint
     tensor gets a lazy value that reads the tensor from its shard; a Transpose of such a weight
     (nn.Linear's [out, in] -> [in, out]) becomes a lazy initializer that reads and transposes.
+    The target's weight passes run on those lazy values (`tidar_graphs.prepare_weights`: the
+    ort target's fused q/k/v weight replaces its parts, which are then never read).
     Then all of them go to the weights file, one tensor in memory at a time; the optimizer and
     the graph passes only ever see references into that file.
     """
     import onnx_ir as ir
+    import tidar_graphs
     import torch
 
     ir_dtype = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
@@ -192,6 +195,7 @@ def _streamed_weights(source, weights: WeightFile):
             if isinstance(raw, torch.Tensor) and raw.numel() > 1 and not any(raw.stride()):
                 # a placeholder no checkpoint tensor replaced: exporting it would write a constant weight
                 raise RuntimeError(f"initializer {value.name} is a weight placeholder with no checkpoint tensor")
+        tidar_graphs.prepare_weights(model, target)
         weights.externalize_ir(model)
 
     return prepare
@@ -238,7 +242,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
         opsets: dict[str, int] = {}
         for kind in GRAPH_KINDS:
             t0 = time.perf_counter()
-            traced = trace(model, plan, kind, prepare=_streamed_weights(source, weights))
+            traced = trace(model, plan, kind, prepare=_streamed_weights(source, weights, target))
             weights.externalize_ir(traced)
             proto = ir.serde.serialize_model(traced)
             del traced
