@@ -17,6 +17,7 @@ invisible to prompt tokens); the mask slots' K/V land past L and are hidden, the
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -69,7 +70,8 @@ class OrtBackend:
         B, kv, hd = m.max_batch, m.model["num_kv_heads"], m.model["head_dim"]
         present = None if self.inplace[kind] else [np.zeros((B, kv, new_len, hd), self.kv_dtype)
                                                    for _ in self.present_names]
-        return {"inputs": {ids_name: np.zeros((B, width), np.int64), "cache_len": np.zeros(B, np.int64)},
+        inputs = {ids_name: np.zeros((B, width), np.int64), "cache_len": np.zeros(B, np.int64)}
+        return {"inputs": inputs, "feeds": tuple(inputs.values()),
                 "token_ids": np.zeros((B, rows), np.int64),
                 "logits": np.zeros((B, rows, self.vocab_size), np.float32),
                 "present": present}
@@ -111,11 +113,15 @@ class OrtBackend:
         self._bindings[kind] = io
         return io
 
-    def _run_static(self, kind: str, feeds: dict, cache_len: np.ndarray, want_logits: bool) -> Outputs:
+    def _run_static(self, kind: str, ids: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
         out = self._out[kind]
-        for name, arr in feeds.items():
-            np.copyto(out["inputs"][name], arr, casting="same_kind")
-        self.session(kind).run_with_iobinding(self._binding(kind))
+        ids_in, len_in = out["feeds"]  # the bound id and length buffers: filled in place
+        ids_in[...] = ids
+        len_in[...] = cache_len
+        run = out.get("run")
+        if run is None:  # the session's bound run, made once (its binding never changes)
+            run = out["run"] = functools.partial(self.session(kind).run_with_iobinding, self._binding(kind))
+        run()
         if not self.inplace[kind]:  # inplace: the graph wrote its new slots into the cache itself
             new_len = out["present"][0].shape[2]
             if len(cache_len) == 1:
@@ -147,14 +153,14 @@ class OrtBackend:
         return Outputs(res[0], res[1] if want_logits else None)
 
     def step(self, drafts: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
-        return self._run_static("step", {"draft_ids": drafts, "cache_len": cache_len}, cache_len, want_logits)
+        return self._run_static("step", drafts, cache_len, want_logits)
 
     def ar_prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         out = self.prefill(row, prompt, want_logits)
         return Outputs(out.token_ids[:, :1], None if out.logits is None else out.logits[:, :1])
 
     def ar_step(self, tokens: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
-        return self._run_static("ar_step", {"input_ids": tokens, "cache_len": cache_len}, cache_len, want_logits)
+        return self._run_static("ar_step", tokens, cache_len, want_logits)
 
 
 def run_graph(session, feeds: dict, inplace: bool) -> dict:
