@@ -919,7 +919,7 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
         # measured on the demo model: int8 TiDAR == own AR 23/24 with this AR step, 24/24 without
         log(f"warning: the AR step of {artifact} is GroupQueryAttention, whose rounding differs from the step's "
             f"Attention op; with {precision} activations TiDAR may then differ from --mode ar at near ties: "
-            f"export with --ar-step attention for a {precision} artifact whose TiDAR equals its AR")
+            f"export with --ar-step attention for an {precision} artifact whose TiDAR equals its AR")
     needs_calibration = precision in QMAX or method == "awq"
     source = None
     if needs_calibration:
