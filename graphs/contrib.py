@@ -168,6 +168,9 @@ def _const(value: ir.Value, block: list[ir.Node]) -> ir.Value:
 
 
 def ar_step_group_query_attention(model: ir.Model) -> int:
+    """Every attention of the graph named "ar_step" (scatter layout) as GroupQueryAttention over
+    the shared cache (module doc); 0 for any other graph. Raises TiDARError naming the node and
+    the reason when an attention of such a graph does not have the expected form."""
     g = model.graph
     if g.name != "ar_step":
         return 0
@@ -225,10 +228,10 @@ def _rewrite(g: ir.Graph, node: ir.Node, cache_len: ir.Value, lengths: list, tab
         inv_freq = _inverse_frequencies(angles, cache_len)
         if inv_freq.size != hd // 2:
             raise _NoMatch(f"{inv_freq.size} rotary frequencies for head size {hd}")
-        angles = np.arange(slots, dtype=np.float32)[:, None] * inv_freq[None, :]
+        table_angles = np.arange(slots, dtype=np.float32)[:, None] * inv_freq[None, :]  # [max_seq_len, hd/2]
         dtype = q4.dtype.numpy() if q4.dtype is not None else np.float32
         tables[key] = [_const(ir.Value(name=f"gqa_{fn.__name__}_cache",
-                                       const_value=ir.tensor(fn(angles).astype(np.float32).astype(dtype))), block)
+                                       const_value=ir.tensor(fn(table_angles).astype(np.float32).astype(dtype))), block)
                        for fn in (np.cos, np.sin)]
     q3, k3, v3 = (_flat(x, block) for x in (q4, k4, v4))
     packed = _packed(q3, k3, v3)
