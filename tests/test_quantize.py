@@ -393,7 +393,9 @@ def test_int4_trt_lowers_to_block_dequantize_and_passes_the_checker(artifacts):
         assert tidar_graphs.check_graph(proto, TARGET, dynamic_dims=dynamic) == [], kind
         inits = {t.name: t for t in proto.graph.initializer}
         dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
-        assert len(dqs) == 7 * m.model["num_layers"] + 2  # + LM head and embedding table
+        assert len(dqs) == 7 * m.model["num_layers"] + 1  # + LM head (the embedding lookup stays float)
+        gather = next(n for n in proto.graph.node if n.op_type == "Gather")
+        assert gather.input[0] in inits and inits[gather.input[0]].data_type == onnx.TensorProto.FLOAT
         for dq in dqs:
             attrs = {a.name: a.i for a in dq.attribute}
             assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4 and len(dq.input) == 2  # zero point 0

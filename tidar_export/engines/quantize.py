@@ -766,19 +766,19 @@ def weight_only_graph(model, precision: str, block: int, target: str, tables: bo
             else:
                 use.head.input[1] = block_dq(use.head.name, np.ascontiguousarray(w_kn), 0, key)
             done["tables"].append("lm_head")
-        if use.gather is not None:
+        # The embedding lookup: MatMulNBits' sibling GatherBlockQuantized on ort. TensorRT documents
+        # INT4 weights for the GEMM path (the DequantizeLinear before a MatMul), not for a Gather,
+        # and nothing here can check that its parser takes one: the table stays float there.
+        if use.gather is not None and ort_target:
             table = _array(model, use.table)
             v, k = table.shape
-            if ort_target:
-                codes, scales = block_quantize(table, bits, block)
-                d, sn = f"{use.table}_gbq", f"{use.table}_gbq_scale"
-                new_inits.extend([_tensor(d, _pack(codes, bits)[:, : k * bits // 8].copy()),
-                                  _tensor(sn, scales.astype(table.dtype))])
-                use.gather.CopyFrom(helper.make_node(
-                    "GatherBlockQuantized", [d, use.gather.input[1], sn], list(use.gather.output), name=use.gather.name,
-                    domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block, bits=bits))
-            else:
-                use.gather.input[0] = block_dq(use.gather.name, table, 1, use.table)
+            codes, scales = block_quantize(table, bits, block)
+            d, sn = f"{use.table}_gbq", f"{use.table}_gbq_scale"
+            new_inits.extend([_tensor(d, _pack(codes, bits)[:, : k * bits // 8].copy()),
+                              _tensor(sn, scales.astype(table.dtype))])
+            use.gather.CopyFrom(helper.make_node(
+                "GatherBlockQuantized", [d, use.gather.input[1], sn], list(use.gather.output), name=use.gather.name,
+                domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block, bits=bits))
             done["tables"].append("embedding")
     model.graph.initializer.extend(new_inits)
     _insert_before(model, plan)
@@ -992,7 +992,9 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
                            f"symmetric (zero point 0)", "block_size": block_size,
                 "activations": "not quantized" + (f" (MatMulNBits accuracy_level {accuracy_level})"
                                                   if manifest.target == "ort" else ""),
-                "quantized_ops": "MatMul of every linear layer" + (", LM head and embedding" if quantize_tables else ""),
+                "quantized_ops": "MatMul of every linear layer" + (
+                    ("" if not quantize_tables else ", LM head and embedding" if manifest.target == "ort"
+                     else ", LM head (the embedding lookup stays float: TensorRT documents INT4 weights for GEMMs)")),
                 "awq": {g.role: g.alpha for g in awq},
                 # the V cache of this artifact holds V / s in these layers (AWQ's o_proj fold)
                 "value_cache_scales": value_cache_scales(awq, manifest.model)})
