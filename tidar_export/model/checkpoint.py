@@ -206,6 +206,17 @@ def read_config(folder: str | os.PathLike, block_size: int | None = None,
     return config_from_hf(hf, block_size, mask_token_id)
 
 
+def _check_names(folder: Path, arch: str, expected, found, unexpected: list[str]) -> None:
+    """One-line errors for checkpoint tensors the model does not have, then for model tensors the
+    checkpoint lacks (load_checkpoint and open_streamed alike)."""
+    if unexpected:
+        raise TiDARError(f"{folder}: {len(unexpected)} checkpoint tensors are not supported by the "
+                         f"{arch} model, first {sorted(unexpected)[0]}")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise TiDARError(f"{folder}: {len(missing)} tensors missing from the checkpoint, first {missing[0]}")
+
+
 def load_checkpoint(folder: str | os.PathLike, block_size: int | None = None,
                     mask_token_id: int | None = None, dtype: torch.dtype = torch.float32) -> TiDARModel:
     """Load a local HF-format checkpoint into the reference model (eval mode)."""
@@ -228,12 +239,7 @@ def load_checkpoint(folder: str | os.PathLike, block_size: int | None = None,
                         unexpected.append(name)
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise TiDARError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
-    if unexpected:
-        raise TiDARError(f"{folder}: {len(unexpected)} checkpoint tensors are not supported by the "
-                         f"{cfg.arch} model, first {sorted(unexpected)[0]}")
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise TiDARError(f"{folder}: {len(missing)} tensors missing from the checkpoint, first {missing[0]}")
+    _check_names(folder, cfg.arch, expected, state, unexpected)
     for name, t in state.items():
         want = tuple(expected[name].shape)
         if tuple(t.shape) != want:
@@ -382,12 +388,7 @@ def open_streamed(folder: str | os.PathLike, block_size: int | None = None, mask
                                  f"{', '.join(_ST_DTYPES)}")
             begin, end = info["data_offsets"]
             entries[name] = (f, start + begin, end - begin, stored, tuple(info["shape"]))
-    if unexpected:
-        raise TiDARError(f"{folder}: {len(unexpected)} checkpoint tensors are not supported by the "
-                         f"{cfg.arch} model, first {sorted(unexpected)[0]}")
-    missing = sorted(set(expected) - set(entries))
-    if missing:
-        raise TiDARError(f"{folder}: {len(missing)} tensors missing from the checkpoint, first {missing[0]}")
+    _check_names(folder, cfg.arch, expected, entries, unexpected)
     for name, (f, _, length, stored, shape) in entries.items():
         if shape != expected[name]:
             raise TiDARError(f"{folder}: tensor {name} has shape {shape}, config implies {expected[name]}")
