@@ -280,7 +280,7 @@ def attend_used_cache(model: ir.Model) -> int:
     if cache_len is None:
         return 0
     used: list[ir.Value] = []
-    sliced: dict[int, ir.Value] = {}  # id(mask Concat) -> the slice of its cache part
+    sliced: set[int] = set()  # id() of the mask Concats whose cache part is cut already (one per graph)
     count = 0
     for node in [n for n in g if n.op_type == "Attention" and n.domain in ("", "ai.onnx") and len(n.inputs) == 4]:
         k_cat, v_cat, mask_cat = (x.producer() for x in node.inputs[1:4])
@@ -314,7 +314,7 @@ def attend_used_cache(model: ir.Model) -> int:
             cut = ir.Node("", "Slice", [cache_part, zero, end, three], name="/used_cache/mask")
             block.append(cut)
             cut.outputs[0].dtype = cache_part.dtype
-            sliced[id(mask_cat)] = cut.outputs[0]
+            sliced.add(id(mask_cat))
             g.insert_before(mask_cat, block)
             mask_cat.replace_input_with(0, cut.outputs[0])
             _free_axis(mask_cat.outputs[0], 3, "used_len")

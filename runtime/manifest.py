@@ -93,9 +93,12 @@ class Manifest:
     def step_len(self) -> int:
         return step_len(self.block_size, self.proposals)
 
-    def kv_update_of(self, kind: str) -> str:
-        """How the cached graph `kind` ("step" | "ar_step") writes the cache: its own kv_update,
-        else the manifest's."""
+    def kv_update_of(self, kind: str) -> str | None:
+        """How graph `kind` writes the cache: a cached graph's ("step" | "ar_step") own kv_update,
+        else the manifest's; None for the prefill, which has no cache input (as
+        ExportPlan.kv_update_of and tidar_graphs' Target.kv_update_of say)."""
+        if kind == "prefill":
+            return None
         return self.graphs[kind].kv_update or self.kv_update
 
     def to_json(self) -> str:

@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from tidar_runtime.errors import TiDARError, first_line
-from tidar_runtime.layout import n_out
+from tidar_runtime.layout import PAST_PREFIX, PRESENT_PREFIX, n_out
 from tidar_runtime.loop import Outputs
 from tidar_runtime.manifest import read_artifact
 
@@ -171,8 +171,6 @@ def run_graph(session, feeds: dict, inplace: bool) -> dict:
     if not inplace:
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feeds)))
-    from tidar_runtime.layout import PAST_PREFIX, PRESENT_PREFIX
-
     io, caches = session.io_binding(), {}
     for name, value in feeds.items():
         if not isinstance(value, np.ndarray):  # an OrtValue (bfloat16): bound as it is, not aliased
@@ -181,17 +179,15 @@ def run_graph(session, feeds: dict, inplace: bool) -> dict:
         if name.startswith(PAST_PREFIX + "."):
             value = caches[name] = np.array(value, copy=True, order="C")
         io.bind_cpu_input(name, value)
-    for out in session.get_outputs():
-        past = PAST_PREFIX + out.name[len(PRESENT_PREFIX):]
-        if out.name.startswith(PRESENT_PREFIX + ".") and past in caches:
-            arr = caches[past]
-            io.bind_output(out.name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+    names = [o.name for o in session.get_outputs()]
+    aliased = {n: caches[PAST_PREFIX + n[len(PRESENT_PREFIX):]] for n in names
+               if n.startswith(PRESENT_PREFIX + ".") and PAST_PREFIX + n[len(PRESENT_PREFIX):] in caches}
+    for name in names:
+        if name in aliased:
+            arr = aliased[name]
+            io.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         else:
-            io.bind_output(out.name, "cpu")
+            io.bind_output(name, "cpu")
     session.run_with_iobinding(io)
-    outputs = dict(zip((o.name for o in session.get_outputs()), io.copy_outputs_to_cpu()))
-    for out in session.get_outputs():  # the aliased caches, which hold the updated cache
-        past = PAST_PREFIX + out.name[len(PRESENT_PREFIX):]
-        if out.name.startswith(PRESENT_PREFIX + ".") and past in caches:
-            outputs[out.name] = caches[past]
-    return outputs
+    # the aliased caches hold the updated cache
+    return {**dict(zip(names, io.copy_outputs_to_cpu())), **aliased}

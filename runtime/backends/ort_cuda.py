@@ -148,20 +148,20 @@ class OrtCudaBackend(DeviceBackend):
         self._bindings = {}
         for kind in ("step", "ar_step"):
             width, rows, new = (self.block_size if kind == "step" else 1), self._rows[kind], self._new_len[kind]
-            for parity in range(len(self._cache)):  # one set: "slice" and "alias" never swap
-                io = self._sessions[kind].io_binding()
-                self._bind_in(io, "draft_ids" if kind == "step" else "input_ids", np.int64, (B, width), self._d_ids)
-                self._bind_in(io, "cache_len", np.int64, (B,), self._d_cache_len)
-                for name in self.past_names:
-                    self._bind_in(io, name, self.kv_dtype, self._kv_shape, self._cache[parity][name])
-                self._bind_out(io, "token_ids", np.int64, (B, rows), self._d_tok)
-                self._bind_out(io, "logits", np.float32, (B, rows, self.vocab_size), self._d_logits)
-                for past, pres in zip(self.past_names, self.present_names):
-                    if self.kv_modes[kind] == "slice":
-                        self._bind_out(io, pres, self.kv_dtype, (B, KV, new, hd), self._scratch[pres])
-                    else:  # "alias": the whole updated cache is the cache buffer itself
-                        self._bind_out(io, pres, self.kv_dtype, self._kv_shape, self._cache[parity][past])
-                self._bindings[(kind, parity)] = io
+            cache = self._cache[0]  # one set: "slice" and "alias" graphs never swap sets
+            io = self._sessions[kind].io_binding()
+            self._bind_in(io, "draft_ids" if kind == "step" else "input_ids", np.int64, (B, width), self._d_ids)
+            self._bind_in(io, "cache_len", np.int64, (B,), self._d_cache_len)
+            for name in self.past_names:
+                self._bind_in(io, name, self.kv_dtype, self._kv_shape, cache[name])
+            self._bind_out(io, "token_ids", np.int64, (B, rows), self._d_tok)
+            self._bind_out(io, "logits", np.float32, (B, rows, self.vocab_size), self._d_logits)
+            for past, pres in zip(self.past_names, self.present_names):
+                if self.kv_modes[kind] == "slice":
+                    self._bind_out(io, pres, self.kv_dtype, (B, KV, new, hd), self._scratch[pres])
+                else:  # "alias": the whole updated cache is the cache buffer itself
+                    self._bind_out(io, pres, self.kv_dtype, self._kv_shape, cache[past])
+            self._bindings[kind] = io
 
     def _bind_in(self, io, name: str, dtype, shape, ptr: int) -> None:
         io.bind_input(name, self._ort_device, self.device, dtype, list(shape), ptr)
@@ -190,7 +190,7 @@ class OrtCudaBackend(DeviceBackend):
     def _run_cached(self, kind: str, ids: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
         self._check_open()
         self._upload_step_inputs(ids, cache_len)
-        self._sessions[kind].run_with_iobinding(self._bindings[(kind, self._parity)], self._run_options)
+        self._sessions[kind].run_with_iobinding(self._bindings[kind], self._run_options)
         self._commit_step_kv(kind, cache_len)  # "slice": each row's new K/V at its L; "alias": nothing
         return self._fetch(self.max_batch, self._rows[kind], want_logits)
 

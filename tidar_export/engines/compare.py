@@ -487,7 +487,7 @@ def compare_graph(artifact_dir: Path, manifest: Manifest, kind: str, model=None,
             if model is not None:
                 torch_paths = dict(module_scopes(manifest.model["num_layers"]))
                 runners.append(torch_runner(model, manifest, kind, {t: torch_paths[s] for s, t in marks}))
-            runners.append(own(onnxrt_runner(path, kind != "prefill" and manifest.kv_update_of(kind) == "inplace")))
+            runners.append(own(onnxrt_runner(path, manifest.kv_update_of(kind) == "inplace")))
             if use_trt:
                 runners.append(own(tensorrt_runner(manifest, artifact_dir, kind, path if tensors else None, tensors)))
             with _quiet_polygraphy():

@@ -316,8 +316,8 @@ def numeric_results(artifact_dir: Path, manifest: Manifest, model, seed: int = 0
             case = (f"batch={batch} prompt_len={lengths}" if kind == "prefill"
                     else f"batch={batch} cache_len={list(map(int, lengths))}")
             try:
-                inplace = kind != "prefill" and manifest.kv_update_of(kind) == "inplace"
-                got = run_graph(session, {k: _to_ort(v) for k, v in feeds.items()}, inplace)
+                got = run_graph(session, {k: _to_ort(v) for k, v in feeds.items()},
+                                manifest.kv_update_of(kind) == "inplace")
             except ort_errors as e:
                 results.append(OutputResult(kind, case, "*", np.nan, np.nan, np.nan, np.nan, "-", False,
                                             f"ONNX Runtime failed: {first_line(e)}"))
