@@ -42,11 +42,12 @@ import numpy as np
 
 from tidar_export.errors import TiDARError
 from tidar_runtime.paths import confined
-from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
+from tidar_runtime.contract import CACHE_LEN, GRAPH_KINDS, INPUT_IDS, QUANTIZED_PRECISIONS, ids_input
+from tidar_runtime.manifest import Manifest, load_manifest
 
 QUANTIZER_VERSION = "3"  # 2: shared activation scales, own Q/DQ writer, weight-only int4 / int8;
 # 3: quantization.json records the V-cache scales of AWQ's v_proj folds (value_cache_scales)
-PRECISIONS = ("int8", "fp8", "int4", "int8-wo")
+PRECISIONS = QUANTIZED_PRECISIONS  # what quantize writes (tidar_runtime.contract)
 INT8_METHODS = ("minmax", "percentile")  # activation range calibration for int8 / fp8
 DEFAULT_INT8_METHOD = "minmax"  # equal to percentile within noise on the demo model, and cheaper (docs/QUANTIZATION.md)
 DEFAULT_PERCENTILE = 99.999
@@ -133,7 +134,7 @@ class RecordingBackend:
                                           **{k: v.copy() for k, v in past.items()}})
 
     def _prompt(self, prompt) -> None:
-        self.records["prefill"].offer(lambda: {"input_ids": np.asarray(prompt, np.int64)[None].copy()})
+        self.records["prefill"].offer(lambda: {INPUT_IDS: np.asarray(prompt, np.int64)[None].copy()})
 
     def prefill(self, row, prompt, want_logits):
         self._prompt(prompt)
@@ -144,11 +145,11 @@ class RecordingBackend:
         return self.backend.ar_prefill(row, prompt, want_logits)
 
     def step(self, drafts, cache_len, want_logits):
-        self._cached("step", {"draft_ids": drafts, "cache_len": cache_len})
+        self._cached("step", {ids_input("step"): drafts, CACHE_LEN: cache_len})
         return self.backend.step(drafts, cache_len, want_logits)
 
     def ar_step(self, tokens, cache_len, want_logits):
-        self._cached("ar_step", {"input_ids": tokens, "cache_len": cache_len})
+        self._cached("ar_step", {ids_input("ar_step"): tokens, CACHE_LEN: cache_len})
         return self.backend.ar_step(tokens, cache_len, want_logits)
 
 
@@ -891,6 +892,7 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
     """
     import onnx
     import onnxruntime
+    import tidar_graphs
 
     import tidar_export
     from tidar_export.export.artifact import WEIGHTS_FILE, prepare_output, staged_artifact
@@ -909,13 +911,11 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
     if artifact.resolve() == output.resolve():
         raise TiDARError("the quantized artifact must go to another directory than its source (-o)")
     output = prepare_output(output, force, inputs=[artifact])
-    if precision in WEIGHT_ONLY_BITS and manifest.target != "ort":
-        from tidar_export.engines.build import TRT_INT4_BLOCK_SIZES
-
-        if block_size not in TRT_INT4_BLOCK_SIZES:
-            log(f"warning: blocks of {block_size} run in ONNX Runtime, but `tidar-export build` refuses them: "
-                f"TensorRT's INT4 weights take blocks of {' or '.join(map(str, TRT_INT4_BLOCK_SIZES))}")
-    if precision in QMAX and manifest.target == "ort" and manifest.kv_update_of("ar_step") != manifest.kv_update:
+    blocks = tidar_graphs.get_target(manifest.target).int4_block_sizes
+    if precision in WEIGHT_ONLY_BITS and block_size not in blocks:
+        log(f"warning: blocks of {block_size} run in ONNX Runtime, but `tidar-export build` refuses them: "
+            f"TensorRT's INT4 weights take blocks of {' or '.join(map(str, blocks))}")
+    if precision in QMAX and manifest.export["ar_step"] == "gqa":
         # measured on the demo model: int8 TiDAR == own AR 23/24 with this AR step, 24/24 without
         log(f"warning: the AR step of {artifact} is GroupQueryAttention, whose rounding differs from the step's "
             f"Attention op; with {precision} activations TiDAR may then differ from --mode ar at near ties: "
@@ -946,14 +946,16 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
         stats = activation_stats(graphs, feeds, rows=True, seed=seed)
         for model in graphs.values():  # before the groups: a fold must change one layer only
             unshare_weights(model)
-        awq = awq_groups(graphs["step"], manifest.model)
-        awq_search(graphs["step"], awq, stats, WEIGHT_ONLY_BITS[precision], block_size, manifest.model)
-        overrides = awq_folded_weights(graphs["step"], awq, manifest.model)
+        config = manifest.model_config()
+        awq = awq_groups(graphs["step"], config)
+        awq_search(graphs["step"], awq, stats, WEIGHT_ONLY_BITS[precision], block_size, config)
+        overrides = awq_folded_weights(graphs["step"], awq, config)
         log(f"AWQ scales for {sum(g.scales is not None for g in awq)}/{len(awq)} layer groups in "
             f"{time.perf_counter() - t0:.1f}s (alphas {[g.alpha for g in awq]})")
 
     with staged_artifact(output, force) as (tmp, weights):
-        new = dataclasses.replace(manifest, graphs={}, precision=precision, versions=dict(manifest.versions))
+        new = dataclasses.replace(manifest, graphs={}, export={**manifest.export, "precision": precision},
+                                  versions=dict(manifest.versions))
         done = {}
         for kind in GRAPH_KINDS:
             spec, model = manifest.graphs[kind], graphs[kind]
@@ -997,7 +999,7 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
                      else ", LM head (the embedding lookup stays float: TensorRT documents INT4 weights for GEMMs)")),
                 "awq": {g.role: g.alpha for g in awq},
                 # the V cache of this artifact holds V / s in these layers (AWQ's o_proj fold)
-                "value_cache_scales": value_cache_scales(awq, manifest.model)})
+                "value_cache_scales": value_cache_scales(awq, manifest.model_config())})
         if needs_calibration:
             recipe["calibration"] = {"source": source, "prompts": len(prompts), "fingerprint": _fingerprint(prompts),
                                      "max_new_tokens": max_new_tokens, "samples_per_graph": samples, "seed": seed,
