@@ -376,3 +376,23 @@ def test_ar_step_kind_in_the_plan():
     assert make_plan(cfg, target="trt-10.3").kv_update_of("ar_step") == "slice"
     with pytest.raises(TiDARError, match="unknown --ar-step 'fast'"):
         make_plan(cfg, ar_step="fast")
+
+
+def test_manifest_schema_is_the_contracts_and_checks_manifests(artifacts):
+    """runtime/manifest.schema.json is what tidar_runtime.schema makes from the contract's tables;
+    an exported manifest follows it, and a manifest with a fact of the wrong kind does not."""
+    from importlib.resources import files
+
+    from jsonschema import Draft202012Validator
+
+    from tidar_runtime.schema import SCHEMA_FILE, schema_text
+
+    shipped = files("tidar_runtime").joinpath(SCHEMA_FILE).read_text()
+    assert shipped == schema_text(), "regenerate it: python -m tidar_runtime.schema > runtime/manifest.schema.json"
+    validator = Draft202012Validator(json.loads(shipped))
+    d = json.loads((artifacts("ort") / "manifest.json").read_text())
+    assert list(validator.iter_errors(d)) == []
+    d["graphs"]["step"]["kv_update"] = "copy"
+    d["dims"]["block_size"] = "4"
+    d["export"]["precision"] = "int3"
+    assert len(list(validator.iter_errors(d))) == 3

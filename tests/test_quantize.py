@@ -22,7 +22,7 @@ import pytest
 
 import tidar_graphs
 from tests.conftest import random_model
-from tidar_export.engines import quantize as quant
+from tidar_export import quantize as quant
 from tidar_export.engines.build import build_settings
 from tidar_export.model.checkpoint import save_checkpoint
 from tidar_export.cli import main
@@ -452,7 +452,7 @@ def test_awq_folding_keeps_the_float_function(artifacts, tmp_path):
     folded = onnx.load(str(src / m.graphs["step"].file))
     quant.unshare_weights(folded)
     for name, array in quant.awq_folded_weights(step, groups, m.model_config()).items():
-        quant._replace_initializer(folded, name, array)
+        quant.replace_initializer(folded, name, array)
     feed = feeds["step"][0]
     want = ort.InferenceSession(step.SerializeToString()).run(["logits"], feed)[0]
     # The folded model's own cache holds V / s (its v_proj is divided by s): feed it that cache,

@@ -445,7 +445,7 @@ def test_read_only_output_fails_before_the_work(command, ckpt, art, tmp_path, ca
         raise AssertionError("the long work started before the output was checked")
 
     monkeypatch.setattr(checkpoint_module, "load_checkpoint", no_work)
-    monkeypatch.setattr("tidar_export.engines.quantize.collect_calibration_inputs", no_work)
+    monkeypatch.setattr("tidar_export.quantize.artifact.collect_calibration_inputs", no_work)
     monkeypatch.setattr("tidar_export.train.data.find_corpus", no_work)
     monkeypatch.setattr("tidar_export.export.variants.Variants.get", no_work)
     argv = {"init": ["init", "-o", ro / "x"], "import": ["import", ckpt, "-o", ro / "x"],

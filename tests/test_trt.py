@@ -492,7 +492,7 @@ def test_int4_weight_only_engines_decode_like_ort(exported, tmp_path):
     """A trt-10.15 int4 artifact (RTN, blocks of 64) through build_engines and TrtBackend over the
     stand-ins, whose engines run its block-quantized graphs: the same tokens as ONNX Runtime on
     those graphs, TiDAR == AR. (What TensorRT's own INT4 kernels compute needs a GPU.)"""
-    from tidar_export.engines.quantize import quantize_artifact
+    from tidar_export.quantize import quantize_artifact
 
     art = quantize_artifact(exported("trt-10.15"), tmp_path / "int4", "int4", method="rtn", block_size=64)
     build_engines(build_settings(load_manifest(art), art), log=lambda _: None, compiler=FakeCompiler())

@@ -96,7 +96,7 @@ def base_precision(manifest: Manifest) -> str:
 def weight_only_block_size(manifest: Manifest, artifact_dir: Path) -> int | None:
     """The block size of a weight-only artifact, from the recipe `tidar-export quantize` wrote
     beside it (quantization.json); None when there is no readable recipe."""
-    from tidar_export.engines.quantize import SIDECAR
+    from tidar_export.quantize.artifact import SIDECAR
 
     try:
         recipe = json.loads((Path(artifact_dir) / SIDECAR).read_text())

@@ -290,7 +290,7 @@ def value_cache_scales(artifact_dir: Path, manifest: Manifest) -> dict[int, np.n
     o_proj scale folded into v_proj; quantization.json `value_cache_scales`); {} otherwise."""
     import json
 
-    from tidar_export.engines.quantize import SIDECAR
+    from tidar_export.quantize.artifact import SIDECAR
 
     path = artifact_dir / SIDECAR
     if not path.is_file():
