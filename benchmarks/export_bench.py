@@ -35,14 +35,14 @@ DEMO = ROOT / "tidar_export" / "demo_model"
 
 
 def _child_make_checkpoint(preset_name: str, out: str, dtype: str, layers: int) -> None:
-    from tidar_export.export.tracing import PRECISIONS
+    from tidar_export.export.tracing import torch_dtype
     from tidar_export.model.checkpoint import write_random_checkpoint
     from tidar_export.model.config import preset
 
     cfg = preset(preset_name)
     if layers:
         cfg = cfg.replace(num_layers=layers)
-    write_random_checkpoint(cfg, out, dtype=PRECISIONS[dtype], seed=0)  # tensor by tensor, bounded shards
+    write_random_checkpoint(cfg, out, dtype=torch_dtype(dtype), seed=0)  # tensor by tensor, bounded shards
 
 
 def _peak_rss_gib() -> float:

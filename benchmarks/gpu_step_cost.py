@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tidar_runtime.layout import prefill_out_rows
+from tidar_runtime.contract import prefill_out_rows
 from tidar_runtime.loop import Outputs
 
 
@@ -42,14 +42,14 @@ def _dtype(name: str):
 class GraphedTorchBackend:
     """The reference model as a runtime backend (tidar_runtime.loop.Backend), decode passes under
     CUDA graphs. Cache: [B, KV, max_len, hd] per layer on the device; each pass attends over
-    [cache | new] (kv_write="concat") and scatters its new K/V into the cache at L in place."""
+    [cache | new] (kv_update="slice") and scatters its new K/V into the cache at L in place."""
 
     def __init__(self, model, max_len: int, block_size: int, proposals=None, device: str = "cuda",
                  graphs: bool = True):
         import torch
 
         from tidar_export.model import masks
-        from tidar_runtime.layout import normalize_proposals, step_out_rows
+        from tidar_runtime.contract import normalize_proposals, step_out_rows
 
         self.torch, self.model, self.device, self.graphs = torch, model.eval(), device, graphs
         self.block_size = block_size
@@ -79,7 +79,7 @@ class GraphedTorchBackend:
     def _pass(self, ids, positions, mask, cache_len, rows):
         """One forward; writes its K/V at cache_len; returns the argmax of `rows` ([B, rows])."""
         torch = self.torch
-        logits, new_k, new_v = self.model(ids, positions, mask, self.keys, self.values, cache_len, kv_write="concat")
+        logits, new_k, new_v = self.model(ids, positions, mask, self.keys, self.values, cache_len, kv_update="slice")
         T = ids.shape[1]
         idx = (cache_len[:, None] + torch.arange(T, device=ids.device))[:, None, :, None]
         for cache, new in zip(self.keys + self.values, new_k + new_v):
@@ -170,7 +170,7 @@ def step_cost_curve(args, device: str) -> dict:
     import torch
 
     from tidar_export.bench.measure import parse_sparse
-    from tidar_runtime.layout import step_len
+    from tidar_runtime.contract import step_len
 
     model = random_model(args.preset, _dtype(args.dtype), device)
     wanted = [(1, None)] + [(b, None) for b in args.block_sizes] + parse_sparse(args.sparse)

@@ -73,7 +73,7 @@ def decode_speed(path: Path, prompts, max_new: int) -> float:
 
 
 def measure(artifact: Path, prompts, windows, max_new: int, reference=None) -> dict:
-    from tidar_export.engines.quantize import greedy_agreement, teacher_forced, token_agreement
+    from tidar_export.quantize import greedy_agreement, teacher_forced, token_agreement
     from tidar_runtime import SamplingParams, generate_ar, generate_tidar
     from tidar_runtime.backends.ort import OrtBackend
 
@@ -159,7 +159,7 @@ def main() -> int:
     from tidar_export.model.checkpoint import read_config
     from tidar_export.train.evaluate import heldout_stream, prompts_from
     from tidar_export.export.artifact import export_artifact
-    from tidar_export.engines.quantize import (DEFAULT_CALIBRATION, collect_calibration_inputs, quantize_artifact,
+    from tidar_export.quantize import (DEFAULT_CALIBRATION, collect_calibration_inputs, quantize_artifact,
                                                read_prompt_file, tokenize_prompts)
     from tidar_runtime.manifest import load_manifest
 

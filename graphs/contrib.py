@@ -16,11 +16,11 @@ The rewrite changes the graph's cache contract: its present.* outputs become the
 [B, KV, max_seq_len, hd], and a runtime must bind them to the same buffers as the
 past_key_values.* inputs (GroupQueryAttention detects the shared buffer by address and then
 writes only slot L of each row). The tracer traces the AR step of this target with the
-in-graph cache write (kv_write="scatter"; this pass first makes it a TensorScatter with
+in-graph cache write (kv_update="inplace"; this pass first makes it a TensorScatter with
 `fusions.kv_scatter_to_tensor_scatter`) and the manifest records `kv_update: "inplace"` for it; this pass turns that form into
-GroupQueryAttention. It runs on the graph named "ar_step" only (the tracer names each graph
-by kind), and raises if an attention of that graph does not have the expected form, since a
-TensorScatter left in an opset-23 graph would not be valid ONNX.
+GroupQueryAttention. The target table runs it on the AR step only (`Target.ar_step_gqa`, the
+AR step's form when the export asks for it), and it raises if an attention of that graph does
+not have the expected form, since a TensorScatter left in an opset-23 graph would not be valid ONNX.
 
 Numerics: cos/sin become tables over positions 0..max_seq_len-1 computed here in float32 from
 the graph's inverse frequencies (the graph computed cos(L * inv_freq) in float32 on the fly);
@@ -35,11 +35,12 @@ import onnx_ir as ir
 
 from tidar_graphs import fusions
 from tidar_graphs._match import attr, const, dims, ints
+from tidar_runtime.contract import CACHE_LEN
 from tidar_runtime.errors import TiDARError
 
 MS_DOMAIN = "com.microsoft"
 # ONNX Runtime's GroupQueryAttention refuses other head sizes ("head_size shall be a multiple of
-# 16", ORT 1.32); the tracer keeps the "slice" AR step for such models (Target.kv_update_of).
+# 16", ORT 1.32); the export keeps the step's Attention op for such models (Target.ar_step_fits).
 GQA_HEAD_SIZE_MULTIPLE = 16
 
 
@@ -168,13 +169,11 @@ def _const(value: ir.Value, block: list[ir.Node]) -> ir.Value:
 
 
 def ar_step_group_query_attention(model: ir.Model) -> int:
-    """Every attention of the graph named "ar_step" (scatter layout) as GroupQueryAttention over
-    the shared cache (module doc); 0 for any other graph. Raises TiDARError naming the node and
-    the reason when an attention of such a graph does not have the expected form."""
+    """Every attention of an AR step graph (scatter layout) as GroupQueryAttention over the shared
+    cache (module doc); 0 for a graph without the in-graph cache write. Raises TiDARError naming the
+    node and the reason when an attention does not have the expected form."""
     g = model.graph
-    if g.name != "ar_step":
-        return 0
-    cache_len = next((v for v in g.inputs if v.name == "cache_len"), None)
+    cache_len = next((v for v in g.inputs if v.name == CACHE_LEN), None)
     # the traced ScatterElements cache write, as TensorScatter; none: an AR step that returns the
     # new K/V ("slice"), which this pass leaves alone
     if cache_len is None or not fusions.kv_scatter_to_tensor_scatter(model):
@@ -276,7 +275,7 @@ def attend_used_cache(model: ir.Model) -> int:
     the Concat and of the attention follow the longest row instead of the cache size.
     """
     g = model.graph
-    cache_len = next((v for v in g.inputs if v.name == "cache_len"), None)
+    cache_len = next((v for v in g.inputs if v.name == CACHE_LEN), None)
     if cache_len is None:
         return 0
     used: list[ir.Value] = []

@@ -1,6 +1,6 @@
 """Lowering targets: which passes run, at which opset, against which operator table.
 
-`lower(model, target)` is numerically equivalent to its input (tests/test_graphs.py checks
+`lower(model, target, kind)` is numerically equivalent to its input (tests/test_graphs.py checks
 every target in ONNX Runtime). The pipeline is always:
 
     cleanup -> weight passes -> decompositions -> opset conversion -> fusions -> cleanup -> fix-ups -> tidy
@@ -35,32 +35,48 @@ Pass = Callable[[ir.Model], int]
 
 
 @dataclass(frozen=True)
+class GraphForm:
+    """How one graph kind is lowered: its cache-update mode and the passes that run on it alone."""
+
+    kv_update: str | None  # tidar_runtime.contract.KV_UPDATES; None: the prefill (no cache input)
+    passes: tuple[Pass, ...] = ()  # after the target's fusions, on this graph only
+
+
+@dataclass(frozen=True)
 class Target:
     name: str  # "ort" | "trt-10.3" | "trt-10.15"
     opset: int  # default-domain opset of the lowered graphs
     table: str  # operator table in graphs/optables/, read by the checker
     static_shapes: bool  # graph inputs/outputs must be static, except dims the caller allows
-    # How the cached graphs update the KV cache (docs/EXPORT.md). "slice": they return only the
-    # new K/V [B, KV, T, hd] and the runtime writes them at each row's L. "inplace": they
-    # return the whole cache with the new K/V scattered in at L, meant to alias the past buffers.
+    # How the cached graphs update the KV cache (tidar_runtime.contract.KV_UPDATES, docs/EXPORT.md).
+    # "slice": they return only the new K/V [B, KV, T, hd] and the runtime writes them at each row's
+    # L. "inplace": they return the whole cache with the new K/V scattered in at L, meant to alias
+    # the past buffers.
     kv_update: str
-    # The AR step's own cache contract where it differs from kv_update (None: the same); see
-    # `kv_update_of`, which also asks whether the model's heads fit the op that needs it.
-    ar_step_kv_update: str | None = None
+    # int4 weight blocks the target's weight-only operators take (tidar-export quantize)
+    int4_block_sizes: tuple[int, ...] = (32, 64, 128)
+    # The AR step's form when an export asks for GroupQueryAttention (ar_step="gqa"); None: the
+    # target has none, and its AR step is lowered like the step.
+    ar_step_gqa: GraphForm | None = None
     weights: tuple[Pass, ...] = ()  # rewrites of constant weights: prepare_weights, then first in lower
     decompose: tuple[Pass, ...] = ()  # before the opset conversion
-    fuse: tuple[Pass, ...] = ()  # after the opset conversion
+    fuse: tuple[Pass, ...] = ()  # after the opset conversion, on every graph
     fixups: tuple[Pass, ...] = ()  # after the final cleanup
 
-    def kv_update_of(self, kind: str, head_dim: int, gqa: bool = True) -> str | None:
-        """How graph `kind` of a model with heads of `head_dim` writes the cache (None: prefill).
-        The ort AR step is in place only where GroupQueryAttention takes the head size, and
-        unless the export asked for the step's own Attention op instead (`gqa=False`)."""
+    def ar_step_fits(self, head_dim: int) -> bool:
+        """Whether this target's GroupQueryAttention AR step takes heads of `head_dim`."""
+        return self.ar_step_gqa is not None and contrib.group_query_attention_fits(head_dim)
+
+    def form(self, kind: str, ar_step: str = "attention") -> GraphForm:
+        """How graph `kind` is lowered: its cache-update mode and its own passes. ar_step: "gqa"
+        (this target's GroupQueryAttention AR step; see ar_step_fits) or "attention"."""
         if kind == "prefill":
-            return None
-        if kind == "ar_step" and gqa and self.ar_step_kv_update and contrib.group_query_attention_fits(head_dim):
-            return self.ar_step_kv_update
-        return self.kv_update
+            return GraphForm(None)
+        if kind == "ar_step" and ar_step == "gqa":
+            if self.ar_step_gqa is None:
+                raise TiDARError(f"target {self.name} has no GroupQueryAttention AR step")
+            return self.ar_step_gqa
+        return GraphForm(self.kv_update)
 
 
 _DECOMPOSE_ALL = (decompositions.decompose_attention, decompositions.decompose_rms_norm, decompositions.decompose_rotary,
@@ -78,22 +94,25 @@ _TARGETS = {
     # so that each weight is stored once; docs/GRAPHS.md has the timings), and the AR step's
     # GroupQueryAttention reads its packed output where there is no qk-norm.
     "ort": Target(
-        name="ort", opset=23, table="ort.json", static_shapes=False, kv_update="slice", ar_step_kv_update="inplace",
+        name="ort", opset=23, table="ort.json", static_shapes=False, kv_update="slice",
+        ar_step_gqa=GraphForm("inplace", passes=(contrib.ar_step_group_query_attention,)),
         weights=(fusions.fuse_projections,),
         decompose=(decompositions.decompose_tensor_scatter,),
         fuse=(fusions.fuse_rms_norm, fusions.fuse_rotary, fusions.fuse_attention, fusions.fuse_attention_gqa,
-              contrib.ar_step_group_query_attention, contrib.attend_used_cache),
+              contrib.attend_used_cache),
     ),
     # TensorRT 10.3 (JetPack 6): no Attention / RMSNormalization / RotaryEmbedding /
     # TensorScatter in its ONNX parser, so everything stays decomposed, at opset 18.
     "trt-10.3": Target(
         name="trt-10.3", opset=18, table="trt-10.3.json", static_shapes=True, kv_update="slice",
+        int4_block_sizes=(64, 128),  # TensorRT's (its parser reads opsets up to 20, and block-quantized INT4 needs 21)
         decompose=_DECOMPOSE_ALL,
         fixups=(fixups.int_clip_to_min_max,),
     ),
     # TensorRT 10.15: opset-23 fused ops and the opset-24 in-place cache write.
     "trt-10.15": Target(
         name="trt-10.15", opset=24, table="trt-10.15.json", static_shapes=True, kv_update="inplace",
+        int4_block_sizes=(64, 128),  # TensorRT's INT4 weights take per-block scales in blocks of 64 or 128
         fuse=(fusions.fuse_rms_norm, fusions.fuse_rotary, fusions.fuse_attention,
               fusions.fuse_attention_gqa, fusions.kv_scatter_to_tensor_scatter),
         fixups=(fixups.int_clip_to_min_max, fixups.drop_default_attention_attributes),
@@ -130,12 +149,15 @@ def prepare_weights(model: ir.Model, target: str) -> int:
     return sum(fired.values())
 
 
-def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
+def lower(model: onnx.ModelProto, target: str, kind: str | None = None, ar_step: str = "attention") -> onnx.ModelProto:
     """Cleanup, decomposition or fusion, and opset conversion of `model` for `target`.
 
+    kind, ar_step: the graph `model` is and the AR step's form (`Target.form`), which add that
+    graph's own passes after the fusions; kind None: the target's common passes only.
     The input proto is not modified. Raises TiDARError for an unknown target.
     """
     spec = get_target(target)
+    own = spec.form(kind, ar_step).passes if kind is not None else ()
     ir_model = ir.serde.deserialize_model(model)
     fired: dict[str, int] = json.loads(ir_model.metadata_props.pop(_PREPARED_KEY, "{}"))
 
@@ -150,7 +172,7 @@ def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
     for step in spec.decompose:
         run(step)
     cleanup.convert_opset(ir_model, spec.opset)  # re-infers shapes when it converts
-    for step in spec.fuse:
+    for step in (*spec.fuse, *own):
         run(step)
     run(cleanup.cleanup)
     for step in spec.fixups:

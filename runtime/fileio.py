@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from tidar_runtime.contract import MANIFEST_FILE, MANIFEST_FORMAT
 from tidar_runtime.errors import TiDARError
 
 try:
@@ -215,8 +216,6 @@ def publish_dir(new: str | os.PathLike, target: str | os.PathLike, kind: str | N
 
 def _artifact_names(folder: Path) -> set[str] | None:
     """Names a TiDAR manifest in `folder` accounts for, or None if it has no TiDAR manifest."""
-    from tidar_runtime.manifest import MANIFEST_FILE, MANIFEST_FORMAT
-
     try:
         d = json.loads((folder / MANIFEST_FILE).read_text()[: 1 << 24])
     except (OSError, ValueError, RecursionError, UnicodeDecodeError):

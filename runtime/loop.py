@@ -5,7 +5,7 @@ The algorithm, one function each:
   the first token (the anchor d_0), its mask rows the first drafts d_1..d_{b-1}.
 - `step`: one batched pass over every active row: row i feeds [d_0 | drafts] at its committed
   length L_i; the outputs hold the AR rows (verification) and every proposal block (the next
-  drafts under each outcome), `tidar_runtime.layout`.
+  drafts under each outcome), `tidar_runtime.contract`.
 - `verify`: the accepted count k (d_0..d_{k-1}) and the next anchor, from the AR rows.
 - `proposal_block`: which pre-drafted block holds the next drafts after k accepted tokens.
 - `next_drafts`: those drafts (and, when sampling, their proposal distributions q).
@@ -42,7 +42,7 @@ import numpy as np
 
 from tidar_runtime.errors import TiDARError
 from tidar_runtime.inputs import check_token_ids
-from tidar_runtime.layout import block_out_row
+from tidar_runtime.contract import block_out_row
 from tidar_runtime.sampling import SamplingParams, probs, sample
 
 
@@ -51,9 +51,14 @@ class Outputs:
     token_ids: np.ndarray  # [B, rows] int64: argmax of every output row
     logits: np.ndarray | None = None  # [B, rows, V], only when asked for (sampling)
 
+    def ar_row(self) -> "Outputs":
+        """Row 0 alone: of a TiDAR prefill, the AR prediction at the last prompt token (what
+        `Backend.ar_prefill` returns where the backend reuses the TiDAR prefill)."""
+        return Outputs(self.token_ids[:, :1], None if self.logits is None else self.logits[:, :1])
+
 
 class Backend(Protocol):
-    """What the loop needs from an engine; output rows follow tidar_runtime.layout."""
+    """What the loop needs from an engine; output rows follow tidar_runtime.contract."""
 
     block_size: int  # b: draft rows per step
     proposals: tuple[int, ...]  # acceptance levels r with a pre-drafted block, ascending, contain 1

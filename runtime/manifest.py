@@ -1,21 +1,24 @@
 """The manifest: the contract between build time and run time (docs/ARCHITECTURE.md).
 
 Every artifact directory has a `manifest.json` beside its graphs/engines. A runtime, in Python
-or C++, reads only the manifest and the artifact files, never the torch model. The schema is
+or C++, reads only the manifest and the artifact files, never the torch model. The format is
 versioned: `MANIFEST_VERSION` bumps on any change a reader must know about, and a reader
-refuses a version it does not understand (one-line error).
+refuses a version it does not understand with a one-line "re-export" error.
+runtime/manifest.schema.json (`tidar_runtime.schema`) is its JSON Schema.
 
-Shape entries are ints (static) or names of dimensions (dynamic or per-artifact constants,
-resolved in `dims`), e.g. ["batch", "kv_heads", "max_seq_len", "head_dim"].
-
-Optional fields added within version 1 (a manifest without them loads; they default empty):
-- `graphs.*.digest`, `weights.blake2b`, `weights.sample_blake2b` (written by export and
-  quantize): BLAKE2b digests; a reader checks the graphs' and the sampled weights digest on
-  every load and `tidar-export check` the whole weights file (docs/RELIABILITY.md).
-- `tuning` (written by `tidar-export tune`): how block_size / proposals were chosen, e.g.
-  {"chosen": {"block_size": 4, "proposals": [1, 2, 3, 4], "speedup": 1.6, ...}, "objective": ...,
-  "backend": "ort", "threads": 1, "device": ..., "candidates": [...], "date": ...}. Informational:
-  the runtime decodes with `block_size` / `proposals` as always (tune rewrites the graphs too).
+Each fact is recorded once:
+- `dims`: every size, under the names the graphs' shapes use (tidar_runtime.contract.DIMS): the
+  batch (max_batch), block_size, q_len, n_out, max_seq_len, kv_heads, head_dim, vocab, num_layers;
+  null for the prefill's dynamic dims.
+- `export`: the export options that are not sizes: target, precision, proposals, mask_token_id,
+  ar_step ("gqa": the ort target's AR step as GroupQueryAttention; "attention").
+- `model`: the rest of the model config (architecture, widths, RoPE, ...); `tokenizer`: its file
+  and bos/eos ids.
+- `graphs.<kind>`: file, the cache-update mode `kv_update` (null for the prefill), `rows` (what
+  each output row predicts, tidar_runtime.contract.graph_rows) and every binding with dtype and
+  named shape (tidar_runtime.contract.graph_io); digests and sizes as written.
+Optional: `weights` (the shared external data file, its size and digests), `versions`, `tuning`
+(written by `tidar-export tune`: how block_size / proposals were chosen; informational).
 """
 
 from __future__ import annotations
@@ -27,36 +30,40 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tidar_runtime.contract import (BOUNDS, DIMS, DYNAMIC_DIMS, FLOAT_PRECISIONS, GRAPH_KINDS, KV_UPDATES,
+                                    MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, PAST_PREFIX, PRECISIONS,
+                                    PRESENT_PREFIX, DTYPES, TensorSpec, graph_io, graph_rows, n_out, past_names,
+                                    present_names, step_len)
 from tidar_runtime.errors import TiDARError, first_line
 from tidar_runtime.fileio import write_atomic
-from tidar_runtime.layout import PAST_PREFIX, PRESENT_PREFIX, past_names, present_names, step_len
 from tidar_runtime.paths import check_name, confined
 
-MANIFEST_FORMAT = "tidar-manifest"
-MANIFEST_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-GRAPH_KINDS = ("prefill", "step", "ar_step")  # the graphs of every artifact, in export order
+# The model config fields recorded elsewhere than `model` (each fact once): sizes in `dims`
+# (config field -> dim name), export options in `export`, token ids in `tokenizer`.
+CONFIG_DIMS = {"vocab_size": "vocab", "num_layers": "num_layers", "num_kv_heads": "kv_heads", "head_dim": "head_dim",
+               "block_size": "block_size"}
+CONFIG_EXPORT = ("mask_token_id",)
+CONFIG_TOKENIZER = ("bos_token_id", "eos_token_id")
+AR_STEPS = ("gqa", "attention")  # the AR step's attention: ONNX Runtime's GroupQueryAttention, or the step's op
 
 
-@dataclass
-class TensorSpec:
-    name: str  # binding name, e.g. "past_key_values.0.key"
-    dtype: str  # numpy-style dtype name: "int64", "float32", "float16", "bfloat16", "bool"
-    shape: list[int | str]  # ints are static; strings name a dimension (see Manifest.dims)
+def model_record(config: dict) -> dict:
+    """The `model` section of a manifest for a model config (as a dict): what no other section holds."""
+    return {k: v for k, v in config.items() if k not in (*CONFIG_DIMS, *CONFIG_EXPORT, *CONFIG_TOKENIZER)}
 
 
 @dataclass
 class GraphSpec:
     kind: str  # one of GRAPH_KINDS
     file: str  # ONNX file, relative to the artifact directory
+    kv_update: str | None  # how it writes the cache: one of KV_UPDATES; None for the prefill (no cache input)
+    rows: list[dict]  # what each output row predicts (tidar_runtime.contract.graph_rows)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     engine: str | None = None  # TensorRT engine file, once built
     engine_info: dict = field(default_factory=dict)  # TensorRT version, compute capability, flags
     bytes: int | None = None  # size of `file` as written (a shorter file is a truncated artifact)
     digest: str | None = None  # BLAKE2b-128 (hex) of `file` as written; checked on every load
-    kv_update: str | None = None  # step / ar_step: how this graph writes the cache, where it differs
-    # from the manifest's kv_update (the ort target's ar_step: "inplace"); None: the manifest's
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -67,21 +74,12 @@ class GraphSpec:
 
 @dataclass
 class Manifest:
-    model: dict  # model config: arch, vocab_size, num_layers, num_heads, num_kv_heads, head_dim, rope_theta, ...
-    block_size: int  # b: draft rows of the step graph
-    proposals: list[int]  # acceptance levels r with a pre-drafted block (contains 1)
-    mask_token_id: int  # the TiDAR mask token
-    max_seq_len: int  # KV cache slots per row
-    max_batch: int  # rows of the step graphs
-    precision: str  # "fp32" | "fp16" | "bf16" | "int8" | "fp8" | "int4" | "int8-wo"
-    target: str  # "ort" | "trt-10.3" | "trt-10.15"
-    kv_update: str  # "slice": graphs output the new K/V [B, KV, T, hd], the runtime writes them at L;
-    # "inplace": they output the whole cache [B, KV, max_seq_len, hd] with the new K/V written at L
-    # (bind present.* to the past_key_values.* buffers on engines that alias them)
+    model: dict  # the model config without what dims, export and tokenizer record (model_record)
+    export: dict  # {"target", "precision", "proposals", "mask_token_id", "ar_step"}
+    dims: dict[str, int | None]  # every named dim: its value, None when dynamic (contract.DIMS)
     graphs: dict[str, GraphSpec]  # by kind
-    dims: dict[str, int | None]  # named dims: value when fixed for this artifact, None when dynamic
-    tokenizer: dict = field(default_factory=dict)  # {"file": "tokenizer.json", "eos_token_id": ...}
-    versions: dict = field(default_factory=dict)  # exporter, torch, onnx, opset, tensorrt ...
+    tokenizer: dict = field(default_factory=dict)  # {"file": "tokenizer.json", "bos_token_id", "eos_token_id"}
+    versions: dict = field(default_factory=dict)  # exporter, torch, onnx, opsets, tensorrt ...
     weights: dict = field(default_factory=dict)  # {"file": "weights.bin", "bytes": N, "blake2b": hex,
     # "sample_blake2b": hex}: the shared external data, its whole-file digest (checked by `check`) and its
     # sampled digest (checked on every load, see sample_digest)
@@ -89,17 +87,24 @@ class Manifest:
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
-    @property
-    def step_len(self) -> int:
-        return step_len(self.block_size, self.proposals)
+    # -- the facts, by the names the code uses --------------------------------------------
+    block_size = property(lambda self: self.dims["block_size"])
+    max_seq_len = property(lambda self: self.dims["max_seq_len"])
+    max_batch = property(lambda self: self.dims["batch"])
+    vocab_size = property(lambda self: self.dims["vocab"])
+    num_layers = property(lambda self: self.dims["num_layers"])
+    num_kv_heads = property(lambda self: self.dims["kv_heads"])
+    head_dim = property(lambda self: self.dims["head_dim"])
+    step_len = property(lambda self: self.dims["q_len"])
+    proposals = property(lambda self: list(self.export["proposals"]))
+    mask_token_id = property(lambda self: self.export["mask_token_id"])
+    precision = property(lambda self: self.export["precision"])
+    target = property(lambda self: self.export["target"])
 
-    def kv_update_of(self, kind: str) -> str | None:
-        """How graph `kind` writes the cache: a cached graph's ("step" | "ar_step") own kv_update,
-        else the manifest's; None for the prefill, which has no cache input (as
-        ExportPlan.kv_update_of and tidar_graphs' Target.kv_update_of say)."""
-        if kind == "prefill":
-            return None
-        return self.graphs[kind].kv_update or self.kv_update
+    def model_config(self) -> dict:
+        """The whole model config (every TiDARConfig field), gathered from the sections that hold it."""
+        return {**self.model, **{k: self.dims[d] for k, d in CONFIG_DIMS.items()},
+                **{k: self.export[k] for k in CONFIG_EXPORT}, **{k: self.tokenizer.get(k) for k in CONFIG_TOKENIZER}}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -119,17 +124,30 @@ class Manifest:
         return cls(**d)
 
 
+def new_manifest(config: dict, *, target: str, precision: str, block_size: int, proposals, max_seq_len: int,
+                 max_batch: int, mask_token_id: int, ar_step: str, graph_files: dict[str, str],
+                 kv_updates: dict[str, str | None], kv_dtype: str) -> Manifest:
+    """The manifest of an export: every section built from the model config and the export plan
+    (its graphs' bindings and rows from the contract); tokenizer, versions and weights empty."""
+    rs = list(proposals)
+    dims = {name: None for name in DYNAMIC_DIMS}
+    dims.update(batch=max_batch, block_size=block_size, q_len=step_len(block_size, rs), n_out=n_out(block_size, rs),
+                max_seq_len=max_seq_len, kv_heads=config["num_kv_heads"], head_dim=config["head_dim"],
+                vocab=config["vocab_size"], num_layers=config["num_layers"])
+    graphs = {}
+    for kind in GRAPH_KINDS:
+        inputs, outputs = graph_io(kind, config["num_layers"], kv_dtype, kv_updates[kind])
+        graphs[kind] = GraphSpec(kind=kind, file=graph_files[kind], kv_update=kv_updates[kind],
+                                 rows=graph_rows(kind, block_size, rs), inputs=inputs, outputs=outputs)
+    return Manifest(model=model_record(config),
+                    export={"target": target, "precision": precision, "proposals": rs,
+                            "mask_token_id": mask_token_id, "ar_step": ar_step},
+                    dims={name: dims[name] for name in DIMS}, graphs=graphs,
+                    tokenizer={"file": None, **{k: config.get(k) for k in CONFIG_TOKENIZER}})
+
+
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KiB; a larger file is not one
 MAX_JSON_DEPTH = 32  # the deepest manifest field (tuning.candidates[i].proposals[j]) is at depth 5
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4", "int8-wo")  # the last two: weight-only (tidar-export quantize)
-TENSOR_DTYPES = ("int64", "int32", "int8", "uint8", "bool", "float32", "float16", "bfloat16",
-                 "float8e4m3fn", "float8_e4m3fn")
-# Bounds of what a runtime allocates from the manifest (checked before any allocation).
-LIMITS = {"vocab_size": 1 << 24, "num_layers": 1024, "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024,
-          "hidden_size": 1 << 17, "block_size": 1024, "max_seq_len": 1 << 22, "max_batch": 4096}
-# Bindings the runtime feeds and reads, per graph (besides past_key_values.* / present.*).
-RUNTIME_INPUTS = {"prefill": ("input_ids",), "step": ("draft_ids", "cache_len"), "ar_step": ("input_ids", "cache_len")}
-RUNTIME_OUTPUTS = ("token_ids", "logits")
 SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 64 << 10  # the quick weights digest reads at most 4 MiB
 
 
@@ -203,92 +221,45 @@ class _Fields:
 
 def validate(d, where: str) -> "Manifest":
     """The one validation of a parsed manifest: every field a runtime reads, its type and bounds,
-    and the bindings it feeds; returns the Manifest or raises a one-line TiDARError."""
+    and every graph's bindings and rows against the contract; returns the Manifest or raises a
+    one-line TiDARError."""
     f = _Fields(where)
     f.obj("the manifest", d)
     known = {x.name for x in dataclasses.fields(Manifest)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise TiDARError(f"{where}: malformed manifest (unknown field {unknown[0][:60]!r})")
-    missing = [k for k in ("model", "block_size", "proposals", "mask_token_id", "max_seq_len", "max_batch",
-                           "precision", "target", "kv_update", "graphs", "dims") if k not in d]
+    missing = [k for k in ("model", "export", "dims", "graphs") if k not in d]
     if missing:
         raise TiDARError(f"{where}: malformed manifest (missing field {missing[0]!r})")
     model = f.obj("model", d["model"])
-    for key in ("vocab_size", "num_layers", "num_kv_heads", "head_dim"):  # what a runtime allocates from
-        f.int(f"model.{key}", model.get(key), 1, LIMITS[key])
-    for key in ("hidden_size", "num_heads"):  # informational for a runtime; bounded when present
-        if key in model:
-            f.int(f"model.{key}", model[key], 1, LIMITS[key])
-    if "num_heads" in model and model["num_heads"] % model["num_kv_heads"]:
-        raise f.fail("model.num_kv_heads", f"a divisor of num_heads {model['num_heads']}", model["num_kv_heads"])
-    vocab, layers = model["vocab_size"], model["num_layers"]
-    b = f.int("block_size", d["block_size"], 1, LIMITS["block_size"])
-    rs = f.list("proposals", d["proposals"], b)
+    for key, value in model.items():
+        if key in BOUNDS:  # informational for a runtime; bounded when present
+            f.int(f"model.{key}", value, *BOUNDS[key])
+    dims = _dims(f, f.obj("dims", d["dims"]), model)
+    b, vocab, layers = dims["block_size"], dims["vocab"], dims["num_layers"]
+    export = f.obj("export", d["export"])
+    for key in ("target", "precision", "proposals", "mask_token_id", "ar_step"):
+        if key not in export:
+            raise TiDARError(f"{where}: malformed manifest (missing field 'export.{key}')")
+    f.str("export.target", export["target"], max_len=64)
+    f.str("export.precision", export["precision"], PRECISIONS)
+    f.str("export.ar_step", export["ar_step"], AR_STEPS)
+    f.int("export.mask_token_id", export["mask_token_id"], 0, vocab - 1)
+    rs = f.list("export.proposals", export["proposals"], b)
     if not rs or any(type(r) is not int for r in rs) or rs != sorted(set(rs)) or rs[0] != 1 or rs[-1] > b:
-        raise f.fail("proposals", f"ascending distinct integers in 1..{b} starting with 1", rs)
-    f.int("mask_token_id", d["mask_token_id"], 0, vocab - 1)
-    max_pos = model.get("max_position_embeddings")
-    hi = min(LIMITS["max_seq_len"], max_pos) if type(max_pos) is int and max_pos > 0 else LIMITS["max_seq_len"]
-    S = f.int("max_seq_len", d["max_seq_len"], step_len(b, rs) + 1, hi)
-    f.int("max_batch", d["max_batch"], 1, LIMITS["max_batch"])
-    f.str("precision", d["precision"], PRECISIONS)
-    f.str("target", d["target"], max_len=64)
-    f.str("kv_update", d["kv_update"], ("slice", "inplace"))
-    dims = f.obj("dims", d["dims"])
-    for name, value in dims.items():
-        f.str("dims key", name, max_len=64)
-        f.int(f"dims.{name}", value, 0, 1 << 31, none=True)
+        raise f.fail("export.proposals", f"ascending distinct integers in 1..{b} starting with 1", rs)
+    for name, want in (("q_len", step_len(b, rs)), ("n_out", n_out(b, rs))):
+        if dims[name] != want:
+            raise f.fail(f"dims.{name}", f"{want} (block_size {b}, proposals {rs})", dims[name])
+    if dims["max_seq_len"] < dims["q_len"] + 1:
+        raise f.fail("dims.max_seq_len", f"at least q_len + 1 = {dims['q_len'] + 1}", dims["max_seq_len"])
     graphs = f.obj("graphs", d["graphs"])
     if sorted(graphs) != sorted(GRAPH_KINDS):
         raise f.fail("graphs", f"an object with exactly {', '.join(GRAPH_KINDS)}", sorted(graphs))
-    past, present = past_names(layers), present_names(layers)
-    for kind, g in graphs.items():
-        g = f.obj(f"graphs.{kind}", g)
-        extra = sorted(set(g) - {x.name for x in dataclasses.fields(GraphSpec)})
-        if extra:
-            raise TiDARError(f"{where}: malformed manifest (unknown field graphs.{kind}.{extra[0][:60]})")
-        f.str(f"graphs.{kind}.kind", g.get("kind"), (kind,))
-        check_name(g.get("file"), f"{where}: graphs.{kind}.file")
-        if g.get("engine") is not None:
-            check_name(g["engine"], f"{where}: graphs.{kind}.engine")
-        f.obj(f"graphs.{kind}.engine_info", g.get("engine_info", {}))
-        f.int(f"graphs.{kind}.bytes", g.get("bytes"), 0, 1 << 46, none=True)
-        f.str(f"graphs.{kind}.digest", g.get("digest"), none=True, max_len=128)
-        f.str(f"graphs.{kind}.kv_update", g.get("kv_update"), ("slice", "inplace"), none=True)
-        if kind == "prefill" and g.get("kv_update") is not None:
-            raise f.fail(f"graphs.{kind}.kv_update", "absent (the prefill graph has no cache input)", g["kv_update"])
-        names = {}
-        for side in ("inputs", "outputs"):
-            names[side] = []
-            for i, t in enumerate(f.list(f"graphs.{kind}.{side}", g.get(side), 4 * LIMITS["num_layers"] + 8)):
-                t = f.obj(f"graphs.{kind}.{side}[{i}]", t)
-                if set(t) != {"name", "dtype", "shape"}:
-                    raise f.fail(f"graphs.{kind}.{side}[{i}]", "an object with name, dtype, shape", sorted(t))
-                names[side].append(f.str(f"graphs.{kind}.{side}[{i}].name", t["name"]))
-                f.str(f"graphs.{kind}.{side}[{i}].dtype", t["dtype"], TENSOR_DTYPES)
-                for dim in f.list(f"graphs.{kind}.{side}[{i}].shape", t["shape"], 8):
-                    if isinstance(dim, str):
-                        if dim not in dims:
-                            raise f.fail(f"graphs.{kind}.{side}[{i}].shape", "ints or names of dims", dim)
-                    else:
-                        f.int(f"graphs.{kind}.{side}[{i}].shape", dim, 0, 1 << 31)
-        want_in = list(RUNTIME_INPUTS[kind]) + ([] if kind == "prefill" else past)
-        want_out = list(RUNTIME_OUTPUTS) + present
-        for side, want in (("inputs", want_in), ("outputs", want_out)):
-            lost = [n for n in want if n not in names[side]]
-            kv = PAST_PREFIX if side == "inputs" else PRESENT_PREFIX
-            strays = [n for n in names[side] if n.startswith(kv + ".") and n not in want]
-            if lost or strays:
-                raise TiDARError(f"{where}: malformed manifest (graphs.{kind}.{side} "
-                                 + (f"lacks the binding {lost[0][:60]!r}" if lost else
-                                    f"has {strays[0][:60]!r}, which a {layers}-layer model does not have") + ")")
-    # The cache a backend allocates: [max_batch, num_kv_heads, max_seq_len, head_dim] per binding.
-    kv_spec = next(t for t in graphs["step"]["inputs"] if t["name"] == past[0])
-    shape = [dims.get(x) if isinstance(x, str) else x for x in kv_spec["shape"]]
-    want = [d["max_batch"], model["num_kv_heads"], S, model["head_dim"]]
-    if len(shape) != 4 or any(s is not None and s != w for s, w in zip(shape, want)):
-        raise f.fail(f"graphs.step.inputs {past[0]} shape", f"{want} (batch, kv heads, max_seq_len, head_dim)", shape)
+    kv_dtype = None
+    for kind in GRAPH_KINDS:
+        kv_dtype = _graph(f, kind, f.obj(f"graphs.{kind}", graphs[kind]), dims, layers, rs, kv_dtype)
     tok = f.obj("tokenizer", d.get("tokenizer", {}), none=True)
     if tok.get("file") is not None:
         check_name(tok["file"], f"{where}: tokenizer.file")
@@ -306,6 +277,89 @@ def validate(d, where: str) -> "Manifest":
         return Manifest.from_dict(d)
     except (TypeError, KeyError) as e:
         raise TiDARError(f"{where}: malformed manifest ({first_line(e)})") from None
+
+
+_DIM_BOUNDS = {"batch": BOUNDS["max_batch"], "block_size": BOUNDS["block_size"], "q_len": (2, 1 << 22),
+               "n_out": (1, 1 << 22), "max_seq_len": BOUNDS["max_seq_len"], "kv_heads": BOUNDS["num_kv_heads"],
+               "head_dim": BOUNDS["head_dim"], "vocab": BOUNDS["vocab_size"], "num_layers": BOUNDS["num_layers"]}
+
+
+def _dims(f: "_Fields", dims: dict, model: dict) -> dict:
+    """Every named dim of the contract, static ones in bounds, dynamic ones null."""
+    extra = sorted(set(dims) - set(DIMS))
+    if extra:
+        raise TiDARError(f"{f.where}: malformed manifest (unknown field dims.{extra[0][:60]})")
+    for name in DIMS:
+        if name not in dims:
+            raise TiDARError(f"{f.where}: malformed manifest (missing field 'dims.{name}')")
+        if name in DYNAMIC_DIMS:
+            if dims[name] is not None:
+                raise f.fail(f"dims.{name}", "null (a dynamic dim)", dims[name])
+        else:
+            f.int(f"dims.{name}", dims[name], *_DIM_BOUNDS[name])
+    max_pos = model.get("max_position_embeddings")
+    if type(max_pos) is int and dims["max_seq_len"] > max_pos:
+        raise f.fail("dims.max_seq_len", f"at most the model's max_position_embeddings {max_pos}", dims["max_seq_len"])
+    if type(model.get("num_heads")) is int and model["num_heads"] % dims["kv_heads"]:
+        raise f.fail("dims.kv_heads", f"a divisor of num_heads {model['num_heads']}", dims["kv_heads"])
+    return dims
+
+
+def _graph(f: "_Fields", kind: str, g: dict, dims: dict, layers: int, rs: list, kv_dtype: str | None) -> str:
+    """One graph's fields, its rows and its bindings against the contract (tidar_runtime.contract.graph_io);
+    returns the KV cache's dtype (the step's sets it, the AR step's must equal it)."""
+    where = f"graphs.{kind}"
+    extra = sorted(set(g) - {x.name for x in dataclasses.fields(GraphSpec)})
+    if extra:
+        raise TiDARError(f"{f.where}: malformed manifest (unknown field {where}.{extra[0][:60]})")
+    f.str(f"{where}.kind", g.get("kind"), (kind,))
+    check_name(g.get("file"), f"{f.where}: {where}.file")
+    if g.get("engine") is not None:
+        check_name(g["engine"], f"{f.where}: {where}.engine")
+    f.obj(f"{where}.engine_info", g.get("engine_info", {}))
+    f.int(f"{where}.bytes", g.get("bytes"), 0, 1 << 46, none=True)
+    f.str(f"{where}.digest", g.get("digest"), none=True, max_len=128)
+    if kind == "prefill":
+        if g.get("kv_update") is not None:
+            raise f.fail(f"{where}.kv_update", "null (the prefill graph has no cache input)", g["kv_update"])
+    else:
+        f.str(f"{where}.kv_update", g.get("kv_update"), KV_UPDATES)
+    want_rows = graph_rows(kind, dims["block_size"], rs)
+    if g.get("rows") != want_rows:
+        raise f.fail(f"{where}.rows", f"the contract's rows {json.dumps(want_rows)[:80]}", g.get("rows"))
+    specs = {}
+    for side in ("inputs", "outputs"):
+        specs[side] = []
+        for i, t in enumerate(f.list(f"{where}.{side}", g.get(side), 4 * BOUNDS["num_layers"][1] + 8)):
+            t = f.obj(f"{where}.{side}[{i}]", t)
+            if set(t) != {"name", "dtype", "shape"}:
+                raise f.fail(f"{where}.{side}[{i}]", "an object with name, dtype, shape", sorted(t))
+            f.str(f"{where}.{side}[{i}].name", t["name"])
+            f.str(f"{where}.{side}[{i}].dtype", t["dtype"], tuple(DTYPES))
+            f.list(f"{where}.{side}[{i}].shape", t["shape"], 8)
+            specs[side].append(t)
+    if kv_dtype is None:  # the float dtype of the cache, from the first cache binding
+        kv_dtype = next((t["dtype"] for t in specs["outputs"] if t["name"].startswith(PRESENT_PREFIX + ".")), "float32")
+        if kv_dtype not in FLOAT_PRECISIONS.values():
+            raise f.fail(f"{where}.outputs {PRESENT_PREFIX}.0.key dtype", f"one of {', '.join(FLOAT_PRECISIONS.values())}",
+                         kv_dtype)
+    want = dict(zip(("inputs", "outputs"), graph_io(kind, layers, kv_dtype, g.get("kv_update"))))
+    for side in ("inputs", "outputs"):
+        names = [t["name"] for t in specs[side]]
+        lost = [t.name for t in want[side] if t.name not in names]
+        kv = PAST_PREFIX if side == "inputs" else PRESENT_PREFIX
+        strays = [n for n in names if n.startswith(kv + ".") and n not in {t.name for t in want[side]}]
+        if lost or strays:
+            raise TiDARError(f"{f.where}: malformed manifest ({where}.{side} "
+                             + (f"lacks the binding {lost[0][:60]!r}" if lost else
+                                f"has {strays[0][:60]!r}, which a {layers}-layer model does not have") + ")")
+        if len(names) != len(want[side]):
+            raise f.fail(f"{where}.{side}", f"the {len(want[side])} bindings of the contract", names)
+        for i, (t, w) in enumerate(zip(specs[side], want[side])):
+            if (t["name"], t["dtype"], t["shape"]) != (w.name, w.dtype, w.shape):
+                raise f.fail(f"{where}.{side}[{i}] ({t['name'][:60]}) shape and dtype",
+                             f"{w.dtype} {w.shape}", [t["dtype"], t["shape"]])
+    return kv_dtype
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -372,7 +426,7 @@ def load_manifest(artifact_dir: str | os.PathLike, verify: str = "quick") -> Man
     if d.get("version") != MANIFEST_VERSION:
         raise TiDARError(
             f"{path}: manifest version {repr(d.get('version'))[:20]} is not supported by this runtime "
-            f"(it reads version {MANIFEST_VERSION}); re-export the artifact or upgrade tidar-export"
+            f"(it reads version {MANIFEST_VERSION}): re-export the artifact with this version of tidar-export"
         )
     m = validate(d, str(path))
     for g in m.graphs.values():
@@ -399,15 +453,11 @@ def load_manifest(artifact_dir: str | os.PathLike, verify: str = "quick") -> Man
 def read_artifact(backend, artifact_dir: str | os.PathLike) -> Manifest:
     """Load an artifact's manifest and set on `backend` the attributes every backend reads from
     it: dir, manifest, block_size, proposals, max_len, max_batch, mask_token_id, vocab_size and
-    the cache binding names past_names / present_names (one per layer and K/V). A kv_update
-    other than "slice" or "inplace" is refused."""
+    the cache binding names past_names / present_names (one per layer and K/V)."""
     backend.dir = Path(artifact_dir)
     backend.manifest = m = load_manifest(backend.dir)
-    if m.kv_update not in ("slice", "inplace"):
-        raise TiDARError(f"unknown kv_update {m.kv_update!r} in the manifest")
     backend.block_size, backend.proposals = m.block_size, tuple(m.proposals)
     backend.max_len, backend.max_batch, backend.mask_token_id = m.max_seq_len, m.max_batch, m.mask_token_id
-    backend.vocab_size = m.model["vocab_size"]
-    layers = m.model["num_layers"]
-    backend.past_names, backend.present_names = past_names(layers), present_names(layers)
+    backend.vocab_size = m.vocab_size
+    backend.past_names, backend.present_names = past_names(m.num_layers), present_names(m.num_layers)
     return m

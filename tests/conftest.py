@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -19,3 +21,28 @@ def random_model(seed: int = 0, **overrides) -> TiDARModel:
 @pytest.fixture(scope="session")
 def tiny_model() -> TiDARModel:
     return random_model()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def manifests_follow_the_schema():
+    """Every manifest the suite writes (export, quantize, tune, build, the hand-made ones of the
+    tests: all through Manifest.save) is validated against the shipped JSON Schema first."""
+    from importlib.resources import files
+
+    from jsonschema import Draft202012Validator
+
+    from tidar_runtime.manifest import Manifest
+    from tidar_runtime.schema import SCHEMA_FILE
+
+    validator = Draft202012Validator(json.loads(files("tidar_runtime").joinpath(SCHEMA_FILE).read_text()))
+    save = Manifest.save
+
+    def checked_save(self, artifact_dir):
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in validator.iter_errors(json.loads(self.to_json()))]
+        assert not errors, f"the manifest written to {artifact_dir} breaks {SCHEMA_FILE}: {errors[:3]}"
+        return save(self, artifact_dir)
+
+    Manifest.save = checked_save
+    yield
+    Manifest.save = save

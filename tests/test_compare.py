@@ -113,7 +113,7 @@ def weight_only(tmp_path_factory):
     import numpy as np
     import torch
 
-    from tidar_export.engines.quantize import quantize_artifact
+    from tidar_export.quantize import quantize_artifact
 
     root = tmp_path_factory.mktemp("weight-only")
     model = random_model(seed=11)

@@ -5,7 +5,7 @@ import pytest
 from tidar_export.errors import TiDARError
 from tidar_export.model.reference import TorchBackend
 from tidar_runtime import Outputs, generate_ar, generate_tidar
-from tidar_runtime.layout import block_out_row
+from tidar_runtime.contract import block_out_row
 
 PROMPTS = [[3], [5, 17, 42, 9, 100, 7], list(range(30, 60))]
 
@@ -146,7 +146,7 @@ def test_sparse_proposals_partial_acceptance_commit_logic(tiny_model, b, proposa
 def test_proposal_block_choice(b, proposals):
     """The block that assumed k accepted tokens (largest r <= k) and the rows of its slots that
     predict the positions after the new anchor."""
-    from tidar_runtime.layout import normalize_proposals
+    from tidar_runtime.contract import normalize_proposals
     from tidar_runtime.loop import proposal_block
 
     rs = normalize_proposals(b, proposals)

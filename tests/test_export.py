@@ -77,7 +77,10 @@ def test_manifest_and_bindings(artifacts, checkpoint, target):
     cfg = load_checkpoint(checkpoint).cfg
     b, rs = m.block_size, m.proposals
     assert m.target == target and m.max_batch == MAX_BATCH and m.max_seq_len == MAX_SEQ_LEN
-    assert m.kv_update == ("inplace" if target == "trt-10.15" else "slice")
+    kv_update = "inplace" if target == "trt-10.15" else "slice"
+    assert m.graphs["step"].kv_update == kv_update and m.graphs["prefill"].kv_update is None
+    assert m.graphs["ar_step"].kv_update == ("inplace" if target != "trt-10.3" and m.export["ar_step"] == "gqa"
+                                             else kv_update)
     assert rs == OPTIONS[target].get("proposals", list(range(1, b + 1)))
     assert m.dims["q_len"] == b * (1 + len(rs)) and m.dims["n_out"] == b + len(rs) * (b - 1)
     assert m.dims["prompt_len"] is None and m.dims["batch"] == MAX_BATCH
@@ -90,9 +93,13 @@ def test_manifest_and_bindings(artifacts, checkpoint, target):
     assert [t.name for t in m.graphs["ar_step"].inputs] == ["input_ids", "cache_len", *past]
     assert [t.name for t in m.graphs["prefill"].inputs] == ["input_ids"]
     assert step.input("past_key_values.0.key").shape == ["batch", "kv_heads", "max_seq_len", "head_dim"]
-    new_len = "max_seq_len" if m.kv_update == "inplace" else "q_len"
+    new_len = "max_seq_len" if kv_update == "inplace" else "q_len"
     assert step.output("present.0.key").shape == ["batch", "kv_heads", new_len, "head_dim"]
     assert step.output("token_ids").shape == ["batch", "n_out"]
+    assert len(step.rows) == m.dims["n_out"] and step.rows[:b] == [{"ar": i} for i in range(b)]
+    assert step.rows[b:] == [{"block": r, "slot": t} for r in rs for t in range(1, b)]
+    text = (art / "manifest.json").read_text()  # each fact once: no size or option recorded twice
+    assert text.count('"block_size":') == 1 and text.count('"mask_token_id":') == 1 and '"max_batch"' not in text
     assert m.tokenizer["file"] == "tokenizer.json" and (art / "tokenizer.json").is_file()
     assert m.versions["export_opset"] == 18 and m.versions["opsets"]["ai.onnx"] >= 18
     assert sorted(p.name for p in art.iterdir()) == sorted(
@@ -255,13 +262,14 @@ def test_missing_or_truncated_weights(copy_of, capsys):
 
 
 def test_manifest_of_another_version(copy_of, capsys):
+    """An artifact of an older format version: a one-line error that says to re-export it."""
     art = copy_of()
     d = json.loads((art / "manifest.json").read_text())
-    d["version"] = 2
+    d["version"] = 1
     (art / "manifest.json").write_text(json.dumps(d))
-    with pytest.raises(TiDARError, match="manifest version 2 is not supported"):
+    with pytest.raises(TiDARError, match="manifest version 1 is not supported.*re-export"):
         OrtBackend(art)
-    assert "version 2" in _one_line_error(capsys, ["check", str(art)])
+    assert "version 1" in _one_line_error(capsys, ["check", str(art)])
     (art / "manifest.json").write_text("{not json")
     with pytest.raises(TiDARError, match="invalid JSON"):
         load_manifest(art)
@@ -358,7 +366,7 @@ def test_ar_step_kind_in_the_plan():
     """The ort AR step is GroupQueryAttention ("inplace") for head sizes that are multiples of 16,
     unless --ar-step attention asks for the step's Attention op (what int8/fp8 artifacts need);
     the step is "slice" either way, and an unknown kind is a one-line error."""
-    from tidar_export.export.tracing import make_plan
+    from tidar_export.export.plan import make_plan
 
     cfg = random_model(head_dim=16).cfg
     assert make_plan(cfg).kv_update_of("ar_step") == "inplace"
@@ -368,3 +376,23 @@ def test_ar_step_kind_in_the_plan():
     assert make_plan(cfg, target="trt-10.3").kv_update_of("ar_step") == "slice"
     with pytest.raises(TiDARError, match="unknown --ar-step 'fast'"):
         make_plan(cfg, ar_step="fast")
+
+
+def test_manifest_schema_is_the_contracts_and_checks_manifests(artifacts):
+    """runtime/manifest.schema.json is what tidar_runtime.schema makes from the contract's tables;
+    an exported manifest follows it, and a manifest with a fact of the wrong kind does not."""
+    from importlib.resources import files
+
+    from jsonschema import Draft202012Validator
+
+    from tidar_runtime.schema import SCHEMA_FILE, schema_text
+
+    shipped = files("tidar_runtime").joinpath(SCHEMA_FILE).read_text()
+    assert shipped == schema_text(), "regenerate it: python -m tidar_runtime.schema > runtime/manifest.schema.json"
+    validator = Draft202012Validator(json.loads(shipped))
+    d = json.loads((artifacts("ort") / "manifest.json").read_text())
+    assert list(validator.iter_errors(d)) == []
+    d["graphs"]["step"]["kv_update"] = "copy"
+    d["dims"]["block_size"] = "4"
+    d["export"]["precision"] = "int3"
+    assert len(list(validator.iter_errors(d))) == 3

@@ -1,8 +1,8 @@
 """tidar_graphs: fusions, decompositions, per-target lowering and the target checker.
 
 Graphs are traced here from a tiny model with torch.onnx's dynamo exporter at opset 18 (what
-the tracers use), in the two KV layouts the targets use: "concat" (ort, trt-10.3: the graph
-returns the new K/V) and "scatter" (trt-10.15: the graph writes them into the cache at L).
+the tracers use), in the two KV layouts the targets use: "slice" (ort, trt-10.3: the graph
+returns the new K/V) and "inplace" (trt-10.15: the graph writes them into the cache at L).
 Every rewrite is checked by running the graph before and after it in ONNX Runtime (CPU).
 """
 
@@ -49,9 +49,9 @@ class _Prefill(torch.nn.Module):
 
 
 class _Cached(torch.nn.Module):
-    def __init__(self, model, in_step, offsets, kv_write):
+    def __init__(self, model, in_step, offsets, kv_update):
         super().__init__()
-        self.model, self.kv_write = model, kv_write
+        self.model, self.kv_update = model, kv_update
         self.register_buffer("in_step", in_step, persistent=False)
         self.register_buffer("offsets", offsets, persistent=False)
 
@@ -59,7 +59,7 @@ class _Cached(torch.nn.Module):
         n = self.model.cfg.num_layers
         positions = cache_len[:, None] + self.offsets[None]
         logits, keys, values = self.model(ids, positions, self.in_step, list(past[:n]), list(past[n:]),
-                                          cache_len, self.kv_write)
+                                          cache_len, self.kv_update)
         return (logits, *keys, *values)
 
 
@@ -70,15 +70,15 @@ def _trace(module, args, dynamic_shapes=None) -> onnx.ModelProto:
     return program.model_proto
 
 
-def _trace_graph(model, kind: str, kv_write: str = "concat") -> onnx.ModelProto:
+def _trace_graph(model, kind: str, kv_update: str = "slice") -> onnx.ModelProto:
     cfg, b = model.cfg, model.cfg.block_size
     if kind == "prefill":
         return _trace(_Prefill(model, b), (torch.randint(0, cfg.vocab_size, (1, 6)),))
     if kind == "step":
-        module = _Cached(model, masks.step_mask(b), masks.step_offsets(b), kv_write)
+        module = _Cached(model, masks.step_mask(b), masks.step_offsets(b), kv_update)
         width = masks.step_len(b)
     else:
-        module = _Cached(model, masks.causal_mask(1), torch.zeros(1, dtype=torch.long), kv_write)
+        module = _Cached(model, masks.causal_mask(1), torch.zeros(1, dtype=torch.long), kv_update)
         width = 1
     dtype = model.lm_head.weight.dtype
     past = [torch.zeros(1, cfg.num_kv_heads, S, cfg.head_dim, dtype=dtype) for _ in range(2 * cfg.num_layers)]
@@ -95,7 +95,7 @@ def graphs(tiny):
     """{(kind, kv layout): traced ModelProto}; the prefill has no cache (layout "none")."""
     out = {("prefill", "none"): _trace_graph(tiny, "prefill")}
     for kind in ("step", "ar_step"):
-        for layout in ("concat", "scatter"):
+        for layout in ("slice", "inplace"):
             out[(kind, layout)] = _trace_graph(tiny, kind, layout)
     return out
 
@@ -175,7 +175,7 @@ def _apply(model: ir.Model, *steps) -> tuple[onnx.ModelProto, list[int]]:
 L = 2  # layers of the tiny preset
 
 
-@pytest.mark.parametrize("layout", ["concat", "scatter"])
+@pytest.mark.parametrize("layout", ["slice", "inplace"])
 def test_fuse_rms_norm(graphs, layout):
     original = graphs[("step", layout)]
     fused, (n,) = _apply(_prepared(original), fusions.fuse_rms_norm)
@@ -185,14 +185,14 @@ def test_fuse_rms_norm(graphs, layout):
 
 
 def test_fuse_rotary(graphs):
-    original = graphs[("step", "scatter")]
+    original = graphs[("step", "inplace")]
     fused, (n,) = _apply(_prepared(original), fusions.fuse_rotary)
     assert n == 2 * L  # q and k per layer
     assert _ops(fused)["RotaryEmbedding"] == n and "Neg" not in _ops(fused)
     assert _max_diff(original, fused) < TOL
 
 
-@pytest.mark.parametrize("key", [("step", "concat"), ("step", "scatter"), ("prefill", "none")])
+@pytest.mark.parametrize("key", [("step", "slice"), ("step", "inplace"), ("prefill", "none")])
 def test_fuse_attention_and_gqa(graphs, key):
     original = graphs[key]
     m = _prepared(original)
@@ -212,7 +212,7 @@ def test_fuse_attention_and_gqa(graphs, key):
 
 @pytest.mark.parametrize("kind", ["step", "ar_step"])
 def test_kv_scatter_to_tensor_scatter(graphs, kind):
-    original = graphs[(kind, "scatter")]
+    original = graphs[(kind, "inplace")]
     fused, (n,) = _apply(_prepared(original), fusions.kv_scatter_to_tensor_scatter)
     assert n == 2 * L and "ScatterElements" not in _ops(fused)
     for node in fused.graph.node:
@@ -225,14 +225,13 @@ def test_kv_scatter_to_tensor_scatter(graphs, kind):
 @pytest.fixture(scope="module")
 def ar_step_16():
     """A scatter-layout AR step of a tiny model with 16-wide heads (GroupQueryAttention takes
-    multiples of 16 only), and qk-norm, named as the tracer names it. Two rows."""
+    multiples of 16 only), and qk-norm, with the runtime's binding names. Two rows."""
     model = random_model(seed=3, head_dim=16, qk_norm=True)
     cfg = model.cfg
-    module = _Cached(model, masks.causal_mask(1), torch.zeros(1, dtype=torch.long), "scatter")
+    module = _Cached(model, masks.causal_mask(1), torch.zeros(1, dtype=torch.long), "inplace")
     past = [torch.zeros(2, cfg.num_kv_heads, S, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
     proto = _trace(module, (torch.randint(0, cfg.vocab_size, (2, 1)), torch.tensor([3, 9]), *past))
     m = ir.serde.deserialize_model(proto)
-    m.graph.name = "ar_step"
     m.graph.outputs[0].name = "logits"
     for i, (past_in, present_out) in enumerate(zip(m.graph.inputs[2:], m.graph.outputs[1:])):
         past_in.name, present_out.name = f"past_key_values.{i}", f"present.{i}"  # the runtime's pairing
@@ -245,7 +244,7 @@ def test_ar_step_group_query_attention(ar_step_16):
     the new slot of each row, and every other slot unchanged."""
     from tidar_runtime.backends.ort import run_graph
 
-    lowered = tidar_graphs.lower(ar_step_16, "ort")
+    lowered = tidar_graphs.lower(ar_step_16, "ort", "ar_step", ar_step="gqa")
     ops = _ops(lowered)
     assert ops.get("GroupQueryAttention") == L and not {"Attention", "RotaryEmbedding", "TensorScatter",
                                                          "ScatterElements", "Concat"} & set(ops), ops
@@ -273,25 +272,26 @@ def test_ar_step_group_query_attention(ar_step_16):
 
 
 def test_ar_step_group_query_attention_only_where_it_fits(graphs, ar_step_16):
-    """Only the graph named ar_step, in the scatter layout, is rewritten; a head size that
-    GroupQueryAttention refuses keeps the AR step "slice" (Target.kv_update_of)."""
-    step = ir.serde.deserialize_model(ar_step_16)
-    step.graph.name = "step"
-    assert contrib.ar_step_group_query_attention(step) == 0
-    concat = ir.serde.deserialize_model(graphs[("ar_step", "concat")])
-    concat.graph.name = "ar_step"
+    """Only the AR step in its gqa form, in the in-place layout, is rewritten (the target table runs
+    the pass on that form alone; lowering the same graph as a step leaves it alone); a "slice" AR step
+    is left alone by the pass; a head size that GroupQueryAttention refuses does not fit the form
+    (Target.ar_step_fits), so the export keeps the AR step "slice"."""
+    assert "GroupQueryAttention" not in _ops(tidar_graphs.lower(ar_step_16, "ort", "step"))
+    concat = ir.serde.deserialize_model(graphs[("ar_step", "slice")])
     assert contrib.ar_step_group_query_attention(concat) == 0
     target = tidar_graphs.get_target("ort")
-    assert target.kv_update_of("ar_step", 16) == "inplace" and target.kv_update_of("ar_step", 8) == "slice"
-    assert target.kv_update_of("step", 16) == "slice" and target.kv_update_of("prefill", 16) is None
-    assert tidar_graphs.get_target("trt-10.15").kv_update_of("ar_step", 16) == "inplace"
+    assert target.form("ar_step", "gqa").kv_update == "inplace" and target.ar_step_fits(16)
+    assert not target.ar_step_fits(8) and target.form("ar_step").kv_update == "slice"
+    assert target.form("step", "gqa").kv_update == "slice" and target.form("prefill").kv_update is None
+    assert tidar_graphs.get_target("trt-10.15").form("ar_step").kv_update == "inplace"
+    assert not tidar_graphs.get_target("trt-10.15").ar_step_fits(16)
 
 
 @pytest.mark.parametrize("length", [0, 5, S - masks.step_len(4)])
 def test_attend_used_cache(graphs, length):
     """The ort step attends over max(cache_len) cache slots (Slice of cache and mask), not all S:
     the same outputs at an empty, a short and a full cache."""
-    step = graphs[("step", "concat")]
+    step = graphs[("step", "slice")]
     lowered = tidar_graphs.lower(step, "ort")
     assert json.loads(dict((p.key, p.value) for p in lowered.metadata_props)["tidar_graphs.passes"])[
         "attend_used_cache"] == L
@@ -303,7 +303,7 @@ def test_attend_used_cache(graphs, length):
 
 
 def test_int_clip_to_min_max(graphs):
-    original = graphs[("step", "scatter")]  # the cache mask clamps int64 slot offsets
+    original = graphs[("step", "inplace")]  # the cache mask clamps int64 slot offsets
     fixed, (n,) = _apply(_prepared(original), fixups.int_clip_to_min_max)
     assert n == 1 and "Clip" not in _ops(fixed) and {"Max", "Min"} <= set(_ops(fixed))
     assert _max_diff(original, fixed) < TOL
@@ -326,7 +326,7 @@ def test_drop_default_attention_attributes():
 def test_fusions_on_qwen3_mha_graph():
     """q/k RMSNorm (Qwen3) and plain MHA (as many KV heads as query heads) fuse as well."""
     model = random_model(seed=2, arch="qwen3", qk_norm=True, attention_bias=False, num_kv_heads=4)
-    original = _trace_graph(model, "step", "scatter")
+    original = _trace_graph(model, "step", "inplace")
     lowered = tidar_graphs.lower(original, "trt-10.15")
     ops = _ops(lowered)
     assert ops["RMSNormalization"] == 4 * L + 1 and ops["Attention"] == L
@@ -348,7 +348,8 @@ def test_fuse_projections(name, tmp_path, monkeypatch):
     concatenated weights (and biases) and a Split; nodes stay in the module scope; the AR step's
     GroupQueryAttention reads the packed q/k/v except with qk-norm (normalized per head after the
     Split). The lowered graphs compute what the traced, unfused ones compute."""
-    from tidar_export.export.tracing import make_plan, trace
+    from tidar_export.export.plan import make_plan
+    from tidar_export.export.tracing import trace
     from tidar_runtime.backends.ort import run_graph
 
     model = random_model(seed=4, **PROJECTION_MODELS[name])
@@ -422,7 +423,7 @@ DECOMPOSITIONS = [
 
 @pytest.fixture(scope="module")
 def fused_step(graphs):
-    return tidar_graphs.lower(graphs[("step", "scatter")], "trt-10.15")
+    return tidar_graphs.lower(graphs[("step", "inplace")], "trt-10.15")
 
 
 @pytest.mark.parametrize("step, op, count", DECOMPOSITIONS, ids=[op for _, op, _ in DECOMPOSITIONS])
@@ -431,7 +432,7 @@ def test_decomposition(graphs, fused_step, step, op, count):
     m = ir.serde.deserialize_model(fused_step)
     decomposed, (n,) = _apply(m, step)
     assert n == count and op not in _ops(decomposed)
-    assert _max_diff(graphs[("step", "scatter")], decomposed) < TOL
+    assert _max_diff(graphs[("step", "inplace")], decomposed) < TOL
 
 
 def test_fused_graph_lowers_back_to_trt_10_3(graphs, fused_step):
@@ -439,13 +440,13 @@ def test_fused_graph_lowers_back_to_trt_10_3(graphs, fused_step):
     lowered = tidar_graphs.lower(fused_step, "trt-10.3")
     assert lowered.opset_import[0].version == 18
     assert not {"Attention", "RMSNormalization", "RotaryEmbedding", "TensorScatter"} & set(_ops(lowered))
-    assert _max_diff(graphs[("step", "scatter")], lowered) < TOL
+    assert _max_diff(graphs[("step", "inplace")], lowered) < TOL
     assert tidar_graphs.check_graph(lowered, "trt-10.3") == []
 
 
 # --------------------------------------------------------------------------- lowering per target
 
-LAYOUT = {"ort": "concat", "trt-10.3": "concat", "trt-10.15": "scatter"}
+LAYOUT = {"ort": "slice", "trt-10.3": "slice", "trt-10.15": "inplace"}
 OPSET = {"ort": 23, "trt-10.3": 18, "trt-10.15": 24}
 FUSED = {"Attention", "RMSNormalization", "RotaryEmbedding"}
 
@@ -481,7 +482,7 @@ def test_lowered_graph_matches_and_passes_checker(lowered, target, kind):
 
 
 def test_lower_does_not_modify_its_input(graphs):
-    original = graphs[("step", "scatter")]
+    original = graphs[("step", "inplace")]
     before = original.SerializeToString()
     tidar_graphs.lower(original, "trt-10.15")
     assert original.SerializeToString() == before
@@ -490,7 +491,7 @@ def test_lower_does_not_modify_its_input(graphs):
 def test_fused_nodes_keep_the_module_scope(graphs):
     """Fused nodes are named in the scope of the node they replace (traced names are module paths)."""
     named = onnx.ModelProto()
-    named.CopyFrom(graphs[("step", "scatter")])
+    named.CopyFrom(graphs[("step", "inplace")])
     for i, node in enumerate(named.graph.node):
         node.name = f"/model/layers.0/self_attn/{node.op_type}_{i}"
     low = tidar_graphs.lower(named, "trt-10.15")
@@ -525,7 +526,7 @@ def test_external_weights_are_not_read(graphs, tmp_path, monkeypatch):
     tensors like these are what initializer deduplication would try to read.
     """
     path = tmp_path / "step.onnx"
-    onnx.save_model(graphs[("step", "scatter")], str(path), save_as_external_data=True,
+    onnx.save_model(graphs[("step", "inplace")], str(path), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="weights.bin", size_threshold=256)
     proto = onnx.load(str(path), load_external_data=False)
     monkeypatch.chdir(tmp_path.parent)  # the relative weight location resolves nowhere from here
@@ -538,7 +539,7 @@ def test_external_weights_are_not_read(graphs, tmp_path, monkeypatch):
 def test_unknown_target(graphs):
     for call in (tidar_graphs.lower, tidar_graphs.check_graph):
         with pytest.raises(TiDARError, match=r"unknown target 'trt-9'") as e:
-            call(graphs[("ar_step", "concat")], "trt-9")
+            call(graphs[("ar_step", "slice")], "trt-9")
         assert "\n" not in str(e.value)
 
 

@@ -19,8 +19,8 @@ def test_concat_and_scatter_agree(tiny_model):
         in_step = masks.step_mask(b)
         ids = torch.randint(0, cfg.vocab_size, (2, in_step.shape[0]))
         pos = L[:, None] + masks.step_offsets(b)
-        lg_s, k_s, v_s = tiny_model(ids, pos, in_step, keys, values, L, kv_write="scatter")
-        lg_c, k_c, v_c = tiny_model(ids, pos, in_step, keys, values, L, kv_write="concat")
+        lg_s, k_s, v_s = tiny_model(ids, pos, in_step, keys, values, L, kv_update="inplace")
+        lg_c, k_c, v_c = tiny_model(ids, pos, in_step, keys, values, L, kv_update="slice")
     torch.testing.assert_close(lg_c, lg_s, rtol=1e-5, atol=1e-5)
     q = in_step.shape[0]
     for row, n in enumerate(L.tolist()):

@@ -22,7 +22,7 @@ import pytest
 
 import tidar_graphs
 from tests.conftest import random_model
-from tidar_export.engines import quantize as quant
+from tidar_export import quantize as quant
 from tidar_export.engines.build import build_settings
 from tidar_export.model.checkpoint import save_checkpoint
 from tidar_export.cli import main
@@ -71,7 +71,7 @@ def artifacts(checkpoint, tmp_path_factory):
                                             max_seq_len=MAX_SEQ_LEN)
             else:
                 src = get(target)
-                vocab = load_manifest(src).model["vocab_size"]
+                vocab = load_manifest(src).model_config()["vocab_size"]
                 slug = "-".join([target, precision] + [f"{k}{v}" for k, v in sorted(kwargs.items())])
                 made[key] = quant.quantize_artifact(src, root / slug, precision, prompts=_prompts(vocab, 6, 1),
                                                     samples=16, max_new_tokens=NEW, **kwargs)
@@ -126,7 +126,7 @@ def test_qdq_is_symmetric_per_channel_on_linear_layers_only(artifacts, precision
     art = artifacts(TARGET, precision)
     proto = onnx.load(str(art / f"step.{precision}.onnx"))
     inits = {t.name: t for t in proto.graph.initializer}
-    layers = load_manifest(art).model["num_layers"]
+    layers = load_manifest(art).model_config()["num_layers"]
     dq_out = {n.output[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
     quantized = [n for n in matmuls if n.input[1] in dq_out]
@@ -162,7 +162,7 @@ def test_quantized_artifact_shares_one_weight_file(artifacts):
     q = "model.layers.0.mlp.up_proj.weight.T_quantized"
     assert q in offsets and all(len(v) == 1 for v in offsets.values())  # stored once, shared
     recipe = json.loads((art / "quantization.json").read_text())
-    assert recipe["precision"] == "int8" and recipe["graphs"]["step"]["nodes"] == 7 * m.model["num_layers"]
+    assert recipe["precision"] == "int8" and recipe["graphs"]["step"]["nodes"] == 7 * m.model_config()["num_layers"]
     assert m.versions["quantizer"].startswith("tidar_export.quantize")
 
 
@@ -171,7 +171,7 @@ def test_quantized_artifact_shares_one_weight_file(artifacts):
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_quantized_decode_agrees_with_fp32(artifacts, precision):
-    vocab = load_manifest(artifacts(TARGET)).model["vocab_size"]
+    vocab = load_manifest(artifacts(TARGET)).model_config()["vocab_size"]
     prompts = _prompts(vocab, 8, seed=7)  # held out: not the calibration prompts (seed 1)
     agreement = _agreement(artifacts(TARGET), artifacts(TARGET, precision), prompts)
     assert agreement >= AGREEMENT[precision], agreement
@@ -197,14 +197,14 @@ def test_broken_calibration_fails_the_agreement_threshold(artifacts, tmp_path):
         spec["bytes"] = (art / spec["file"]).stat().st_size
         spec["digest"] = file_digest(art / spec["file"])  # a consistent (wrongly calibrated) artifact
     (art / "manifest.json").write_text(json.dumps(manifest))
-    vocab = load_manifest(art).model["vocab_size"]
+    vocab = load_manifest(art).model_config()["vocab_size"]
     prompts = _prompts(vocab, 8, seed=7)
     agreement = _agreement(artifacts(TARGET), art, prompts)
     assert agreement < AGREEMENT["int8"], agreement
 
 
 def test_ar_loss_through_the_graphs(artifacts):
-    vocab = load_manifest(artifacts(TARGET)).model["vocab_size"]
+    vocab = load_manifest(artifacts(TARGET)).model_config()["vocab_size"]
     windows = _prompts(vocab, 3, seed=9)
     fp32 = quant.teacher_forced_ar_loss(OrtBackend(artifacts(TARGET)), windows)
     int8 = quant.teacher_forced_ar_loss(OrtBackend(artifacts(TARGET, "int8")), windows)
@@ -289,7 +289,7 @@ def test_one_activation_scale_per_role_shared_by_the_three_graphs(artifacts, pre
     art = artifacts(TARGET, precision)
     m = load_manifest(art)
     scales = {kind: _scales(onnx.load(str(art / spec.file), load_external_data=False)) for kind, spec in m.graphs.items()}
-    layers = m.model["num_layers"]
+    layers = m.model_config()["num_layers"]
     # 4 activations per layer: q/k/v share their input, gate/up theirs; o and down one each
     assert all(len(s) == 4 * layers for s in scales.values()), {k: len(v) for k, v in scales.items()}
     assert scales["prefill"] == scales["step"] == scales["ar_step"]  # same names, same values
@@ -305,7 +305,7 @@ def test_shared_range_is_the_max_over_graphs_and_modes(artifacts):
 
     src = artifacts(TARGET)
     m = load_manifest(src)
-    vocab = m.model["vocab_size"]
+    vocab = m.model_config()["vocab_size"]
     feeds = quant.collect_calibration_inputs(src, _prompts(vocab, 3, 2), samples=6, max_new_tokens=8)
     graphs = {k: onnx_.load(str(src / m.graphs[k].file)) for k in m.graphs}
     merged = quant.activation_stats(graphs, feeds)
@@ -325,7 +325,7 @@ def _tidar_equals_ar(artifact, prompts, new=NEW) -> int:
 @pytest.mark.parametrize("precision, kwargs", [("int8", {}), ("fp8", {}), ("int4", {}),
                                                ("int4", {"method": "rtn", "block_size": 64})])
 def test_quantized_tidar_equals_own_ar(artifacts, precision, kwargs):
-    vocab = load_manifest(artifacts(TARGET)).model["vocab_size"]
+    vocab = load_manifest(artifacts(TARGET)).model_config()["vocab_size"]
     prompts = _prompts(vocab, 8, seed=7)
     assert _tidar_equals_ar(artifacts(TARGET, precision, **kwargs), prompts) == len(prompts)
 
@@ -355,7 +355,7 @@ def test_int4_ort_lowers_to_matmulnbits_and_computes_the_block_dequantized_weigh
     m = load_manifest(art)
     proto = onnx.load(str(art / "step.int4.onnx"))
     ops = [n.op_type for n in proto.graph.node]
-    layers = m.model["num_layers"]
+    layers = m.model_config()["num_layers"]
     # q/k/v are one MatMul in the ort graphs (fused weight), + o, gate, up, down, and the LM head
     assert ops.count("MatMulNBits") == 5 * layers + 1
     assert "/model/layers.0/self_attn/qkv_proj/MatMul" in [n.name for n in proto.graph.node if n.op_type == "MatMulNBits"]
@@ -393,7 +393,7 @@ def test_int4_trt_lowers_to_block_dequantize_and_passes_the_checker(artifacts):
         assert tidar_graphs.check_graph(proto, TARGET, dynamic_dims=dynamic) == [], kind
         inits = {t.name: t for t in proto.graph.initializer}
         dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
-        assert len(dqs) == 7 * m.model["num_layers"] + 1  # + LM head (the embedding lookup stays float)
+        assert len(dqs) == 7 * m.model_config()["num_layers"] + 1  # + LM head (the embedding lookup stays float)
         gather = next(n for n in proto.graph.node if n.op_type == "Gather")
         assert gather.input[0] in inits and inits[gather.input[0]].data_type == onnx.TensorProto.FLOAT
         for dq in dqs:
@@ -408,7 +408,7 @@ def test_int4_trt_lowers_to_block_dequantize_and_passes_the_checker(artifacts):
 
 @pytest.mark.parametrize("target", ["ort", TARGET])
 def test_int4_agrees_with_fp32_and_is_small(artifacts, target):
-    vocab = load_manifest(artifacts(target)).model["vocab_size"]
+    vocab = load_manifest(artifacts(target)).model_config()["vocab_size"]
     prompts = _prompts(vocab, 8, seed=7)
     art = artifacts(target, "int4")
     agreement = _agreement(artifacts(target), art, prompts)
@@ -428,36 +428,36 @@ def test_awq_folding_keeps_the_float_function(artifacts, tmp_path):
 
     src = artifacts("ort")
     m = load_manifest(src)
-    vocab = m.model["vocab_size"]
+    vocab = m.model_config()["vocab_size"]
     feeds = quant.collect_calibration_inputs(src, _prompts(vocab, 3, 2), samples=6, max_new_tokens=8)
     step = onnx.load(str(src / m.graphs["step"].file))
     stats = quant.activation_stats({"step": step}, feeds, rows=True)
     quant.unshare_weights(step)  # as quantize_artifact does before folding
-    groups = quant.awq_groups(step, m.model)
+    groups = quant.awq_groups(step, m.model_config())
     assert {g.fold[0] for g in groups} == {"gamma", "columns", "v_proj"}
-    h, kv, hd = m.model["num_heads"], m.model["num_kv_heads"], m.model["head_dim"]
+    h, kv, hd = m.model_config()["num_heads"], m.model_config()["num_kv_heads"], m.model_config()["head_dim"]
     for g in groups:  # the ort graphs' q/k/v is one MatMul: o_proj's 1/s goes into its v columns
         if g.fold[0] == "v_proj":
             assert g.fold[1].endswith(".self_attn.qkv_proj.weight.T") and g.fold[2] == ((h + kv) * hd, (h + 2 * kv) * hd)
         if g.fold[0] == "columns":
-            assert g.fold[1].endswith(".mlp.up_proj.weight.T") and g.fold[2] == (0, m.model["intermediate_size"])
-    assert sum(g.linears[0].endswith("/self_attn/qkv_proj/MatMul") and g.fold[0] == "gamma" for g in groups) == m.model[
+            assert g.fold[1].endswith(".mlp.up_proj.weight.T") and g.fold[2] == (0, m.model_config()["intermediate_size"])
+    assert sum(g.linears[0].endswith("/self_attn/qkv_proj/MatMul") and g.fold[0] == "gamma" for g in groups) == m.model_config()[
         "num_layers"]
     for g in groups:  # force a strong scale everywhere, whatever the search picks
         mean = stats[g.role].abs_sum / stats[g.role].count
         if g.fold[0] == "v_proj":
-            h, kv = m.model["num_heads"], m.model["num_kv_heads"]
+            h, kv = m.model_config()["num_heads"], m.model_config()["num_kv_heads"]
             mean = np.repeat(mean.reshape(kv, h // kv, -1).mean(1), h // kv, axis=0).reshape(-1)
         g.scales = (mean / mean.mean()).astype(np.float32)
     folded = onnx.load(str(src / m.graphs["step"].file))
     quant.unshare_weights(folded)
-    for name, array in quant.awq_folded_weights(step, groups, m.model).items():
-        quant._replace_initializer(folded, name, array)
+    for name, array in quant.awq_folded_weights(step, groups, m.model_config()).items():
+        quant.replace_initializer(folded, name, array)
     feed = feeds["step"][0]
     want = ort.InferenceSession(step.SerializeToString()).run(["logits"], feed)[0]
     # The folded model's own cache holds V / s (its v_proj is divided by s): feed it that cache,
     # as its own prefill and steps would have written it.
-    h, kv, hd = m.model["num_heads"], m.model["num_kv_heads"], m.model["head_dim"]
+    h, kv, hd = m.model_config()["num_heads"], m.model_config()["num_kv_heads"], m.model_config()["head_dim"]
     own = dict(feed)
     for g in groups:
         if g.fold[0] == "v_proj":
@@ -472,11 +472,11 @@ def test_awq_folding_keeps_the_float_function(artifacts, tmp_path):
 def test_awq_search_beats_rtn_on_its_calibration_rows(artifacts):
     src = artifacts("ort")
     m = load_manifest(src)
-    feeds = quant.collect_calibration_inputs(src, _prompts(m.model["vocab_size"], 4, 2), samples=8, max_new_tokens=8)
+    feeds = quant.collect_calibration_inputs(src, _prompts(m.model_config()["vocab_size"], 4, 2), samples=8, max_new_tokens=8)
     step = onnx.load(str(src / m.graphs["step"].file))
     stats = quant.activation_stats({"step": step}, feeds, rows=True)
-    groups = quant.awq_groups(step, m.model)
-    quant.awq_search(step, groups, stats, 4, 32, m.model)
+    groups = quant.awq_groups(step, m.model_config())
+    quant.awq_search(step, groups, stats, 4, 32, m.model_config())
     assert any(g.alpha > 0 for g in groups)  # some group found scales better than RTN (alpha 0)
     assert all(g.scales is None or g.scales.shape == (stats[g.role].abs_sum.shape[0],) for g in groups)
 
@@ -522,7 +522,7 @@ def test_int8_weight_only_on_ort(artifacts):
     proto = onnx.load(str(art / "step.int8-wo.onnx"), load_external_data=False)
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert nbits and all({a.name: a.i for a in n.attribute}["bits"] == 8 for n in nbits)
-    vocab = load_manifest(art).model["vocab_size"]
+    vocab = load_manifest(art).model_config()["vocab_size"]
     prompts = _prompts(vocab, 8, seed=7)
     assert _agreement(artifacts("ort"), art, prompts) >= 0.9
     assert _tidar_equals_ar(art, prompts) == len(prompts)

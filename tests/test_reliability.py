@@ -316,29 +316,31 @@ def _rename(d: dict, kind: str, side: str, old: str, new: str) -> None:
 
 
 MANIFEST_CASES = [
-    ("block_size 0", lambda d: d.__setitem__("block_size", 0), "block_size must be an integer in 1..1024"),
-    ("max_seq_len 1e12", lambda d: d.__setitem__("max_seq_len", 10**12), "max_seq_len must be an integer"),
-    ("num_layers 1e8", lambda d: d["model"].__setitem__("num_layers", 10**8), "model.num_layers must be"),
-    ("num_layers 3", lambda d: d["model"].__setitem__("num_layers", 3), "lacks the binding 'present.2.key'"),
-    ("negative heads", lambda d: d["model"].__setitem__("num_kv_heads", -2), "model.num_kv_heads must be"),
-    ("string vocab", lambda d: d["model"].__setitem__("vocab_size", "256"), "model.vocab_size must be"),
-    ("float batch", lambda d: d.__setitem__("max_batch", 1.5), "max_batch must be"),
-    ("bool mask", lambda d: d.__setitem__("mask_token_id", True), "mask_token_id must be"),
-    ("proposals", lambda d: d.__setitem__("proposals", [2, 1]), "proposals must be"),
+    ("block_size 0", lambda d: d["dims"].__setitem__("block_size", 0), "block_size must be an integer in 1..1024"),
+    ("max_seq_len 1e12", lambda d: d["dims"].__setitem__("max_seq_len", 10**12), "max_seq_len must be an integer"),
+    ("num_layers 1e8", lambda d: d["dims"].__setitem__("num_layers", 10**8), "dims.num_layers must be"),
+    ("num_layers 3", lambda d: d["dims"].__setitem__("num_layers", 3), "lacks the binding 'present.2.key'"),
+    ("negative heads", lambda d: d["dims"].__setitem__("kv_heads", -2), "dims.kv_heads must be"),
+    ("string vocab", lambda d: d["dims"].__setitem__("vocab", "256"), "dims.vocab must be"),
+    ("float batch", lambda d: d["dims"].__setitem__("batch", 1.5), "dims.batch must be"),
+    ("bool mask", lambda d: d["export"].__setitem__("mask_token_id", True), "mask_token_id must be"),
+    ("proposals", lambda d: d["export"].__setitem__("proposals", [2, 1]), "proposals must be"),
+    ("q_len", lambda d: d["dims"].__setitem__("q_len", 3), "dims.q_len must be"),
     ("graphs list", lambda d: d.__setitem__("graphs", []), "graphs must be an object"),
     ("graph missing", lambda d: d["graphs"].pop("ar_step"), "graphs must be an object with exactly"),
     ("renamed binding", lambda d: _rename(d, "step", "inputs", "draft_ids", "drafts"), "lacks the binding 'draft_ids'"),
     ("renamed output", lambda d: _rename(d, "prefill", "outputs", "token_ids", "ids"), "lacks the binding 'token_ids'"),
     ("extra layer", lambda d: _rename(d, "ar_step", "inputs", "past_key_values.1.value", "past_key_values.9.value"),
      "lacks the binding 'past_key_values.1.value'"),
-    ("cache shape", lambda d: d["dims"].__setitem__("kv_heads", 7), "shape must be"),
+    ("cache shape", lambda d: d["graphs"]["step"]["inputs"][2]["shape"].__setitem__(1, 7), "shape and dtype must be"),
     ("unknown dtype", lambda d: d["graphs"]["step"]["inputs"][0].__setitem__("dtype", "complex128"), "dtype must be"),
-    ("kv_update", lambda d: d.__setitem__("kv_update", "copy"), "kv_update must be one of slice, inplace"),
+    ("rows", lambda d: d["graphs"]["step"]["rows"].reverse(), "graphs.step.rows must be"),
+    ("kv_update", lambda d: d["graphs"]["step"].__setitem__("kv_update", "copy"), "kv_update must be one of slice, inplace"),
     ("graph kv_update", lambda d: d["graphs"]["ar_step"].__setitem__("kv_update", "copy"),
      "graphs.ar_step.kv_update must be one of slice, inplace"),
     ("prefill kv_update", lambda d: d["graphs"]["prefill"].__setitem__("kv_update", "slice"),
-     "graphs.prefill.kv_update must be absent"),
-    ("precision", lambda d: d.__setitem__("precision", 8), "precision must be one of"),
+     "graphs.prefill.kv_update must be null"),
+    ("precision", lambda d: d["export"].__setitem__("precision", 8), "precision must be one of"),
     ("unknown field", lambda d: d.__setitem__("surprise", 1), "unknown field 'surprise'"),
     ("missing field", lambda d: d.pop("dims"), "missing field 'dims'"),
     ("eos out of vocab", lambda d: d["tokenizer"].__setitem__("eos_token_id", 10**9), "tokenizer.eos_token_id must be"),
@@ -443,7 +445,7 @@ def test_read_only_output_fails_before_the_work(command, ckpt, art, tmp_path, ca
         raise AssertionError("the long work started before the output was checked")
 
     monkeypatch.setattr(checkpoint_module, "load_checkpoint", no_work)
-    monkeypatch.setattr("tidar_export.engines.quantize.collect_calibration_inputs", no_work)
+    monkeypatch.setattr("tidar_export.quantize.artifact.collect_calibration_inputs", no_work)
     monkeypatch.setattr("tidar_export.train.data.find_corpus", no_work)
     monkeypatch.setattr("tidar_export.export.variants.Variants.get", no_work)
     argv = {"init": ["init", "-o", ro / "x"], "import": ["import", ckpt, "-o", ro / "x"],

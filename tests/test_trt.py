@@ -26,8 +26,8 @@ from tidar_export.cli import main
 from tidar_export.errors import TiDARError
 from tidar_runtime import SamplingParams, generate_ar_batch, generate_tidar_batch
 from tidar_runtime.backends.trt import Platform, TrtBackend, check_engine_compat, plan_weight_streaming
-from tidar_runtime.layout import n_out
-from tidar_runtime.manifest import GraphSpec, Manifest, TensorSpec, load_manifest
+from tidar_runtime.contract import TensorSpec
+from tidar_runtime.manifest import Manifest, load_manifest, new_manifest
 
 # ONNX Runtime warns on every TensorScatter it cannot run in place (the trt-10.15 graphs): quiet it.
 __import__("onnxruntime").set_default_logger_severity(3)
@@ -44,32 +44,14 @@ def _kv(prefix: str, dtype: str, shape: list) -> list[TensorSpec]:
 
 
 def make_manifest(dtype: str = "float32", kv_update: str = "slice", max_seq_len: int = S) -> Manifest:
-    """The manifest an export of the tiny model would write (shapes per docs/EXPORT.md)."""
-    cache = ["batch", "kv_heads", "max_seq_len", "head_dim"]
-
-    def graph(kind: str, inputs: list[TensorSpec], batch: str, rows, present_len) -> GraphSpec:
-        outputs = [TensorSpec("token_ids", "int64", [batch, rows]),
-                   TensorSpec("logits", "float32", [batch, rows, "vocab"])]
-        present = _kv("present", dtype, [batch, "kv_heads", present_len, "head_dim"])
-        return GraphSpec(kind, f"{kind}.onnx", inputs, outputs + present)
-
-    new_len = lambda n: "max_seq_len" if kv_update == "inplace" else n  # noqa: E731
-    cached = [TensorSpec("cache_len", "int64", ["batch"])] + _kv("past_key_values", dtype, cache)
-    graphs = {
-        "prefill": graph("prefill", [TensorSpec("input_ids", "int64", ["prefill_batch", "prompt_len"])],
-                         "prefill_batch", "block_size", "prefill_len"),
-        "step": graph("step", [TensorSpec("draft_ids", "int64", ["batch", "block_size"])] + cached,
-                      "batch", "n_out", new_len("q_len")),
-        "ar_step": graph("ar_step", [TensorSpec("input_ids", "int64", ["batch", 1])] + cached, "batch", 1, new_len(1)),
-    }
-    proposals = [1, 2, 3, 4]
-    dims = {"batch": B, "prefill_batch": None, "prompt_len": None, "prefill_len": None, "block_size": BLOCK,
-            "q_len": BLOCK * (1 + len(proposals)), "n_out": n_out(BLOCK, proposals), "max_seq_len": max_seq_len,
-            "kv_heads": KV, "head_dim": HD, "vocab": VOCAB, "num_layers": LAYERS}
-    return Manifest(model={"vocab_size": VOCAB, "num_layers": LAYERS, "num_kv_heads": KV, "head_dim": HD},
-                    block_size=BLOCK, proposals=proposals, mask_token_id=0, max_seq_len=max_seq_len, max_batch=B,
-                    precision={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype],
-                    target="trt-10.3", kv_update=kv_update, graphs=graphs, dims=dims)
+    """The manifest an export of the tiny model would write (tidar_runtime.manifest.new_manifest, the
+    export's own construction; shapes per docs/EXPORT.md)."""
+    config = {"arch": "qwen2", "vocab_size": VOCAB, "num_layers": LAYERS, "num_heads": 4, "num_kv_heads": KV,
+              "head_dim": HD, "block_size": BLOCK, "mask_token_id": 0, "bos_token_id": None, "eos_token_id": None}
+    return new_manifest(config, target="trt-10.3", precision={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype],
+                        block_size=BLOCK, proposals=[1, 2, 3, 4], max_seq_len=max_seq_len, max_batch=B, mask_token_id=0,
+                        ar_step="attention", graph_files={k: f"{k}.onnx" for k in ("prefill", "step", "ar_step")},
+                        kv_updates={"prefill": None, "step": kv_update, "ar_step": kv_update}, kv_dtype=dtype)
 
 
 @pytest.fixture
@@ -141,7 +123,7 @@ def test_flags_per_option(tmp_path, options, flags):
 def quantized_manifest(precision: str) -> Manifest:
     """The manifest `tidar-export quantize` writes: float I/O, Q/DQ graphs `<kind>.<precision>.onnx`."""
     m = make_manifest("float32")
-    m.precision = precision
+    m.export["precision"] = precision
     for g in m.graphs.values():
         g.file = f"{g.kind}.{precision}.onnx"
     return m
@@ -194,7 +176,7 @@ def test_quantized_artifact_builds_only_its_precision(tmp_path, have, asked):
 def weight_only_manifest(precision: str = "int4", target: str = "trt-10.15", opset: int = 24) -> Manifest:
     """The manifest `tidar-export quantize --precision int4|int8-wo` writes for `target`."""
     m = quantized_manifest(precision)
-    m.target, m.versions = target, {"opsets": {"ai.onnx": opset}}
+    m.export["target"], m.versions = target, {"opsets": {"ai.onnx": opset}}
     return m
 
 
@@ -510,7 +492,7 @@ def test_int4_weight_only_engines_decode_like_ort(exported, tmp_path):
     """A trt-10.15 int4 artifact (RTN, blocks of 64) through build_engines and TrtBackend over the
     stand-ins, whose engines run its block-quantized graphs: the same tokens as ONNX Runtime on
     those graphs, TiDAR == AR. (What TensorRT's own INT4 kernels compute needs a GPU.)"""
-    from tidar_export.engines.quantize import quantize_artifact
+    from tidar_export.quantize import quantize_artifact
 
     art = quantize_artifact(exported("trt-10.15"), tmp_path / "int4", "int4", method="rtn", block_size=64)
     build_engines(build_settings(load_manifest(art), art), log=lambda _: None, compiler=FakeCompiler())

@@ -35,7 +35,7 @@ from tidar_runtime.backends.cuda import (
     pinned_array,
 )
 from tidar_runtime.errors import TiDARError
-from tidar_runtime.layout import n_out
+from tidar_runtime.contract import n_out
 from tidar_runtime.loop import Outputs
 from tidar_runtime.manifest import Manifest, read_artifact
 
@@ -185,8 +185,7 @@ class DeviceBackend:
 
     def ar_prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         """The TiDAR prefill; its first output row is the AR prediction at the last prompt token."""
-        out = self.prefill(row, prompt, want_logits)
-        return Outputs(out.token_ids[:, :1], None if out.logits is None else out.logits[:, :1])
+        return self.prefill(row, prompt, want_logits).ar_row()
 
     def step(self, drafts: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
         return self._run_cached("step", drafts, cache_len, want_logits)

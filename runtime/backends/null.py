@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tidar_runtime.layout import n_out, normalize_proposals
+from tidar_runtime.contract import n_out, normalize_proposals
 from tidar_runtime.loop import Outputs
 
 

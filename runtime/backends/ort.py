@@ -2,7 +2,7 @@
 
 The KV cache is a set of preallocated numpy arrays [B, KV, max_len, hd] per layer, bound to
 the step graphs as inputs without copies (I/O binding). Each cached graph has a kv_update
-(`Manifest.kv_update_of`). "slice": the graph returns only the pass's new K/V [B, KV, q, hd];
+(`GraphSpec.kv_update` in the manifest). "slice": the graph returns only the pass's new K/V [B, KV, q, hd];
 this backend writes them at each row's L (a copy of q slots per row and layer: the commit
 itself is the loop's `L += k`). "inplace": the graph returns the whole updated cache, and its
 present.* outputs are bound to the very buffers of its past_key_values.* inputs, so the graph
@@ -23,18 +23,19 @@ import os
 import numpy as np
 
 from tidar_runtime.errors import TiDARError, first_line
-from tidar_runtime.layout import PAST_PREFIX, PRESENT_PREFIX, n_out
+from tidar_runtime.contract import (CACHE_LEN, INPUT_IDS, LOGITS, PAST_PREFIX, PRESENT_PREFIX, TOKEN_IDS, ids_input,
+                                    n_out)
 from tidar_runtime.loop import Outputs
 from tidar_runtime.manifest import read_artifact
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+HOST_DTYPES = ("float32", "float16", "int64", "int32", "bool")  # the contract's dtypes numpy holds natively
 
 
 def np_dtype(name: str):
-    try:
-        return _NP_DTYPES[name]
-    except KeyError:
-        raise TiDARError(f"the ONNX Runtime backend cannot hold {name} tensors on the host") from None
+    """The numpy dtype of a contract dtype name the host can hold (tidar_runtime.contract.DTYPES)."""
+    if name not in HOST_DTYPES:
+        raise TiDARError(f"the ONNX Runtime backend cannot hold {name} tensors on the host")
+    return np.dtype(name).type
 
 
 class OrtBackend:
@@ -46,7 +47,6 @@ class OrtBackend:
             raise TiDARError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
         self._ort = ort
         m = read_artifact(self, artifact_dir)
-        self.inplace = {kind: m.kv_update_of(kind) == "inplace" for kind in ("step", "ar_step")}
         self.providers = providers or ["CPUExecutionProvider"]
         self._opts = ort.SessionOptions()
         self._opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -56,24 +56,26 @@ class OrtBackend:
 
         spec = m.graphs["step"].input(self.past_names[0])
         self.kv_dtype = np_dtype(spec.dtype)
-        shape = (m.max_batch, m.model["num_kv_heads"], m.max_seq_len, m.model["head_dim"])
+        shape = (m.max_batch, m.num_kv_heads, m.max_seq_len, m.head_dim)
         self.cache = [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
         self._out = {  # preallocated inputs and outputs of the static-shape graphs
-            "step": self._alloc_io("step", "draft_ids", self.block_size, n_out(self.block_size, self.proposals),
-                                   m.step_len),
-            "ar_step": self._alloc_io("ar_step", "input_ids", 1, 1, 1),
+            "step": self._alloc_io("step", self.block_size, n_out(self.block_size, self.proposals), m.step_len),
+            "ar_step": self._alloc_io("ar_step", 1, 1, 1),
         }
         self._bindings: dict = {}
 
-    def _alloc_io(self, kind: str, ids_name: str, width: int, rows: int, new_len: int) -> dict:
+    def _inplace(self, kind: str) -> bool:
+        return self.manifest.graphs[kind].kv_update == "inplace"
+
+    def _alloc_io(self, kind: str, width: int, rows: int, new_len: int) -> dict:
         m = self.manifest
-        B, kv, hd = m.max_batch, m.model["num_kv_heads"], m.model["head_dim"]
-        present = None if self.inplace[kind] else [np.zeros((B, kv, new_len, hd), self.kv_dtype)
-                                                   for _ in self.present_names]
-        inputs = {ids_name: np.zeros((B, width), np.int64), "cache_len": np.zeros(B, np.int64)}
+        B, kv, hd = m.max_batch, m.num_kv_heads, m.head_dim
+        present = None if self._inplace(kind) else [np.zeros((B, kv, new_len, hd), self.kv_dtype)
+                                                    for _ in self.present_names]
+        inputs = {ids_input(kind): np.zeros((B, width), np.int64), CACHE_LEN: np.zeros(B, np.int64)}
         return {"inputs": inputs, "feeds": tuple(inputs.values()),
-                "token_ids": np.zeros((B, rows), np.int64),
-                "logits": np.zeros((B, rows, self.vocab_size), np.float32),
+                TOKEN_IDS: np.zeros((B, rows), np.int64),
+                LOGITS: np.zeros((B, rows, self.vocab_size), np.float32),
                 "present": present}
 
     def session(self, kind: str):
@@ -105,9 +107,9 @@ class OrtBackend:
             self._bind_in(io, name, arr)
         for name, arr in zip(self.past_names, self.cache):
             self._bind_in(io, name, arr)
-        self._bind_out(io, "token_ids", out["token_ids"])
-        self._bind_out(io, "logits", out["logits"])
-        targets = self.cache if self.inplace[kind] else out["present"]  # inplace: the past buffers themselves
+        self._bind_out(io, TOKEN_IDS, out[TOKEN_IDS])
+        self._bind_out(io, LOGITS, out[LOGITS])
+        targets = self.cache if self._inplace(kind) else out["present"]  # inplace: the past buffers themselves
         for name, arr in zip(self.present_names, targets):
             self._bind_out(io, name, arr)
         self._bindings[kind] = io
@@ -122,7 +124,7 @@ class OrtBackend:
         if run is None:  # the session's bound run, made once (its binding never changes)
             run = out["run"] = functools.partial(self.session(kind).run_with_iobinding, self._binding(kind))
         run()
-        if not self.inplace[kind]:  # inplace: the graph wrote its new slots into the cache itself
+        if not self._inplace(kind):  # inplace: the graph wrote its new slots into the cache itself
             new_len = out["present"][0].shape[2]
             if len(cache_len) == 1:
                 L = int(cache_len[0])
@@ -132,7 +134,7 @@ class OrtBackend:
                 for cache, new in zip(self.cache, out["present"]):
                     for row, L in enumerate(cache_len.tolist()):
                         cache[row, :, L : L + new_len] = new[row]
-        return Outputs(out["token_ids"], out["logits"] if want_logits else None)
+        return Outputs(out[TOKEN_IDS], out[LOGITS] if want_logits else None)
 
     @staticmethod
     def _bind_in(io, name: str, arr: np.ndarray) -> None:
@@ -144,8 +146,8 @@ class OrtBackend:
 
     def prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         sess = self.session("prefill")
-        names = ["token_ids"] + (["logits"] if want_logits else []) + self.present_names
-        res = sess.run(names, {"input_ids": np.asarray(prompt, np.int64)[None]})
+        names = [TOKEN_IDS] + ([LOGITS] if want_logits else []) + self.present_names
+        res = sess.run(names, {INPUT_IDS: np.asarray(prompt, np.int64)[None]})
         presents = res[len(names) - len(self.present_names):]
         T = presents[0].shape[2]
         for cache, new in zip(self.cache, presents):
@@ -156,8 +158,7 @@ class OrtBackend:
         return self._run_static("step", drafts, cache_len, want_logits)
 
     def ar_prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
-        out = self.prefill(row, prompt, want_logits)
-        return Outputs(out.token_ids[:, :1], None if out.logits is None else out.logits[:, :1])
+        return self.prefill(row, prompt, want_logits).ar_row()
 
     def ar_step(self, tokens: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
         return self._run_static("ar_step", tokens, cache_len, want_logits)

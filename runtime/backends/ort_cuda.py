@@ -38,6 +38,7 @@ import numpy as np
 
 from tidar_runtime.backends.device import DeviceBackend, load_cuda
 from tidar_runtime.backends.ort import np_dtype
+from tidar_runtime.contract import CACHE_LEN, CACHED_KINDS, INPUT_IDS, LOGITS, TOKEN_IDS, ids_input
 from tidar_runtime.errors import TiDARError, first_line
 from tidar_runtime.loop import Outputs
 
@@ -76,7 +77,8 @@ class OrtCudaBackend(DeviceBackend):
         self._ort, self._cuda, self.device = ort, cuda_api, device
         m = self._read_manifest(artifact_dir)
         self.kv_dtype = np_dtype(m.graphs["step"].input(self.past_names[0]).dtype)
-        self.kv_modes = {kind: "slice" if m.kv_update_of(kind) == "slice" else "alias" for kind in ("step", "ar_step")}
+        # this backend's buffer scheme per cached graph: "slice" (scratch, then written at L) or "alias"
+        self.kv_modes = {kind: "slice" if m.graphs[kind].kv_update == "slice" else "alias" for kind in CACHED_KINDS}
         opset = int((m.versions.get("opsets") or {}).get("ai.onnx", 0))
         if opset >= 24:
             # ONNX opset 24 bumped Reshape and Cast; CUDA-provider builds that register them only up to
@@ -99,7 +101,7 @@ class OrtCudaBackend(DeviceBackend):
         m = self.manifest
         self._start_buffers()
         B, b, S = self.max_batch, self.block_size, self.max_len
-        KV, hd = m.model["num_kv_heads"], m.model["head_dim"]
+        KV, hd = m.num_kv_heads, m.head_dim
         self._kv_shape = (B, KV, S, hd)
         rb = hd * np.dtype(self.kv_dtype).itemsize  # bytes of one slot of one head
         self._alloc_cache(1, KV, rb)
@@ -142,20 +144,20 @@ class OrtCudaBackend(DeviceBackend):
         self._run_options = ort.RunOptions()
         self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self._sessions = {"prefill": self._session("prefill", False)}
-        for kind in ("step", "ar_step"):
+        for kind in CACHED_KINDS:
             self._sessions[kind] = self._session(kind, self.cuda_graphs)
         B, KV, S, hd = self._kv_shape
         self._bindings = {}
-        for kind in ("step", "ar_step"):
+        for kind in CACHED_KINDS:
             width, rows, new = (self.block_size if kind == "step" else 1), self._rows[kind], self._new_len[kind]
             cache = self._cache[0]  # one set: "slice" and "alias" graphs never swap sets
             io = self._sessions[kind].io_binding()
-            self._bind_in(io, "draft_ids" if kind == "step" else "input_ids", np.int64, (B, width), self._d_ids)
-            self._bind_in(io, "cache_len", np.int64, (B,), self._d_cache_len)
+            self._bind_in(io, ids_input(kind), np.int64, (B, width), self._d_ids)
+            self._bind_in(io, CACHE_LEN, np.int64, (B,), self._d_cache_len)
             for name in self.past_names:
                 self._bind_in(io, name, self.kv_dtype, self._kv_shape, cache[name])
-            self._bind_out(io, "token_ids", np.int64, (B, rows), self._d_tok)
-            self._bind_out(io, "logits", np.float32, (B, rows, self.vocab_size), self._d_logits)
+            self._bind_out(io, TOKEN_IDS, np.int64, (B, rows), self._d_tok)
+            self._bind_out(io, LOGITS, np.float32, (B, rows, self.vocab_size), self._d_logits)
             for past, pres in zip(self.past_names, self.present_names):
                 if self.kv_modes[kind] == "slice":
                     self._bind_out(io, pres, self.kv_dtype, (B, KV, new, hd), self._scratch[pres])
@@ -178,9 +180,9 @@ class OrtCudaBackend(DeviceBackend):
             raise TiDARError(f"a prompt of {P} tokens does not fit the KV cache of {S} slots")
         self._upload_ids(prompt)
         io = self._sessions["prefill"].io_binding()  # the prompt length varies: bound per call, no allocation
-        self._bind_in(io, "input_ids", np.int64, (1, P), self._d_ids)
-        self._bind_out(io, "token_ids", np.int64, (1, b), self._d_tok)
-        self._bind_out(io, "logits", np.float32, (1, b, self.vocab_size), self._d_logits)
+        self._bind_in(io, INPUT_IDS, np.int64, (1, P), self._d_ids)
+        self._bind_out(io, TOKEN_IDS, np.int64, (1, b), self._d_tok)
+        self._bind_out(io, LOGITS, np.float32, (1, b, self.vocab_size), self._d_logits)
         for pres in self.present_names:
             self._bind_out(io, pres, self.kv_dtype, (1, KV, P + b, hd), self._scratch[pres])
         self._sessions["prefill"].run_with_iobinding(io, self._run_options)

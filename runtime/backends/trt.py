@@ -50,13 +50,8 @@ from tidar_runtime.backends.cuda import CudaError
 from tidar_runtime.backends.device import DeviceBackend, load_cuda
 from tidar_runtime.errors import TiDARError, first_line
 from tidar_runtime.loop import Outputs
-from tidar_runtime.manifest import GRAPH_KINDS
-
-# TensorRT DataType names -> the manifest's dtype names
-_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-           "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8e4m3fn"}
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1,
-             "bool": 1, "float8e4m3fn": 1}
+from tidar_runtime.contract import (CACHE_LEN, CACHED_KINDS, GRAPH_KINDS, INPUT_IDS, ITEMSIZE, LOGITS, TOKEN_IDS,
+                                    dtype_of_trt, ids_input)
 
 
 def import_tensorrt():
@@ -186,8 +181,7 @@ def plan_weight_streaming(streamable: dict[str, int], available: int) -> dict[st
 
 
 def _dtype_name(dt) -> str:
-    name = str(getattr(dt, "name", dt)).upper().removeprefix("DATATYPE.")
-    return _DTYPES.get(name, name.lower())
+    return dtype_of_trt(str(getattr(dt, "name", dt)).upper().removeprefix("DATATYPE."))
 
 
 class TrtBackend(DeviceBackend):
@@ -358,20 +352,20 @@ class TrtBackend(DeviceBackend):
         without the activation workspace."""
         m = self.manifest
         B, b = self.max_batch, self.block_size
-        KV, hd = m.model["num_kv_heads"], m.model["head_dim"]
-        cached = [k for k in ("step", "ar_step") if k in self.kinds]
+        KV, hd = m.num_kv_heads, m.head_dim
+        cached = [k for k in CACHED_KINDS if k in self.kinds]
         kv_dtype = m.graphs["prefill"].output(self.present_names[0]).dtype
-        rb = hd * _ITEMSIZE[kv_dtype]  # bytes of one slot of one head
-        lo, _, hi = (tuple(s) for s in self._engines["prefill"].get_tensor_profile_shape("input_ids", 0))
+        rb = hd * ITEMSIZE[kv_dtype]  # bytes of one slot of one head
+        lo, _, hi = (tuple(s) for s in self._engines["prefill"].get_tensor_profile_shape(INPUT_IDS, 0))
         self.min_prompt, self.max_prompt = int(lo[1]), int(hi[1])
-        if any(m.kv_update_of(k) != m.kv_update for k in cached):
+        if len({m.graphs[k].kv_update for k in CACHED_KINDS}) != 1:
             raise TiDARError(f"{self.dir}: the step and ar_step graphs write the cache differently "
                              f"(target {m.target}); TensorRT engines are built from trt-* artifacts")
-        if m.kv_update == "slice":
+        if m.graphs["step"].kv_update == "slice":
             self.kv_mode = "slice"
         else:
             self.kv_mode = "alias" if all(self._aliased(k) for k in cached) else "pingpong"
-        self.kv_modes = dict.fromkeys(("step", "ar_step"), self.kv_mode)  # one mode for both graphs here
+        self.kv_modes = dict.fromkeys(CACHED_KINDS, self.kv_mode)  # one mode for both graphs here
         sets = 2 if self.kv_mode == "pingpong" else 1
         # New K/V land in scratch: the prefill's [1, KV, P + b, hd], and in "slice" mode the steps' [B, KV, q, hd].
         scratch = KV * (self.max_prompt + b) * rb
@@ -405,7 +399,7 @@ class TrtBackend(DeviceBackend):
             return ctx
 
         ctx = self._contexts[("prefill", 0)] = context("prefill")
-        self._bind(ctx, {"input_ids": self._d_ids, "token_ids": self._d_tok, "logits": self._d_logits,
+        self._bind(ctx, {INPUT_IDS: self._d_ids, TOKEN_IDS: self._d_tok, LOGITS: self._d_logits,
                          **{pres: self._scratch[pres] for pres in self.present_names}})
         for kind in cached:
             for parity in range(sets):
@@ -416,9 +410,8 @@ class TrtBackend(DeviceBackend):
                 else:  # alias: the same buffers; ping-pong: the other set
                     out_set = self._cache[parity if self.kv_mode == "alias" else 1 - parity]
                     out = {pres: out_set[p] for p, pres in zip(self.past_names, self.present_names)}
-                first = "draft_ids" if kind == "step" else "input_ids"
-                self._bind(ctx, {first: self._d_ids, "cache_len": self._d_cache_len, "token_ids": self._d_tok,
-                                 "logits": self._d_logits, **past, **{pres: out[pres] for pres in self.present_names}})
+                self._bind(ctx, {ids_input(kind): self._d_ids, CACHE_LEN: self._d_cache_len, TOKEN_IDS: self._d_tok,
+                                 LOGITS: self._d_logits, **past, **{pres: out[pres] for pres in self.present_names}})
                 ws = self.weight_streaming.get(kind)
                 if self.cuda_graphs and ws and ws["streams"]:
                     # TensorRT: "If the Engine is streaming weights, enqueueV3 will become synchronous,
@@ -484,7 +477,7 @@ class TrtBackend(DeviceBackend):
             raise TiDARError(f"row {row} is outside the artifact's batch of {self.max_batch}")
         self._upload_ids(prompt)
         ctx = self._contexts[("prefill", 0)]
-        if not ctx.set_input_shape("input_ids", (1, P)):
+        if not ctx.set_input_shape(INPUT_IDS, (1, P)):
             raise TiDARError(f"TensorRT refused the prefill input shape (1, {P})")
         if not ctx.execute_async_v3(self._stream):
             raise TiDARError("TensorRT failed to run the prefill engine (its log above says why)")

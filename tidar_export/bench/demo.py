@@ -56,7 +56,7 @@ def default_artifact_dir() -> Path:
 def demo_setting(checkpoint: Path | None = None) -> dict:
     """{"block_size", "proposals", "source"}: the shipped setting, else the checkpoint's b, dense."""
     from tidar_export.model.checkpoint import read_config
-    from tidar_runtime.layout import normalize_proposals
+    from tidar_runtime.contract import normalize_proposals
 
     checkpoint = checkpoint or demo_model_path()
     f = checkpoint / SETTING_FILE
@@ -158,7 +158,7 @@ def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log
     from tidar_runtime.tokenizer import folder_tokenizer
     from tidar_runtime import generate_ar, generate_tidar
     from tidar_runtime.backends.ort import OrtBackend
-    from tidar_runtime.layout import step_len
+    from tidar_runtime.contract import step_len
     from tidar_runtime.stats import summarize, tokens_per_s
 
     setting = setting or demo_setting()

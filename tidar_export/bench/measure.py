@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from tidar_export.errors import TiDARError
-from tidar_runtime.layout import normalize_proposals, step_len
+from tidar_runtime.contract import normalize_proposals, step_len
 
 DEFAULT_NUM_PROMPTS = 8
 DEFAULT_PROMPT_LEN = 32

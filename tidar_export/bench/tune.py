@@ -32,7 +32,7 @@ from tidar_export.bench import measure as B
 from tidar_export.bench.report import proposal_text
 from tidar_export.errors import TiDARError
 from tidar_runtime import fileio
-from tidar_runtime.layout import step_len
+from tidar_runtime.contract import step_len
 
 
 def candidates(block_sizes, sparse, max_seq_len: int, need: int) -> tuple[list, list]:

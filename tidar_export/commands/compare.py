@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tidar_export.engines.compare import compare_artifact, format_report, has_tensorrt
 from tidar_export.export.check import ArtifactCheckError
-from tidar_runtime.manifest import GRAPH_KINDS
+from tidar_runtime.contract import GRAPH_KINDS
 
 
 def cmd_compare(args) -> int:

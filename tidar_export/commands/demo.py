@@ -32,7 +32,7 @@ def _print_report(report: dict) -> None:
 
 
 def cmd_demo(args) -> int:
-    from tidar_runtime.layout import normalize_proposals
+    from tidar_runtime.contract import normalize_proposals
 
     if args.max_new_tokens < 1:
         raise TiDARError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")

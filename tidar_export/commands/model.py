@@ -6,6 +6,7 @@ import argparse
 import json
 
 from tidar_export.errors import TiDARError
+from tidar_runtime.contract import FLOAT_PRECISIONS
 
 from tidar_export.commands.args import add_force_flag, int_list, prompt_ids, require_prompt
 
@@ -16,7 +17,7 @@ def _add_tidar_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_init(args) -> int:
-    from tidar_export.export.tracing import PRECISIONS
+    from tidar_export.export.tracing import torch_dtype
     from tidar_export.model.checkpoint import write_random_checkpoint
     from tidar_export.model.config import preset
 
@@ -26,7 +27,7 @@ def cmd_init(args) -> int:
     if args.seed < 0:
         raise TiDARError(f"--seed must be >= 0, got {args.seed}")
     # Tensor by tensor into bounded shards: a qwen3-8b checkpoint never sits in memory whole.
-    out = write_random_checkpoint(cfg, args.output, dtype=PRECISIONS[args.dtype], seed=args.seed,
+    out = write_random_checkpoint(cfg, args.output, dtype=torch_dtype(args.dtype), seed=args.seed,
                                   force=args.force)
     print(f"wrote random {args.preset} checkpoint ({cfg.num_params() / 1e6:.2f}M params, {args.dtype}) to {out}")
     return 0
@@ -97,7 +98,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.add_argument("--block-size", type=int, help="TiDAR block size to record")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+    p.add_argument("--dtype", choices=tuple(FLOAT_PRECISIONS), default="fp32",
                    help="dtype of the written tensors (default fp32)")
     add_force_flag(p)
     p.set_defaults(func=cmd_init)

@@ -1,11 +1,12 @@
-"""`tidar-export quantize ARTIFACT -o OUT`: a quantized artifact (tidar_export.engines.quantize)."""
+"""`tidar-export quantize ARTIFACT -o OUT`: a quantized artifact (tidar_export.quantize)."""
 
 from __future__ import annotations
 
 import time
 
-from tidar_export.engines.quantize import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_PERCENTILE, INT8_METHODS,
-                                           PRECISIONS, WO_METHODS, quantize_artifact)
+from tidar_export.quantize import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_PERCENTILE, INT8_METHODS, WO_METHODS,
+                                   quantize_artifact)
+from tidar_runtime.contract import QUANTIZED_PRECISIONS
 
 
 def cmd_quantize(args) -> int:
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
                                                "int4/int8 weight-only (block-wise, RTN or AWQ)")
     p.add_argument("artifact", help="fp32/fp16 artifact directory written by `tidar-export export`")
     p.add_argument("-o", "--output", required=True, help="quantized artifact directory to write")
-    p.add_argument("--precision", choices=PRECISIONS, default="int8",
+    p.add_argument("--precision", choices=QUANTIZED_PRECISIONS, default="int8",
                    help="int8 / fp8: weights and activations (Q/DQ); int4 / int8-wo: weights only")
     p.add_argument("--calibration", metavar="FILE",
                    help="calibration prompts, each after a line '# %%%%' (default: calibration/prompts.txt)")

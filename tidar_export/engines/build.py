@@ -33,19 +33,16 @@ from pathlib import Path
 from tidar_export.errors import TiDARError, first_line
 from tidar_runtime.backends.trt import Platform, device_platform, import_tensorrt
 from tidar_runtime.fileio import usual_mode
-from tidar_runtime.layout import PAST_PREFIX
-from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
+from tidar_runtime.contract import (FLOAT_PRECISIONS, GRAPH_KINDS, PAST_PREFIX, PRECISIONS, float_precision)
+from tidar_runtime.contract import QUANTIZED_PRECISIONS as QUANTIZED  # need an artifact of `tidar-export quantize`
+from tidar_runtime.contract import WEIGHT_ONLY_PRECISIONS as WEIGHT_ONLY
+from tidar_runtime.manifest import Manifest, load_manifest
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4", "int8-wo")
-# Need an artifact written by `tidar-export quantize`: int8/fp8 Q/DQ graphs, int4/int8-wo weight-only graphs.
-QUANTIZED = ("int8", "fp8", "int4", "int8-wo")
-WEIGHT_ONLY = ("int4", "int8-wo")
 # What TensorRT documents for INT4 weights ("Quantization Schemes" of its developer guide): per-block
-# scales with a block size of 64 or 128 along one of the last two dimensions, and INT4 for weights
-# only. The ONNX form, an INT4 initializer and DequantizeLinear's block_size, is opset 21.
-TRT_INT4_BLOCK_SIZES = (64, 128)
+# scales with a block size of 64 or 128 along one of the last two dimensions (tidar_graphs' target
+# table: Target.int4_block_sizes), and INT4 for weights only. The ONNX form, an INT4 initializer and
+# DequantizeLinear's block_size, is opset 21.
 TRT_INT4_MIN_OPSET = 21
-KV_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # ONNX activation dtype -> name
 HARDWARE_COMPAT = ("ampere+",)
 # Prefill profile: the prompt length TensorRT tunes its tactics for. Prefill runs once per
 # request and its cost is dominated by long prompts, where GEMMs are efficient for any row
@@ -90,16 +87,16 @@ class BuildSettings:
 def base_precision(manifest: Manifest) -> str:
     """The float dtype the artifact's graphs were exported with (its KV cache dtype)."""
     kv = next((t.dtype for t in manifest.graphs["step"].inputs if t.name.startswith(PAST_PREFIX + ".")), None)
-    if kv not in KV_PRECISION:
+    if float_precision(kv) is None:
         raise TiDARError(f"the artifact's step graph has KV cache dtype {kv!r}; expected one of "
-                         f"{', '.join(KV_PRECISION)}")
-    return KV_PRECISION[kv]
+                         f"{', '.join(FLOAT_PRECISIONS.values())}")
+    return float_precision(kv)
 
 
 def weight_only_block_size(manifest: Manifest, artifact_dir: Path) -> int | None:
     """The block size of a weight-only artifact, from the recipe `tidar-export quantize` wrote
     beside it (quantization.json); None when there is no readable recipe."""
-    from tidar_export.engines.quantize import SIDECAR
+    from tidar_export.quantize.artifact import SIDECAR
 
     try:
         recipe = json.loads((Path(artifact_dir) / SIDECAR).read_text())
@@ -127,15 +124,17 @@ def check_weight_only(manifest: Manifest, artifact_dir: Path) -> None:
         raise TiDARError(
             f"{artifact_dir}: int4 weight-only engines need block-quantized INT4 DequantizeLinear (ONNX opset >= "
             f"{TRT_INT4_MIN_OPSET}); {why}: export for trt-10.15 and quantize that")
+    import tidar_graphs
+
+    blocks = " or ".join(map(str, tidar_graphs.get_target(target).int4_block_sizes))
     block = weight_only_block_size(manifest, artifact_dir)
     if block is None:
         raise TiDARError(f"{artifact_dir}: no readable quantization.json, so the int4 block size is unknown "
-                         f"(TensorRT takes blocks of {' or '.join(map(str, TRT_INT4_BLOCK_SIZES))}): re-quantize it")
-    if block not in TRT_INT4_BLOCK_SIZES:
+                         f"(TensorRT takes blocks of {blocks}): re-quantize it")
+    if block not in tidar_graphs.get_target(target).int4_block_sizes:
         raise TiDARError(
             f"{artifact_dir}: int4 blocks of {block}, and TensorRT's INT4 weights take per-block scales with blocks of "
-            f"{' or '.join(map(str, TRT_INT4_BLOCK_SIZES))} only: re-quantize with --block-size "
-            f"{' or '.join(map(str, TRT_INT4_BLOCK_SIZES))}")
+            f"{blocks} only: re-quantize with --block-size {blocks}")
 
 
 def _onnx_files(manifest: Manifest, artifact_dir: Path, precision: str) -> dict[str, str]:

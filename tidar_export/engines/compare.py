@@ -36,7 +36,7 @@ import numpy as np
 
 from tidar_export.export import check
 from tidar_export.errors import TiDARError
-from tidar_runtime.layout import PAST_PREFIX, PRESENT_PREFIX
+from tidar_runtime.contract import CACHE_LEN, INPUT_IDS, LOGITS, PAST_PREFIX, PRESENT_PREFIX, TOKEN_IDS, ids_input
 from tidar_runtime.manifest import GRAPH_KINDS, Manifest, load_manifest
 
 # (atol, rtol) per precision and output family. fp32/fp16/bf16 are check.py's; the others are
@@ -290,13 +290,13 @@ def value_cache_scales(artifact_dir: Path, manifest: Manifest) -> dict[int, np.n
     o_proj scale folded into v_proj; quantization.json `value_cache_scales`); {} otherwise."""
     import json
 
-    from tidar_export.engines.quantize import SIDECAR
+    from tidar_export.quantize.artifact import SIDECAR
 
     path = artifact_dir / SIDECAR
     if not path.is_file():
         return {}
     recipe = json.loads(path.read_text())
-    kv, hd = manifest.model["num_kv_heads"], manifest.model["head_dim"]
+    kv, hd = manifest.num_kv_heads, manifest.head_dim
     return {int(layer): np.asarray(v, np.float32).reshape(kv, 1, hd)
             for layer, v in (recipe.get("value_cache_scales") or {}).items()}
 
@@ -362,16 +362,16 @@ def has_tensorrt() -> bool:
 def compare_inputs(manifest: Manifest, kind: str, seed: int = 0) -> tuple[str, OrderedDict]:
     """One typical case: a prompt of min(2b + 3, max) tokens; every row at its own cache length."""
     rng = np.random.default_rng(seed)
-    S, b, B, V = manifest.max_seq_len, manifest.block_size, manifest.max_batch, manifest.model["vocab_size"]
+    S, b, B, V = manifest.max_seq_len, manifest.block_size, manifest.max_batch, manifest.vocab_size
     spec = manifest.graphs[kind]
     if kind == "prefill":
         P = min(2 * b + 3, S - b)
-        return f"batch=1 prompt_len={P}", OrderedDict(input_ids=rng.integers(0, V, (1, P)).astype(np.int64))
+        return f"batch=1 prompt_len={P}", OrderedDict({INPUT_IDS: rng.integers(0, V, (1, P)).astype(np.int64)})
     T = manifest.step_len if kind == "step" else 1
     lengths = rng.integers(1, S - T + 1, size=B).astype(np.int64)
     feeds = OrderedDict()
-    feeds["draft_ids" if kind == "step" else "input_ids"] = rng.integers(0, V, (B, b if kind == "step" else 1))
-    feeds["cache_len"] = lengths
+    feeds[ids_input(kind)] = rng.integers(0, V, (B, b if kind == "step" else 1))
+    feeds[CACHE_LEN] = lengths
     for t in spec.inputs:
         if t.name.startswith(PAST_PREFIX + "."):
             shape = [d if isinstance(d, int) else manifest.dims[d] for d in t.shape]
@@ -389,14 +389,14 @@ def _precision(manifest: Manifest) -> str:
 def reference_model(checkpoint, manifest: Manifest):
     """The torch model in the dtype of the artifact's graph I/O (fp32 for quantized graphs)."""
     from tidar_export.engines.build import base_precision
-    from tidar_export.export.tracing import PRECISIONS
+    from tidar_export.export.tracing import torch_dtype
     from tidar_export.model.reference import load_artifact_model
 
     base = base_precision(manifest)
     if base == "bf16":
         raise TiDARError("compare cannot feed bfloat16 caches from numpy (ONNX Runtime CPU has no bf16 kernels "
                          "either); compare the fp32 or fp16 artifact")
-    return load_artifact_model(checkpoint, manifest, PRECISIONS[base])
+    return load_artifact_model(checkpoint, manifest, torch_dtype(base))
 
 
 # --------------------------------------------------------------------------- comparing
@@ -408,8 +408,8 @@ def _polygraphy_compare(run_results, outputs: list[str], precision: str, pairs, 
     from polygraphy.comparator import Comparator, SimpleCompareFunc
 
     tol = TOLERANCES[precision]
-    family = lambda n: "logits" if n == "logits" else "present"  # noqa: E731
-    floats = [n for n in outputs if n != "token_ids"]
+    family = lambda n: "logits" if n == LOGITS else "present"  # noqa: E731
+    floats = [n for n in outputs if n != TOKEN_IDS]
     func = SimpleCompareFunc(
         atol={"": tol["present"][0], **{n: tol[family(n)][0] for n in floats}},
         rtol={"": tol["present"][1], **{n: tol[family(n)][1] for n in floats}},
@@ -434,9 +434,9 @@ def _polygraphy_compare(run_results, outputs: list[str], precision: str, pairs, 
                 res.detail = f"outside {res.tolerance} (max abs {res.max_abs:.3g}, max rel {res.max_rel:.3g})"
             results.append(res)
         ref_out, other_out = run_results[ref][0], run_results[other][0]
-        if "token_ids" in outputs:
-            res = check.compare_tokens(kind, f"{case} {pair}", np.asarray(other_out["token_ids"]),
-                                        np.asarray(ref_out["token_ids"]), np.asarray(ref_out["logits"], np.float64),
+        if TOKEN_IDS in outputs:
+            res = check.compare_tokens(kind, f"{case} {pair}", np.asarray(other_out[TOKEN_IDS]),
+                                        np.asarray(ref_out[TOKEN_IDS]), np.asarray(ref_out[LOGITS], np.float64),
                                         *tol["logits"])
             results.append(res)
     return results
@@ -485,9 +485,9 @@ def compare_graph(artifact_dir: Path, manifest: Manifest, kind: str, model=None,
         with graph as path:
             runners = []
             if model is not None:
-                torch_paths = dict(module_scopes(manifest.model["num_layers"]))
+                torch_paths = dict(module_scopes(manifest.num_layers))
                 runners.append(torch_runner(model, manifest, kind, {t: torch_paths[s] for s, t in marks}))
-            runners.append(own(onnxrt_runner(path, manifest.kv_update_of(kind) == "inplace")))
+            runners.append(own(onnxrt_runner(path, spec.kv_update == "inplace")))
             if use_trt:
                 runners.append(own(tensorrt_runner(manifest, artifact_dir, kind, path if tensors else None, tensors)))
             with _quiet_polygraphy():
@@ -498,7 +498,7 @@ def compare_graph(artifact_dir: Path, manifest: Manifest, kind: str, model=None,
         import onnx
 
         proto = onnx.load(str(artifact_dir / spec.file), load_external_data=False)
-        scopes = module_scopes(manifest.model["num_layers"])
+        scopes = module_scopes(manifest.num_layers)
         found = scope_outputs(proto, [s for s, _ in scopes])
         marks = [(s, found[s]) for s, _ in scopes if found[s] is not None]
         missing = [s for s, _ in scopes if found[s] is None]

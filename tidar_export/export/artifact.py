@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tidar_runtime import fileio
-from tidar_runtime.manifest import GRAPH_KINDS, MANIFEST_FILE
+from tidar_runtime.contract import MANIFEST_FILE
 from tidar_runtime.paths import checkpoint_root, confined
 
 WEIGHTS_FILE = "weights.bin"
@@ -227,65 +227,46 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     import torch
 
     import tidar_export
+    from tidar_export.export.plan import make_plan
+    from tidar_export.export.tracing import EXPORT_OPSET, torch_dtype, trace
     from tidar_export.model.checkpoint import open_streamed, read_config
-    from tidar_export.export.tracing import EXPORT_OPSET, graph_io, make_plan, manifest_dims, trace
-    from tidar_runtime.manifest import GraphSpec, Manifest
 
     log = log or (lambda msg: None)
     output = prepare_output(output, force, inputs=[checkpoint])
     cfg = read_config(checkpoint, block_size, mask_token_id)
     plan = make_plan(cfg, block_size, proposals, target, precision, max_seq_len, max_batch, ar_step)  # before loading
-    model, source = open_streamed(checkpoint, block_size, mask_token_id, dtype=plan.dtype)
+    model, source = open_streamed(checkpoint, block_size, mask_token_id, dtype=torch_dtype(plan.precision))
+    manifest = plan.manifest(dataclasses.asdict(cfg))
 
     with staged_artifact(output, force) as (tmp, weights):
-        graphs: dict[str, GraphSpec] = {}
         opsets: dict[str, int] = {}
-        for kind in GRAPH_KINDS:
+        for kind, spec in manifest.graphs.items():
             t0 = time.perf_counter()
             traced = trace(model, plan, kind, prepare=_streamed_weights(source, weights, target))
             weights.externalize_ir(traced)
             proto = ir.serde.serialize_model(traced)
             del traced
-            lowered = tidar_graphs.lower(proto, target)
+            lowered = tidar_graphs.lower(proto, target, kind, plan.ar_step)
             weights.externalize_proto(lowered)
-            onnx.save_model(lowered, str(tmp / f"{kind}.onnx"))
+            onnx.save_model(lowered, str(tmp / spec.file))
             opsets.update({imp.domain or "ai.onnx": imp.version for imp in lowered.opset_import})
-            inputs, outputs = graph_io(cfg, plan, kind)
-            own = plan.kv_update_of(kind)
-            graphs[kind] = GraphSpec(kind=kind, file=f"{kind}.onnx", inputs=inputs, outputs=outputs,
-                                     bytes=(tmp / f"{kind}.onnx").stat().st_size,
-                                     kv_update=own if own is not None and own != plan.kv_update else None)
+            spec.bytes = (tmp / spec.file).stat().st_size
             log(f"{kind}: traced and lowered for {target} in {time.perf_counter() - t0:.1f}s")
         weights.close()
-        tokenizer = {"file": None, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
         src = confined(checkpoint, "tokenizer.json", f"{checkpoint}: tokenizer", root=checkpoint_root(checkpoint))
         if src.is_file():
             shutil.copyfile(src, tmp / "tokenizer.json")
-            tokenizer["file"] = "tokenizer.json"
-        manifest = Manifest(
-            model=dataclasses.asdict(cfg),
-            block_size=plan.block_size,
-            proposals=list(plan.proposals),
-            mask_token_id=cfg.mask_token_id,
-            max_seq_len=plan.max_seq_len,
-            max_batch=plan.max_batch,
-            precision=plan.precision,
-            target=plan.target,
-            kv_update=plan.kv_update,
-            graphs=graphs,
-            dims=manifest_dims(cfg, plan),
-            tokenizer=tokenizer,
-            versions={
-                "tidar_export": tidar_export.__version__,
-                "exporter": "torch.onnx.export(dynamo=True)",
-                "torch": torch.__version__.split("+")[0],
-                "onnx": onnx.__version__,
-                "onnx_ir": ir.__version__,
-                "export_opset": EXPORT_OPSET,
-                "opsets": opsets,
-            },
-            weights={"file": WEIGHTS_FILE, "bytes": weights.size},
-        )
+            manifest.tokenizer["file"] = "tokenizer.json"
+        manifest.versions = {
+            "tidar_export": tidar_export.__version__,
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "torch": torch.__version__.split("+")[0],
+            "onnx": onnx.__version__,
+            "onnx_ir": ir.__version__,
+            "export_opset": EXPORT_OPSET,
+            "opsets": opsets,
+        }
+        manifest.weights = {"file": WEIGHTS_FILE, "bytes": weights.size}
         manifest.save(tmp)
     return output
 

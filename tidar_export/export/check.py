@@ -25,7 +25,8 @@ import numpy as np
 
 from tidar_export.errors import TiDARError, first_line
 from tidar_runtime.backends.ort import run_graph
-from tidar_runtime.layout import PRESENT_PREFIX, past_names
+from tidar_runtime.contract import (CACHE_LEN, DTYPES, INPUT_IDS, LOGITS, PAST_PREFIX, PRESENT_PREFIX, TOKEN_IDS,
+                                    dtype_of_onnx, ids_input, past_names)
 from tidar_runtime.manifest import GraphSpec, Manifest, load_manifest, verify_digests
 
 # (atol, rtol) per precision and output family: an element fails if |ort - torch| > atol + rtol * |torch|.
@@ -34,8 +35,6 @@ TOLERANCES = {
     "fp16": {"logits": (5e-2, 2e-2), "present": (2e-2, 1e-2)},
     "bf16": {"logits": (2.5e-1, 5e-2), "present": (1e-1, 5e-2)},
 }
-# onnx.TensorProto data types (stable enum values) -> the manifest's dtype names
-_ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 _ONNX_EXTERNAL = 1  # onnx.TensorProto.EXTERNAL
 
 
@@ -152,7 +151,7 @@ def attention_warnings(manifest: Manifest, protos: dict) -> list[str]:
     """
     if manifest.target != "trt-10.15":
         return []
-    kv = next((t.dtype for t in manifest.graphs["step"].inputs if t.name.startswith("past_key_values.")), None)
+    kv = next((t.dtype for t in manifest.graphs["step"].inputs if t.name.startswith(PAST_PREFIX + ".")), None)
     if kv != "float32":
         return []
     counts = {kind: sum(n.op_type == "Attention" and n.domain in ("", "ai.onnx") for n in p.graph.node)
@@ -161,7 +160,7 @@ def attention_warnings(manifest: Manifest, protos: dict) -> list[str]:
     if not counts:
         return []
     where = ", ".join(f"{k} {n}" for k, n in counts.items())
-    return [f"fused Attention in float32 for trt-10.15 ({where} nodes, head_dim {manifest.model.get('head_dim')}): "
+    return [f"fused Attention in float32 for trt-10.15 ({where} nodes, head_dim {manifest.head_dim}): "
             "TensorRT 10.15 builds them as non-decomposable IAttention layers, which need a fused kernel that may "
             "not exist in fp32, so the engine build can fail; export with --dtype bf16 (or fp16) for trt-10.15, or "
             "--target trt-10.3 (decomposed attention) for fp32 engines"]
@@ -181,7 +180,7 @@ def graph_failures(proto, spec: GraphSpec, manifest: Manifest) -> list[str]:
             failures.append(f"{spec.kind}: graph {what} {names} differ from the manifest's {want}")
             continue
         for v, t in zip(values, specs):
-            dtype = _ONNX_DTYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type))
+            dtype = dtype_of_onnx(v.type.tensor_type.elem_type)
             if dtype != t.dtype:
                 failures.append(f"{spec.kind}: {v.name} has dtype {dtype}, the manifest says {t.dtype}")
             shape = _shape_of(v)
@@ -236,17 +235,16 @@ def _random_feeds(manifest: Manifest, kind: str, batch: int, lengths, rng) -> di
     torch and ORT see the same values)."""
     import torch
 
-    from tidar_export.export.tracing import PRECISIONS
+    from tidar_export.export.tracing import torch_dtype
 
-    V, n = manifest.model["vocab_size"], manifest.model["num_layers"]
+    V, n = manifest.vocab_size, manifest.num_layers
     ids = lambda *shape: torch.from_numpy(rng.integers(0, V, size=shape).astype(np.int64))  # noqa: E731
     if kind == "prefill":
-        return {"input_ids": ids(batch, lengths)}
+        return {INPUT_IDS: ids(batch, lengths)}
     width = manifest.block_size if kind == "step" else 1
-    feeds = {"draft_ids" if kind == "step" else "input_ids": ids(batch, width),
-             "cache_len": torch.as_tensor(np.asarray(lengths, dtype=np.int64))}
+    feeds = {ids_input(kind): ids(batch, width), CACHE_LEN: torch.as_tensor(np.asarray(lengths, dtype=np.int64))}
     shape = (batch, manifest.dims["kv_heads"], manifest.max_seq_len, manifest.dims["head_dim"])
-    dtype = PRECISIONS[manifest.precision]
+    dtype = torch_dtype(manifest.precision)
     for name in past_names(n):
         feeds[name] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(dtype)
     return feeds
@@ -277,7 +275,7 @@ def compare_tokens(graph: str, case: str, got: np.ndarray, want: np.ndarray, ref
     it is within the logits tolerance of torch's maximum."""
     rule = "exact, ties within logits tol"
     if got.shape != want.shape:
-        return OutputResult(graph, case, "token_ids", np.nan, np.nan, np.nan, np.nan, rule, False,
+        return OutputResult(graph, case, TOKEN_IDS, np.nan, np.nan, np.nan, np.nan, rule, False,
                             f"shape {list(got.shape)} != torch {list(want.shape)}")
     agree = got == want
     top = ref_logits.max(-1)
@@ -286,7 +284,7 @@ def compare_tokens(graph: str, case: str, got: np.ndarray, want: np.ndarray, ref
     tie = in_vocab & (top - picked <= atol + rtol * np.abs(top))
     unexplained = ~agree & ~tie
     mismatch = float((~agree).mean()) if agree.size else 0.0
-    res = OutputResult(graph, case, "token_ids", mismatch, mismatch, 0.0, 0.0, rule, not unexplained.any(),
+    res = OutputResult(graph, case, TOKEN_IDS, mismatch, mismatch, 0.0, 0.0, rule, not unexplained.any(),
                        f"agreement {100 * (1 - mismatch):.1f}%")
     if unexplained.any():
         res.detail = (f"{int(unexplained.sum())} of {agree.size} token ids differ from torch's argmax "
@@ -317,17 +315,17 @@ def numeric_results(artifact_dir: Path, manifest: Manifest, model, seed: int = 0
                     else f"batch={batch} cache_len={list(map(int, lengths))}")
             try:
                 got = run_graph(session, {k: _to_ort(v) for k, v in feeds.items()},
-                                manifest.kv_update_of(kind) == "inplace")
+                                spec.kv_update == "inplace")
             except ort_errors as e:
                 results.append(OutputResult(kind, case, "*", np.nan, np.nan, np.nan, np.nan, "-", False,
                                             f"ONNX Runtime failed: {first_line(e)}"))
                 continue
             for name in names:
-                if name == "token_ids":
-                    results.append(compare_tokens(kind, case, got[name], want[name], want["logits"],
+                if name == TOKEN_IDS:
+                    results.append(compare_tokens(kind, case, got[name], want[name], want[LOGITS],
                                                    *tol["logits"]))
                 else:
-                    family = "logits" if name == "logits" else "present"
+                    family = "logits" if name == LOGITS else "present"
                     results.append(_compare(kind, case, name, _from_ort(got[name]), want[name], *tol[family]))
         del session
     return results
@@ -340,7 +338,7 @@ def _to_ort(t):
     if t.dtype == torch.bfloat16:
         import onnxruntime as ort
 
-        bf16 = next(k for k, v in _ONNX_DTYPES.items() if v == "bfloat16")
+        bf16 = DTYPES["bfloat16"][0]
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(t.contiguous().view(torch.uint16).numpy(), bf16)
     return t.numpy()
 
@@ -408,7 +406,7 @@ def format_table(results: list[OutputResult], verbose: bool = False) -> str:
     header = ("graph", "case", "output", "max abs", "mean abs", "max rel", "mean rel", "tolerance", "")
     lines = [header]
     for r in rows:
-        if r.output == "token_ids":
+        if r.output == TOKEN_IDS:
             nums = (f"{100 * (1 - r.max_abs):.1f}% agree", "", "", "")
         else:
             nums = tuple(f"{x:.2e}" for x in (r.max_abs, r.mean_abs, r.max_rel, r.mean_rel))

@@ -6,7 +6,7 @@ Three graphs, each a small nn.Module around the reference model (docs/EXPORT.md)
 - `ARStepGraph`:  one plain AR token over the same cache (the baseline).
 Each appends the mask tokens, builds positions and the attention mask from constants and the
 length input (masks.py is the one source of the patterns), and reads out only the rows the
-loop needs (tidar_runtime.layout). `trace` returns the optimized ONNX IR of one graph with
+loop needs (tidar_runtime.contract). `trace` returns the optimized ONNX IR of one graph with
 HF weight names, module-path node names, and the manifest's binding names and dims.
 """
 
@@ -26,16 +26,18 @@ from torch import nn
 from tidar_export.model import masks
 from tidar_export.errors import TiDARError
 from tidar_export.model.transformer import TiDARModel
-from tidar_runtime.layout import n_out, normalize_proposals, past_names, prefill_out_rows, present_names, step_len, step_out_rows
-from tidar_runtime.manifest import TensorSpec
+from tidar_export.export.plan import ExportPlan
+from tidar_runtime.contract import FLOAT_PRECISIONS, INPUT_IDS, TensorSpec, prefill_out_rows
 
 # Opset the tracer emits: torchlib's native opset, so torch.onnx runs no version converter.
 # Targets that want newer ops (opset-23 Attention, opset-24 TensorScatter) get them from
 # tidar_graphs.lower; the manifest records the opsets of the lowered graphs.
 EXPORT_OPSET = 18
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a float precision ("fp16" -> torch.float16; contract.FLOAT_PRECISIONS)."""
+    return getattr(torch, FLOAT_PRECISIONS[precision])
 
 
 # --------------------------------------------------------------------------- graph modules
@@ -73,48 +75,41 @@ class PrefillGraph(_GraphModule):
         self.register_buffer("row_offsets", torch.tensor(prefill_out_rows(0, block_size)), persistent=False)
 
     def forward(self, input_ids: torch.Tensor):
-        B, P = input_ids.shape
-        b = self.block_size
-        ids = torch.cat([input_ids, input_ids.new_full((B, b), self.cfg.mask_token_id)], dim=1)  # [B, P+b]
-        positions = masks.prefill_positions(P, b)[None].expand(B, -1)  # [B, P+b]
-        h, keys, values = self.tidar.hidden(ids, positions, masks.prefill_mask(P, b))
-        token_ids, logits = self.head(h, self.row_offsets + P)
+        P = input_ids.shape[1]
+        ids, positions, mask = masks.prefill_pass(input_ids, self.block_size, self.cfg.mask_token_id)
+        h, keys, values = self.tidar.hidden(ids, positions, mask)
+        token_ids, logits = self.head(h, self.row_offsets + P)  # the rows, from P (a dynamic dim) as a graph op
         return token_ids, logits, *self.flat_kv(keys, values)
 
 
 class _CachedGraph(_GraphModule):
     """A pass over the preallocated cache: q_len new tokens at positions cache_len + offsets."""
 
-    def __init__(self, model: TiDARModel, in_step: torch.Tensor, offsets: torch.Tensor,
-                 out_rows: Sequence[int], kv_update: str):
+    def __init__(self, model: TiDARModel, static: tuple[torch.Tensor, torch.Tensor, torch.Tensor], kv_update: str):
         super().__init__(model)
-        self.kv_write = {"slice": "concat", "inplace": "scatter"}[kv_update]
+        in_step, offsets, out_rows = static  # masks.step_pass / masks.ar_pass
+        self.kv_update = kv_update
         self.register_buffer("in_step", in_step, persistent=False)  # [q, q] bool: the static mask
         self.register_buffer("offsets", offsets, persistent=False)  # [q] position offsets from L
-        self.register_buffer("out_rows", torch.tensor(list(out_rows)), persistent=False)
+        self.register_buffer("out_rows", out_rows, persistent=False)
 
     def run(self, ids: torch.Tensor, cache_len: torch.Tensor, past: Sequence[torch.Tensor]):
-        positions = cache_len[:, None] + self.offsets[None]  # [B, q]
-        h, keys, values = self.tidar.hidden(ids, positions, self.in_step, list(past[0::2]), list(past[1::2]),
-                                            cache_len, kv_write=self.kv_write)
+        ids = masks.pass_ids(ids, len(self.offsets), self.cfg.mask_token_id)
+        h, keys, values = self.tidar.hidden(ids, masks.pass_positions(cache_len, self.offsets), self.in_step,
+                                            list(past[0::2]), list(past[1::2]), cache_len, kv_update=self.kv_update)
         token_ids, logits = self.head(h, self.out_rows)
         return token_ids, logits, *self.flat_kv(keys, values)
 
 
 class StepGraph(_CachedGraph):
     """One TiDAR decode step (docs/ALGORITHM.md section 4). draft_ids [B, b], cache_len [B], past_key_values.* ->
-    token_ids [B, n_out], logits [B, n_out, V], present.* (rows: tidar_runtime.layout)."""
+    token_ids [B, n_out], logits [B, n_out, V], present.* (rows: tidar_runtime.contract)."""
 
     def __init__(self, model: TiDARModel, block_size: int, proposals: Sequence[int], kv_update: str):
-        rs = normalize_proposals(block_size, proposals)
-        super().__init__(model, masks.step_mask(block_size, rs), masks.step_offsets(block_size, rs),
-                         step_out_rows(block_size, rs), kv_update)
-        self.n_masks = block_size * len(rs)
+        super().__init__(model, masks.step_pass(block_size, proposals), kv_update)
 
     def forward(self, draft_ids: torch.Tensor, cache_len: torch.Tensor, *past: torch.Tensor):
-        B = draft_ids.shape[0]
-        ids = torch.cat([draft_ids, draft_ids.new_full((B, self.n_masks), self.cfg.mask_token_id)], dim=1)
-        return self.run(ids, cache_len, past)
+        return self.run(draft_ids, cache_len, past)
 
 
 class ARStepGraph(_CachedGraph):
@@ -122,136 +117,20 @@ class ARStepGraph(_CachedGraph):
     logits [B, 1, V], present.*."""
 
     def __init__(self, model: TiDARModel, kv_update: str):
-        super().__init__(model, masks.causal_mask(1), torch.zeros(1, dtype=torch.long), [0], kv_update)
+        super().__init__(model, masks.ar_pass(), kv_update)
 
     def forward(self, input_ids: torch.Tensor, cache_len: torch.Tensor, *past: torch.Tensor):
         return self.run(input_ids, cache_len, past)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportPlan:
-    """Everything that fixes the graphs' shapes, validated."""
-
-    block_size: int
-    proposals: tuple[int, ...]
-    target: str
-    precision: str
-    max_seq_len: int
-    max_batch: int
-    head_dim: int = 0  # the model's; decides whether the ort AR step can be GroupQueryAttention
-    gqa: bool = True  # False: the AR step keeps the step's Attention op (see `ar_step` in make_plan)
-
-    @property
-    def kv_update(self) -> str:
-        """How the target's step graph writes the cache ("slice" | "inplace")."""
-        import tidar_graphs
-
-        return tidar_graphs.get_target(self.target).kv_update
-
-    def kv_update_of(self, kind: str) -> str | None:
-        """How graph `kind` writes the cache: the step's, or the AR step's own where the target
-        gives it one (the ort target's AR step runs GroupQueryAttention in place). None: prefill."""
-        import tidar_graphs
-
-        return tidar_graphs.get_target(self.target).kv_update_of(kind, self.head_dim, self.gqa)
-
-    @property
-    def q_len(self) -> int:
-        return step_len(self.block_size, self.proposals)
-
-    @property
-    def n_out(self) -> int:
-        return n_out(self.block_size, self.proposals)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return PRECISIONS[self.precision]
-
-
-AR_STEP_KINDS = ("gqa", "attention")
-
-
-def make_plan(cfg, block_size: int | None = None, proposals: Sequence[int] | None = None, target: str = "ort",
-              precision: str = "fp32", max_seq_len: int | None = None, max_batch: int = 1,
-              ar_step: str = "gqa") -> ExportPlan:
-    """Validate the export options against the model config (one-line TiDARError for each problem).
-
-    ar_step: "gqa" (the ort target's AR step as ONNX Runtime's GroupQueryAttention where the head
-    size allows; other targets ignore it) or "attention" (the same Attention op as the step
-    graph: what an artifact to be quantized to int8/fp8 needs, docs/QUANTIZATION.md)."""
-    import tidar_graphs
-
-    tidar_graphs.get_target(target)  # one-line error for an unknown target
-    if precision not in PRECISIONS:
-        raise TiDARError(f"unknown dtype {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    b = block_size or cfg.block_size
-    if b < 1:
-        raise TiDARError(f"block size must be >= 1, got {b}")
-    rs = normalize_proposals(b, proposals)
-    if max_seq_len is None:
-        max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
-    q = step_len(b, rs)
-    if max_seq_len < q + 1:
-        raise TiDARError(f"max_seq_len {max_seq_len} is too small: a decode step alone needs {q} slots "
-                         f"after at least one prompt token")
-    if max_seq_len > cfg.max_position_embeddings:
-        raise TiDARError(f"max_seq_len {max_seq_len} exceeds the checkpoint's max_position_embeddings "
-                         f"{cfg.max_position_embeddings}")
-    if max_batch < 1:
-        raise TiDARError(f"max_batch must be >= 1, got {max_batch}")
-    if ar_step not in AR_STEP_KINDS:
-        raise TiDARError(f"unknown --ar-step {ar_step!r}: choose one of {', '.join(AR_STEP_KINDS)}")
-    return ExportPlan(b, rs, target, precision, max_seq_len, max_batch, cfg.head_dim, ar_step == "gqa")
 
 
 def graph_module(model: TiDARModel, plan: ExportPlan, kind: str) -> _GraphModule:
     if kind == "prefill":
         return PrefillGraph(model, plan.block_size).eval()
     if kind == "step":
-        return StepGraph(model, plan.block_size, plan.proposals, plan.kv_update).eval()
+        return StepGraph(model, plan.block_size, plan.proposals, plan.kv_update_of("step")).eval()
     if kind == "ar_step":
         return ARStepGraph(model, plan.kv_update_of("ar_step")).eval()
     raise ValueError(kind)
-
-
-def graph_io(cfg, plan: ExportPlan, kind: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Binding names, dtypes and named shapes of one graph (the manifest's GraphSpec I/O)."""
-    kv_dtype = DTYPE_NAMES[plan.dtype]
-    n = cfg.num_layers
-    if kind == "prefill":
-        inputs = [TensorSpec("input_ids", "int64", ["prefill_batch", "prompt_len"])]
-        rows, batch, present_len = "block_size", "prefill_batch", "prefill_len"
-    else:
-        first = "draft_ids" if kind == "step" else "input_ids"
-        inputs = [TensorSpec(first, "int64", ["batch", "block_size" if kind == "step" else 1]),
-                  TensorSpec("cache_len", "int64", ["batch"])]
-        inputs += [TensorSpec(name, kv_dtype, ["batch", "kv_heads", "max_seq_len", "head_dim"])
-                   for name in past_names(n)]
-        rows, batch = ("n_out", "batch") if kind == "step" else (1, "batch")
-        new_len = "q_len" if kind == "step" else 1
-        present_len = new_len if plan.kv_update_of(kind) == "slice" else "max_seq_len"
-    outputs = [TensorSpec("token_ids", "int64", [batch, rows]),
-               TensorSpec("logits", "float32", [batch, rows, "vocab"])]
-    outputs += [TensorSpec(name, kv_dtype, [batch, "kv_heads", present_len, "head_dim"])
-                for name in present_names(n)]
-    return inputs, outputs
-
-
-def manifest_dims(cfg, plan: ExportPlan) -> dict[str, int | None]:
-    return {
-        "batch": plan.max_batch,  # rows of the step and ar_step graphs (static)
-        "prefill_batch": None,  # rows of one prefill call (dynamic)
-        "prompt_len": None,  # prompt tokens of one prefill call (dynamic, 1..max_seq_len - block_size)
-        "prefill_len": None,  # prompt_len + block_size: K/V rows returned by the prefill
-        "block_size": plan.block_size,
-        "q_len": plan.q_len,  # rows of one decode step: b + b * len(proposals)
-        "n_out": plan.n_out,  # output rows of the step: b + len(proposals) * (b - 1)
-        "max_seq_len": plan.max_seq_len,
-        "kv_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "vocab": cfg.vocab_size,
-        "num_layers": cfg.num_layers,
-    }
 
 
 def example_inputs(cfg, plan: ExportPlan, kind: str) -> tuple[torch.Tensor, ...]:
@@ -265,7 +144,7 @@ def example_inputs(cfg, plan: ExportPlan, kind: str) -> tuple[torch.Tensor, ...]
     width = plan.block_size if kind == "step" else 1
     ids = torch.randint(0, cfg.vocab_size, (B, width))
     cache_len = torch.arange(B, dtype=torch.long) % max(1, S - plan.q_len)
-    past = [torch.zeros(B, cfg.num_kv_heads, S, cfg.head_dim, dtype=plan.dtype)
+    past = [torch.zeros(B, cfg.num_kv_heads, S, cfg.head_dim, dtype=torch_dtype(plan.precision))
             for _ in range(2 * cfg.num_layers)]
     return (ids, cache_len, *past)
 
@@ -276,10 +155,11 @@ def trace(model: TiDARModel, plan: ExportPlan, kind: str, prepare=None) -> ir.Mo
     prepare: called with the traced model (HF weight names) before torch.onnx's optimizer runs;
     the streaming export gives the weights their data there (tidar_export.export.artifact)."""
     module = graph_module(model, plan, kind)
-    inputs, outputs = graph_io(model.cfg, plan, kind)
+    contract = plan.manifest(dataclasses.asdict(model.cfg))  # the bindings and dims the graph must have
+    inputs, outputs = contract.graphs[kind].inputs, contract.graphs[kind].outputs
     dynamic_shapes = None
     if kind == "prefill":
-        dynamic_shapes = {"input_ids": {0: torch.export.Dim("prefill_batch", min=1),
+        dynamic_shapes = {INPUT_IDS: {0: torch.export.Dim("prefill_batch", min=1),
                                         1: torch.export.Dim("prompt_len", min=1, max=plan.max_seq_len)}}
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
@@ -293,7 +173,7 @@ def trace(model: TiDARModel, plan: ExportPlan, kind: str, prepare=None) -> ir.Mo
     program.optimize()  # torch.onnx's own constant folding and cleanup (folds the weight transposes)
     m = program.model
     _name_nodes(m)
-    _fix_io(m, inputs, outputs, manifest_dims(model.cfg, plan))
+    _fix_io(m, inputs, outputs, contract.dims)
     m.graph.name = kind
     return m
 

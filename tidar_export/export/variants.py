@@ -27,10 +27,7 @@ from pathlib import Path
 from tidar_export.errors import TiDARError
 from tidar_runtime import fileio
 from tidar_runtime.fileio import write_atomic
-from tidar_runtime.layout import step_len
-
-_CONFIG_KEYS_IGNORED = ("block_size", "mask_token_id")  # export options, not model shape
-
+from tidar_runtime.contract import step_len
 
 def checkpoint_fingerprint(checkpoint: Path) -> str:
     """BLAKE2 digest of the checkpoint's config and weight files (names and contents)."""
@@ -53,9 +50,9 @@ class Variants:
         if not self.checkpoint.is_dir():
             raise TiDARError(f"checkpoint folder not found: {self.checkpoint}")
         self.base = base_manifest
-        cfg = dataclasses.asdict(read_config(self.checkpoint))
-        ours = {k: v for k, v in cfg.items() if k not in _CONFIG_KEYS_IGNORED}
-        theirs = {k: v for k, v in base_manifest.model.items() if k not in _CONFIG_KEYS_IGNORED}
+        # the model as the manifest records it (the export options and sizes live in their own sections)
+        cfg = dataclasses.asdict(read_config(self.checkpoint, base_manifest.block_size, base_manifest.mask_token_id))
+        ours, theirs = cfg, base_manifest.model_config()
         if ours != theirs:
             diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
             raise TiDARError(f"{self.checkpoint} is not the artifact's checkpoint (model config differs in "
@@ -66,12 +63,11 @@ class Variants:
         self._fingerprint: str | None = None
 
     def options(self, block_size: int, proposals) -> dict:
+        """The base artifact's recorded export options, with this block size and proposal set."""
         m = self.base
         return {"block_size": block_size, "proposals": list(proposals), "target": m.target,
                 "precision": m.precision, "max_seq_len": m.max_seq_len, "max_batch": m.max_batch,
-                "mask_token_id": m.mask_token_id,
-                # the base's AR step kind (ort: GroupQueryAttention when its ar_step has its own contract)
-                "ar_step": "gqa" if m.target != "ort" or m.kv_update_of("ar_step") != m.kv_update else "attention"}
+                "mask_token_id": m.mask_token_id, "ar_step": m.export["ar_step"]}
 
     def get(self, block_size: int, proposals, progress=None) -> Path:
         """The artifact directory of this variant, exported now unless a matching one exists."""

@@ -11,17 +11,15 @@ import math
 from dataclasses import dataclass
 
 from tidar_export.errors import TiDARError
+from tidar_runtime.contract import BOUNDS
 
 # The architectures the reference model implements; keys are HF `model_type` values.
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
-# Bounds of every integer field (the largest supported checkpoints sit far inside them); a value
+# The integer fields, bounded by the contract's one table (tidar_runtime.contract.BOUNDS); a value
 # outside is refused before any tensor is allocated.
-INT_BOUNDS = {
-    "vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 17), "intermediate_size": (1, 1 << 20),
-    "num_layers": (1, 1024), "num_heads": (1, 1024), "num_kv_heads": (1, 1024), "head_dim": (2, 1024),
-    "max_position_embeddings": (1, 1 << 24), "block_size": (1, 1024),
-}
+INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "max_position_embeddings", "block_size")
 BOOL_FIELDS = ("attention_bias", "qk_norm", "tie_word_embeddings")
 
 
@@ -38,7 +36,8 @@ def check_config(cfg: "TiDARConfig") -> None:
     training flags, manifest): types and bounds of every field; a one-line TiDARError."""
     if cfg.arch not in SUPPORTED_ARCHS:
         raise TiDARError(f"unsupported architecture {cfg.arch!r}: supported are {', '.join(SUPPORTED_ARCHS)}"[:300])
-    for name, (lo, hi) in INT_BOUNDS.items():
+    for name in INT_FIELDS:
+        lo, hi = BOUNDS[name]
         v = getattr(cfg, name)
         if not is_int(v) or not lo <= v <= hi:
             if name == "block_size" and is_int(v) and v < 1:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tidar_runtime.layout import normalize_proposals, step_len  # noqa: F401 (re-exported)
+from tidar_runtime.contract import normalize_proposals, prefill_out_rows, step_len, step_out_rows  # noqa: F401 (step_len re-exported)
 
 
 def causal_mask(n: int) -> torch.Tensor:
@@ -88,6 +88,42 @@ def block_row(block_size: int, proposals: Sequence[int] | None, r: int) -> int:
     """Row index of slot 0 of proposal block r inside the step."""
     rs = normalize_proposals(block_size, proposals)
     return block_size + block_size * rs.index(r)
+
+
+# --------------------------------------------------------------------------- the inputs of each pass
+# The one construction of each graph's rows, positions, mask and output rows from its inputs: the
+# traced graphs (tidar_export.export.tracing), the torch backend and the reference outputs use it.
+
+
+def prefill_pass(prompt: torch.Tensor, block_size: int, mask_token_id: int):
+    """[prompt | M x b] of a prefill, prompt [B, P] -> (ids [B, P+b], positions [B, P+b], mask
+    [P+b, P+b]). Its output rows: `prefill_out_rows` (AR at p_{P-1}, then mask slots 1..b-1)."""
+    B, P = prompt.shape
+    ids = torch.cat([prompt, prompt.new_full((B, block_size), mask_token_id)], dim=1)
+    positions = prefill_positions(P, block_size)[None].expand(B, -1)
+    return ids, positions, prefill_mask(P, block_size)
+
+
+def step_pass(block_size: int, proposals: Sequence[int] | None = None):
+    """The static parts of a decode step: (in-step mask [q, q], position offsets from L [q], output rows [n_out])."""
+    rs = normalize_proposals(block_size, proposals)
+    return step_mask(block_size, rs), step_offsets(block_size, rs), torch.tensor(step_out_rows(block_size, rs))
+
+
+def ar_pass():
+    """The static parts of an AR step: (mask [1, 1], offsets [1], output rows [1])."""
+    return causal_mask(1), torch.zeros(1, dtype=torch.long), torch.tensor([0])
+
+
+def pass_ids(given: torch.Tensor, q_len: int, mask_token_id: int) -> torch.Tensor:
+    """The q_len input ids of a cached pass: the given ids [B, w] (drafts, or the AR token) then mask tokens."""
+    B, w = given.shape
+    return given if w == q_len else torch.cat([given, given.new_full((B, q_len - w), mask_token_id)], dim=1)
+
+
+def pass_positions(cache_len: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[B, q] positions of a cached pass: each row's L plus the static offsets."""
+    return cache_len[:, None] + offsets[None]
 
 
 def with_cache(in_step: torch.Tensor, cache_len: torch.Tensor, max_len: int) -> torch.Tensor:

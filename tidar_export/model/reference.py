@@ -20,7 +20,8 @@ from tidar_export.model import masks
 from tidar_export.errors import TiDARError
 from tidar_export.model.checkpoint import load_checkpoint
 from tidar_export.model.transformer import TiDARModel
-from tidar_runtime.layout import normalize_proposals, past_names, prefill_out_rows, present_names, step_out_rows
+from tidar_runtime.contract import (CACHE_LEN, INPUT_IDS, LOGITS, TOKEN_IDS, ids_input, normalize_proposals, past_names,
+                                    prefill_out_rows, present_names)
 from tidar_runtime.loop import Outputs
 from tidar_runtime.manifest import Manifest, load_manifest
 
@@ -34,9 +35,7 @@ class TorchBackend:
         self.max_len, self.max_batch = max_len, max_batch
         self.mask_token_id, self.vocab_size = model.cfg.mask_token_id, model.cfg.vocab_size
         self.keys, self.values = model.new_cache(max_batch, max_len)
-        self._step_mask = masks.step_mask(self.block_size, self.proposals)
-        self._step_offsets = masks.step_offsets(self.block_size, self.proposals)
-        self._step_rows = torch.tensor(step_out_rows(self.block_size, self.proposals))
+        self._static = {"step": masks.step_pass(self.block_size, self.proposals), "ar_step": masks.ar_pass()}
         self.manifest: Manifest | None = None  # set by from_artifact
 
     @classmethod
@@ -62,7 +61,7 @@ class TorchBackend:
         """ids/positions [B', T] for cache rows `rows`; writes the new K/V at each row's L."""
         keys = [k[rows] for k in self.keys]
         values = [v[rows] for v in self.values]
-        logits, new_k, new_v = self.model(ids, positions, in_step, keys, values, cache_len, kv_write="concat")
+        logits, new_k, new_v = self.model(ids, positions, in_step, keys, values, cache_len, kv_update="slice")
         T = ids.shape[1]
         for layer in range(len(self.keys)):
             for j, L in enumerate(cache_len.tolist()):
@@ -73,67 +72,55 @@ class TorchBackend:
         return Outputs(logits.argmax(-1).numpy(), logits.numpy() if want_logits else None)
 
     def prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
-        P, b = len(prompt), self.block_size
-        ids = torch.cat([torch.as_tensor(prompt), torch.full((b,), self.mask_token_id)])[None]
-        out_rows = torch.tensor(prefill_out_rows(P, b))
-        return self._run(slice(row, row + 1), ids, masks.prefill_positions(P, b)[None],
-                         masks.prefill_mask(P, b), torch.zeros(1, dtype=torch.long), out_rows, want_logits)
+        P = len(prompt)
+        ids, positions, mask = masks.prefill_pass(torch.as_tensor(prompt)[None], self.block_size, self.mask_token_id)
+        return self._run(slice(row, row + 1), ids, positions, mask, torch.zeros(1, dtype=torch.long),
+                         torch.tensor(prefill_out_rows(P, self.block_size)), want_logits)
+
+    def _cached(self, kind: str, given: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
+        in_step, offsets, out_rows = self._static[kind]
+        L = torch.as_tensor(cache_len)
+        ids = masks.pass_ids(torch.as_tensor(given), len(offsets), self.mask_token_id)
+        return self._run(slice(0, len(L)), ids, masks.pass_positions(L, offsets), in_step, L, out_rows, want_logits)
 
     def step(self, drafts: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
-        B, b = drafts.shape
-        q = len(self._step_offsets)
-        ids = torch.full((B, q), self.mask_token_id)
-        ids[:, :b] = torch.as_tensor(drafts)
-        L = torch.as_tensor(cache_len)
-        return self._run(slice(0, B), ids, L[:, None] + self._step_offsets, self._step_mask, L,
-                         self._step_rows, want_logits)
+        return self._cached("step", drafts, cache_len, want_logits)
 
     def ar_prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
-        P = len(prompt)
+        P = len(prompt)  # a causal pass over the prompt alone (the exported backends reuse the TiDAR prefill)
         return self._run(slice(row, row + 1), torch.as_tensor(prompt)[None], torch.arange(P)[None],
                          masks.causal_mask(P), torch.zeros(1, dtype=torch.long), torch.tensor([P - 1]), want_logits)
 
     def ar_step(self, tokens: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
-        L = torch.as_tensor(cache_len)
-        return self._run(slice(0, len(L)), torch.as_tensor(tokens), L[:, None], masks.causal_mask(1), L,
-                         torch.tensor([0]), want_logits)
+        return self._cached("ar_step", tokens, cache_len, want_logits)
 
 
 def reference_outputs(model, manifest: Manifest, kind: str, feeds: dict) -> dict[str, np.ndarray]:
-    """The outputs the graph must produce, from the reference model's own forward."""
+    """The outputs the graph must produce, from the reference model's own forward (the inputs built
+    as the traced graphs build them: tidar_export.model.masks)."""
     b, n = manifest.block_size, model.cfg.num_layers
     with torch.no_grad():
         if kind == "prefill":
-            prompt = feeds["input_ids"]
-            B, P = prompt.shape
-            ids = torch.cat([prompt, torch.full((B, b), manifest.mask_token_id)], dim=1)
-            logits, keys, values = model(ids, masks.prefill_positions(P, b)[None].expand(B, -1),
-                                         masks.prefill_mask(P, b))
-            rows = torch.tensor(prefill_out_rows(P, b))
+            prompt = feeds[INPUT_IDS]
+            ids, positions, mask = masks.prefill_pass(prompt, b, manifest.mask_token_id)
+            logits, keys, values = model(ids, positions, mask)
+            rows = torch.tensor(prefill_out_rows(prompt.shape[1], b))
             present = [(k, v) for k, v in zip(keys, values)]
         else:
-            L = feeds["cache_len"]
+            L = feeds[CACHE_LEN]
             past = [feeds[name].clone() for name in past_names(n)]
-            past_k, past_v = past[0::2], past[1::2]
-            if kind == "step":
-                rs = manifest.proposals
-                B = L.shape[0]
-                ids = torch.full((B, manifest.step_len), manifest.mask_token_id)
-                ids[:, :b] = feeds["draft_ids"]
-                offsets, in_step = masks.step_offsets(b, rs), masks.step_mask(b, rs)
-                rows = torch.tensor(step_out_rows(b, rs))
-            else:
-                ids = feeds["input_ids"]
-                offsets, in_step, rows = torch.zeros(1, dtype=torch.long), masks.causal_mask(1), torch.tensor([0])
+            in_step, offsets, rows = masks.step_pass(b, manifest.proposals) if kind == "step" else masks.ar_pass()
+            ids = masks.pass_ids(feeds[ids_input(kind)], len(offsets), manifest.mask_token_id)
             T = ids.shape[1]
-            logits, keys, values = model(ids, L[:, None] + offsets, in_step, past_k, past_v, L, kv_write="scatter")
-            if manifest.kv_update_of(kind) == "slice":  # the new K/V only: slots L..L+T-1 of each row
+            logits, keys, values = model(ids, masks.pass_positions(L, offsets), in_step, past[0::2], past[1::2], L,
+                                         kv_update="inplace")
+            if manifest.graphs[kind].kv_update == "slice":  # the new K/V only: slots L..L+T-1 of each row
                 pick = lambda c: torch.stack([c[j, :, l : l + T] for j, l in enumerate(L.tolist())])  # noqa: E731
                 present = [(pick(k), pick(v)) for k, v in zip(keys, values)]
             else:
                 present = list(zip(keys, values))
         logits = logits[:, rows].float()
-        out = {"token_ids": logits.argmax(-1).numpy(), "logits": logits.numpy()}
+        out = {TOKEN_IDS: logits.argmax(-1).numpy(), LOGITS: logits.numpy()}
         for name, t in zip(present_names(n), (t for kv in present for t in kv)):
             out[name] = t.float().numpy()
     return out
@@ -141,18 +128,18 @@ def reference_outputs(model, manifest: Manifest, kind: str, feeds: dict) -> dict
 
 def reference_model(checkpoint: str | os.PathLike, manifest: Manifest):
     """The torch model of `checkpoint` as the artifact was exported (block size, mask id, dtype)."""
-    from tidar_export.export.tracing import PRECISIONS
+    from tidar_export.export.tracing import torch_dtype
 
-    return load_artifact_model(checkpoint, manifest, PRECISIONS[manifest.precision])
+    return load_artifact_model(checkpoint, manifest, torch_dtype(manifest.precision))
 
 
 def load_artifact_model(checkpoint: str | os.PathLike, manifest: Manifest, dtype):
     """The torch model of `checkpoint` in `dtype` with the artifact's block size and mask id; a
     TiDARError naming the first config field that differs from the manifest's model."""
     model = load_checkpoint(checkpoint, manifest.block_size, manifest.mask_token_id, dtype=dtype)
-    have = dataclasses.asdict(model.cfg)
-    differ = [k for k, v in manifest.model.items() if have.get(k) != v]
+    have, want = dataclasses.asdict(model.cfg), manifest.model_config()
+    differ = [k for k, v in want.items() if have.get(k) != v]
     if differ:
         raise TiDARError(f"checkpoint {checkpoint} is not the model of this artifact: {differ[0]} is "
-                         f"{have.get(differ[0])!r}, the manifest says {manifest.model[differ[0]]!r}")
+                         f"{have.get(differ[0])!r}, the manifest says {want[differ[0]]!r}")
     return model

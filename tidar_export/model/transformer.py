@@ -60,7 +60,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len, kv_write):
+    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len, kv_update):
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)
@@ -72,13 +72,13 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, hd]
         v = v.transpose(1, 2)  # [B, KV, T, hd]
         new_k, new_v = k, v
-        if past_k is not None and kv_write == "scatter":
+        if past_k is not None and kv_update == "inplace":
             # Write this pass's K/V at slots L..L+T-1 of the preallocated cache [B, KV, S, hd].
             slots = cache_len[:, None] + torch.arange(T, device=x.device)  # [B, T]
             index = slots[:, None, :, None].expand(B, cfg.num_kv_heads, T, cfg.head_dim)
             k = new_k = past_k.scatter(2, index, k)
             v = new_v = past_v.scatter(2, index, v)
-        elif past_k is not None:  # "concat": attend over [cache | new], return only the new K/V
+        elif past_k is not None:  # "slice": attend over [cache | new], return only the new K/V
             k = torch.cat([past_k, k], dim=2)  # [B, KV, S + T, hd]
             v = torch.cat([past_v, v], dim=2)
         rep = cfg.num_heads // cfg.num_kv_heads
@@ -110,8 +110,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len, kv_write):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allow, past_k, past_v, cache_len, kv_write)
+    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len, kv_update):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allow, past_k, past_v, cache_len, kv_update)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -145,35 +145,35 @@ class TiDARModel(nn.Module):
         return [mk() for _ in range(cfg.num_layers)], [mk() for _ in range(cfg.num_layers)]
 
     def hidden(self, input_ids, position_ids, in_step_mask, past_keys=None, past_values=None,
-               cache_len=None, kv_write: str = "scatter"):
+               cache_len=None, kv_update: str = "inplace"):
         """Final hidden states [B, T, d] and per-layer key/value lists.
 
         input_ids, position_ids: [B, T]. in_step_mask: [T, T] bool (True = may attend).
         past_keys/values: None (no cache: attend within the T tokens only) or lists of
         [B, KV, S, hd]; cache_len: [B] int64, each row's committed length L.
-        kv_write: "scatter" returns the whole cache with the new K/V written at L..L+T-1;
-        "concat" leaves the cache alone, attends over [cache | new] and returns only the new
-        K/V [B, KV, T, hd] for the caller to write at L (what the ONNX graphs do).
+        kv_update (tidar_runtime.contract.KV_UPDATES): "inplace" returns the whole cache with the
+        new K/V written at L..L+T-1; "slice" leaves the cache alone, attends over [cache | new] and
+        returns only the new K/V [B, KV, T, hd] for the caller to write at L.
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         if past_keys is None:
             allow = in_step_mask[None, None]
             past_keys = past_values = [None] * self.cfg.num_layers
-        elif kv_write == "scatter":
+        elif kv_update == "inplace":
             allow = with_cache(in_step_mask, cache_len, past_keys[0].shape[2])
         else:
             allow = cache_then_step(in_step_mask, cache_len, past_keys[0].shape[2])
         keys, values = [], []
         for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
-            x, k, v = layer(x, cos, sin, allow, pk, pv, cache_len, kv_write)
+            x, k, v = layer(x, cos, sin, allow, pk, pv, cache_len, kv_update)
             keys.append(k)
             values.append(v)
         return self.model.norm(x), keys, values
 
     def forward(self, input_ids, position_ids, in_step_mask, past_keys=None, past_values=None,
-                cache_len=None, kv_write: str = "scatter"):
+                cache_len=None, kv_update: str = "inplace"):
         """Logits [B, T, V] and the key/value lists (see `hidden`)."""
         h, keys, values = self.hidden(input_ids, position_ids, in_step_mask, past_keys, past_values,
-                                      cache_len, kv_write)
+                                      cache_len, kv_update)
         return self.lm_head(h), keys, values
