@@ -3,6 +3,7 @@
 // with drafts that are wrong at known positions (so steps accept some drafts and reject others).
 #include <gtest/gtest.h>
 
+#include "chain.h"
 #include "fixture.h"
 #include "tidar/layout.h"
 #include "tidar/loop.h"
@@ -11,18 +12,9 @@ namespace {
 
 constexpr std::int64_t kVocab = 16, kMask = 15;
 
-std::int64_t next(std::int64_t a, std::int64_t prev) { return (3 * a + prev + 1) % 13; }
+using chain::next;
 
-/// The true continuation of a prompt: n tokens of the chain.
-std::vector<std::int64_t> chain(std::vector<std::int64_t> x, int n) {
-  std::vector<std::int64_t> out;
-  for (int i = 0; i < n; ++i) {
-    const std::int64_t prev = x.size() > 1 ? x[x.size() - 2] : 0;
-    x.push_back(next(x.back(), prev));
-    out.push_back(x.back());
-  }
-  return out;
-}
+std::vector<std::int64_t> chain_of(const std::vector<std::int64_t>& x, int n) { return chain::continuation(x, n); }
 
 class ScriptedBackend : public tidar::Backend {
  public:
@@ -44,7 +36,7 @@ class ScriptedBackend : public tidar::Backend {
     const auto P = static_cast<int>(prompt.size());
     start(1, b_);
     ids_[0] = next(c[P - 1], P > 1 ? c[P - 2] : 0);
-    auto roll = drafted(c[P - 1], P > 1 ? c[P - 2] : 0, b_ - 1, P);  // mask slot t predicts position P + t
+    auto roll = chain::drafted(c[P - 1], P > 1 ? c[P - 2] : 0, b_ - 1, P);  // mask slot t predicts position P + t
     std::copy(roll.begin(), roll.end(), ids_.begin() + 1);
     return finish(want);
   }
@@ -61,7 +53,7 @@ class ScriptedBackend : public tidar::Backend {
       std::copy(d, d + b_, c.begin() + L);  // the drafts' "K/V" at L..L+b-1
       for (int j = 0; j < b_; ++j) out[j] = next(d[j], L + j > 0 ? c[L + j - 1] : 0);  // AR rows
       for (int r : proposals_) {  // block r assumes d_0..d_{r-1} accepted; slot t predicts L + r + t
-        auto roll = drafted(d[r - 1], L + r - 2 >= 0 ? c[L + r - 2] : 0, b_ - 1, L + r);
+        auto roll = chain::drafted(d[r - 1], L + r - 2 >= 0 ? c[L + r - 2] : 0, b_ - 1, L + r);
         std::copy(roll.begin(), roll.end(), out + tidar::block_out_row(b_, proposals_, r));
       }
     }
@@ -91,19 +83,6 @@ class ScriptedBackend : public tidar::Backend {
   }
 
  private:
-  /// n tokens rolled forward from (a, prev), the first at position `pos` + 1; wrong where (value + pos) % 4 == 0.
-  std::vector<std::int64_t> drafted(std::int64_t a, std::int64_t prev, int n, int pos) {
-    std::vector<std::int64_t> out;
-    std::int64_t x = next(a, prev);  // the anchor position (decided by AR), not returned
-    prev = a;
-    for (int t = 1; t <= n; ++t) {
-      const std::int64_t y = next(x, prev);
-      prev = x, x = y;
-      out.push_back((y + pos + t) % 4 == 0 ? (y + 1) % 13 : y);
-    }
-    return out;
-  }
-
   void start(int batch, int rows) {
     ++passes;
     rows_ = rows;
@@ -138,7 +117,7 @@ TEST(Loop, GreedyTidarEqualsArAndTheChain) {
     ScriptedBackend be(3, proposals, 64, 1);
     auto td = tidar::generate_batch(be, "tidar", {kPrompt}, 20)[0];
     auto ar = tidar::generate_batch(be, "ar", {kPrompt}, 20)[0];
-    EXPECT_EQ(td.tokens, chain(kPrompt, 20));
+    EXPECT_EQ(td.tokens, chain_of(kPrompt, 20));
     EXPECT_EQ(ar.tokens, td.tokens);
     EXPECT_EQ(td.finish_reason, "length");
     EXPECT_EQ(ar.stats.tokens_per_forward(), 1.0);
@@ -160,7 +139,7 @@ TEST(Loop, ProposalRowsOfSparseSets) {
 
 TEST(Loop, StopIdsMaxTokensAndAFullCacheFinishRowsIndependently) {
   const std::vector<std::vector<std::int64_t>> prompts = {{4, 7, 1}, {2, 9}, {5, 5, 5, 5, 5, 5, 5, 5, 5, 5}};
-  const auto free_run = chain(prompts[0], 12);
+  const auto free_run = chain_of(prompts[0], 12);
   const std::int64_t stop = free_run[6];
   ScriptedBackend be(3, {1, 2, 3}, 24, 3);
   auto res = tidar::generate_batch(be, "tidar", prompts, 12, {}, {stop});
@@ -171,7 +150,7 @@ TEST(Loop, StopIdsMaxTokensAndAFullCacheFinishRowsIndependently) {
   // row 2: a 10-token prompt in 24 slots; a step needs 12 free slots
   EXPECT_EQ(res[2].finish_reason, "cache_full");
   EXPECT_LT(res[2].tokens.size(), 12u);
-  const auto full = chain(prompts[2], 12);
+  const auto full = chain_of(prompts[2], 12);
   EXPECT_EQ(res[2].tokens, std::vector<std::int64_t>(full.begin(), full.begin() + res[2].tokens.size()));
   // every row equals its own run alone
   for (std::size_t i = 0; i < prompts.size(); ++i) {
@@ -183,14 +162,14 @@ TEST(Loop, StopIdsMaxTokensAndAFullCacheFinishRowsIndependently) {
   // AR over the same cache needs one slot per pass: it decodes row 2 to the end
   auto ar = tidar::generate_batch(be, "ar", prompts, 12);
   EXPECT_EQ(ar[2].finish_reason, "length");
-  EXPECT_EQ(ar[2].tokens, chain(prompts[2], 12));
+  EXPECT_EQ(ar[2].tokens, chain_of(prompts[2], 12));
 }
 
 TEST(Loop, LowTemperatureSamplingIsGreedyAndASeedRepeats) {
   ScriptedBackend be(3, {1, 2, 3}, 64, 2);
   tidar::SamplingParams cold{0.01, 0, 1.0, 5};
   auto td = tidar::generate_batch(be, "tidar", {kPrompt, kPrompt}, 16, cold);
-  EXPECT_EQ(td[0].tokens, chain(kPrompt, 16));
+  EXPECT_EQ(td[0].tokens, chain_of(kPrompt, 16));
   EXPECT_EQ(td[1].tokens, td[0].tokens);
   tidar::SamplingParams warm{3.0, 8, 0.9, 5};
   auto a = tidar::generate_batch(be, "tidar", {kPrompt, kPrompt}, 16, warm);
