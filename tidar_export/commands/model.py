@@ -33,9 +33,17 @@ def cmd_init(args) -> int:
 
 
 def cmd_import(args) -> int:
+    from pathlib import Path
+
     from tidar_export.model.checkpoint import load_checkpoint, save_checkpoint
     from tidar_runtime.fileio import prepare_output
 
+    if Path(args.checkpoint).is_file():  # a GGUF file (llama.cpp's format)
+        from tidar_export.model.gguf_import import import_gguf
+
+        out, cfg = import_gguf(args.checkpoint, args.output, args.block_size, args.mask_token_id, args.force)
+        print(f"imported {cfg.arch} GGUF ({cfg.num_params() / 1e6:.1f}M params) to {out}")
+        return 0
     prepare_output(args.output, "checkpoint", args.force, inputs=[args.checkpoint])  # before loading
     model = load_checkpoint(args.checkpoint, args.block_size, args.mask_token_id)
     out = save_checkpoint(model, args.output, tokenizer_from=args.checkpoint, force=args.force)
@@ -102,8 +110,9 @@ def register(sub) -> None:
     add_force_flag(p)
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("import", help="import a local HF Llama/Qwen2/Qwen3 folder with TiDAR settings")
-    p.add_argument("checkpoint", help="HF-format folder (config.json + safetensors)")
+    p = sub.add_parser("import", help="import a local HF Llama/Qwen2/Qwen3 folder or GGUF file with TiDAR settings")
+    p.add_argument("checkpoint", help="HF-format folder (config.json + safetensors), or a .gguf file "
+                   "(needs the gguf extra)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     _add_tidar_flags(p)
     add_force_flag(p)
