@@ -31,8 +31,7 @@ def run_generate(args) -> int:
     tok = folder_tokenizer(args.artifact)
     kwargs = {"checkpoint": args.checkpoint} if args.backend == "torch" else {}
     backend = open_backend(args.backend, args.artifact, **kwargs)
-    eos = manifest.tokenizer.get("eos_token_id")
-    stop = args.stop_ids if args.stop_ids is not None else ([eos] if eos is not None else [])
+    stop = args.stop_ids if args.stop_ids is not None else manifest.eos_ids
     run = stream_tidar if args.mode == "tidar" else stream_ar
     stream = run(backend, [ids], args.max_new_tokens, params, stop)
     if args.stream and tok is not None:

@@ -78,7 +78,7 @@ def cmd_decode(args) -> int:
         raise TiDARError(f"--max-len must be in 1..{model.cfg.max_position_embeddings} (the checkpoint's "
                          f"max_position_embeddings), got {args.max_len}")
     prompt = prompt_ids(args.checkpoint, args.prompt, args.prompt_ids)
-    stop = [model.cfg.eos_token_id] if model.cfg.eos_token_id is not None else []
+    stop = model.cfg.eos_ids
     modes = ["ar", "tidar"] if args.mode == "both" else [args.mode]
     results = {}
     for mode in modes:
