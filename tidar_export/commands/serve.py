@@ -24,8 +24,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_serve(args) -> int:
-    from tidar_runtime.server import bind, create_app, make_server  # fastapi, uvicorn: the `serve` extra
+    from tidar_runtime.chat import artifact_chat
     from tidar_runtime.engine import open_engine
+    from tidar_runtime.server import bind, create_app, make_server  # fastapi, uvicorn: the `serve` extra
 
     if args.max_queue < 0:
         raise TiDARError(f"--max-queue must be >= 0, got {args.max_queue}")
@@ -41,13 +42,19 @@ def run_serve(args) -> int:
         sock.close()
         raise
     name = args.model_name or Path(args.artifact).resolve().name
-    app = create_app(engine, name)
+    try:
+        chat = artifact_chat(args.artifact, engine.tokenizer)  # None without one: chat requests answer 400
+    except BaseException:
+        engine.close()
+        sock.close()
+        raise
+    app = create_app(engine, name, chat=chat)
     host, port = sock.getsockname()[:2]
     where = f"[{host}]" if ":" in host else host
     if not _is_loopback(args.host):
         print(f"warning: listening on {args.host}, not loopback: anyone who can reach it can use it", file=sys.stderr)
-    print(f"serving {name!r} ({args.mode}/{args.backend}, batch {engine.max_batch}, queue {args.max_queue}) on "
-          f"http://{where}:{port}/v1", file=sys.stderr, flush=True)
+    print(f"serving {name!r} ({args.mode}/{args.backend}, batch {engine.max_batch}, queue {args.max_queue}"
+          f"{', chat' if chat is not None else ''}) on http://{where}:{port}/v1", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: a clean stop here
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
