@@ -7,6 +7,7 @@ only: nothing runs).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import shlex
@@ -66,3 +67,19 @@ def test_every_training_setting_has_a_flag():
                                       "--rollout-prefix-max", "12"])
     assert (args.draft_target, args.rollout_frac, args.rollout_every, args.rollout_pool, args.rollout_prefix_min,
             args.rollout_prefix_max) == ("rollout", 0.25, 5, 8, 4, 12)
+
+
+def test_every_flag_has_help_text():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and "train" in a.choices)
+    missing = [f"{name} {a.option_strings[0] if a.option_strings else a.dest}"
+               for name, p in sub.choices.items() for a in p._actions
+               if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert not missing, missing
+
+
+def test_readme_lists_every_command():
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^tidar-export (\w+)", readme.split("## Command line", 1)[1], re.M))
+    sub = next(a for a in build_parser()._actions if a.choices and "train" in a.choices)
+    assert listed == set(sub.choices), sorted(set(sub.choices) ^ listed)

@@ -80,11 +80,13 @@ def register(sub) -> None:
     p.add_argument("artifact", help="artifact directory written by `tidar-export export`")
     p.add_argument("--backend", default="ort", help=f"{' | '.join(BACKENDS)} (default: ort)")
     p.add_argument("--checkpoint", help="--backend torch: the checkpoint the artifact was exported from")
-    p.add_argument("--mode", choices=["tidar", "ar"], default="tidar")
+    p.add_argument("--mode", choices=["tidar", "ar"], default="tidar",
+                   help="tidar: draft and verify in one pass (default); ar: one token per pass")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stderr)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a batch row; more are refused with 503 (default: 64)")
     p.add_argument("--model-name", help="the model id of /v1/models (default: the artifact folder's name)")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: warning)")
     p.set_defaults(func=run_serve)
