@@ -9,6 +9,9 @@ a transformers folder (model/checkpoint.py), so every later command reads it unc
 - weights: every tensor dequantized to float32 (WEIGHT_TYPES), renamed to the HF names
   (`hf_name`). llama.cpp's converter reorders the rows of a Llama model's q/k projections for
   its RoPE kernel; `unpermute_rows` puts them back (Qwen2/Qwen3 files are not reordered).
+  Names, types and shapes are checked first (`WeightPlan`); then model.safetensors is written
+  one tensor at a time (`write_weights`) from the memory-mapped file, so the import holds one
+  float32 tensor, never the model.
 - config.json: from the `<arch>.*` metadata (`hf_config`), validated by `config_from_hf`.
 - tokenizer.json: rebuilt from `tokenizer.ggml.*` (`build_tokenizer`): byte-level BPE
   ("gpt2" model) with the file's merges and the pre-tokenizer its `tokenizer.ggml.pre` names;
@@ -221,46 +224,86 @@ def _block_scales(data: np.ndarray, kind: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_weights(reader, cfg: TiDARConfig, path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
-    """(HF name -> float32 tensor, HF name -> GGUF type name, the Q4_0/Q4_1 block scales by
-    '<name>.scales' / '<name>.mins'), names and shapes checked against the model of `cfg`."""
-    from gguf.quants import dequantize
+class WeightPlan:
+    """The file's tensors as the checkpoint will hold them: HF name -> (GGUF tensor, heads of the
+    Llama row order to undo or None), names, types and shapes checked against the model of
+    `cfg` before anything is dequantized."""
 
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in TiDARModel(cfg).state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    permuted = {"self_attn.q_proj": cfg.num_heads, "self_attn.k_proj": cfg.num_kv_heads} if cfg.arch == "llama" else {}
-    state, types, blocks, unknown = {}, {}, {}, []
-    for t in reader.tensors:
-        name = hf_name(t.name)
-        if name is None or name not in expected:
-            unknown.append(t.name)
-            continue
-        kind = t.tensor_type.name
-        if kind not in WEIGHT_TYPES:
-            raise TiDARError(f"{path}: tensor {t.name} has type {kind}: supported are {', '.join(WEIGHT_TYPES)}")
+    def __init__(self, reader, cfg: TiDARConfig, path):
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in TiDARModel(cfg).state_dict().items()}
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+        permuted = {"self_attn.q_proj": cfg.num_heads, "self_attn.k_proj": cfg.num_kv_heads} \
+            if cfg.arch == "llama" else {}
+        self.path = Path(path)
+        self.tensors: dict[str, tuple[object, int | None]] = {}
+        unknown = []
+        for t in reader.tensors:
+            name = hf_name(t.name)
+            if name is None or name not in expected:
+                unknown.append(t.name)
+                continue
+            if t.tensor_type.name not in WEIGHT_TYPES:
+                raise TiDARError(f"{path}: tensor {t.name} has type {t.tensor_type.name}: supported are "
+                                 f"{', '.join(WEIGHT_TYPES)}")
+            shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+            if shape != expected[name]:
+                raise TiDARError(f"{path}: tensor {t.name} has shape {shape}, the config implies {expected[name]}")
+            heads = next((n for part, n in permuted.items() if f".{part}." in name), None)
+            self.tensors[name] = (t, heads)
+        # a file tensor this model has no place for would be dropped silently: refuse it
+        _check_names(self.path, cfg.arch, expected, self.tensors, unknown)
+
+    @property
+    def types(self) -> dict[str, str]:
+        """HF name -> the GGUF type it is stored in."""
+        return {name: t.tensor_type.name for name, (t, _) in self.tensors.items()}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self.tensors[name][0].shape.tolist()))
+
+    def array(self, name: str) -> np.ndarray:
+        """One tensor dequantized to float32, in HF row order, checked finite."""
+        from gguf.quants import dequantize
+
+        t, heads = self.tensors[name]
         try:
-            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(self.shape(name))
         except (ValueError, NotImplementedError) as e:
-            raise TiDARError(f"{path}: cannot dequantize {t.name} ({kind}): {str(e)[:100]}") from None
-        w = w.reshape(tuple(int(n) for n in reversed(t.shape.tolist())))  # GGUF lists dims innermost first
-        heads = next((n for part, n in permuted.items() if f".{part}." in name), None)
-        if w.shape != expected[name]:
-            raise TiDARError(f"{path}: tensor {t.name} has shape {w.shape}, the config implies {expected[name]}")
+            raise TiDARError(f"{self.path}: cannot dequantize {t.name} ({t.tensor_type.name}): {str(e)[:100]}") from None
         if heads is not None:
             w = unpermute_rows(w, heads)
-        if kind in BLOCK_TYPES:
-            for key, scale in _block_scales(t.data, kind).items():
-                blocks[f"{name}.{key}"] = torch.from_numpy(unpermute_rows(scale, heads) if heads else scale)
-        if not w.flags.writeable or not w.flags.c_contiguous:  # F32 data is a view of the read-only map
-            w = np.array(w, order="C")
-        state[name] = torch.from_numpy(w)
-        types[name] = kind
-        check_tensor_values(Path(path), name, state[name])
-    # a file tensor this model has no place for would be dropped silently: refuse it
-    _check_names(Path(path), cfg.arch, expected, state, unknown)
-    return state, types, blocks
+        w = np.ascontiguousarray(w)
+        check_tensor_values(self.path, name, torch.from_numpy(w) if w.flags.writeable else torch.tensor(w))
+        return w
+
+    def block_scales(self) -> dict[str, torch.Tensor]:
+        """'<name>.scales' / '<name>.mins' of every Q4_0 / Q4_1 tensor, in HF row order."""
+        out = {}
+        for name, (t, heads) in self.tensors.items():
+            if t.tensor_type.name in BLOCK_TYPES:
+                for key, scale in _block_scales(t.data, t.tensor_type.name).items():
+                    out[f"{name}.{key}"] = torch.from_numpy(unpermute_rows(scale, heads) if heads else scale)
+        return out
+
+
+def write_weights(plan: WeightPlan, out: Path) -> None:
+    """model.safetensors of the plan's tensors (float32), written tensor by tensor: the header
+    first (shapes are known), then each tensor dequantized in turn, so memory holds one tensor,
+    never the model."""
+    names = list(plan.tensors)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        size = int(np.prod(plan.shape(name), dtype=np.int64)) * 4
+        header[name] = {"dtype": "F32", "shape": list(plan.shape(name)), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(out, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name in names:
+            f.write(memoryview(plan.array(name)).cast("B"))
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -335,18 +378,18 @@ def import_gguf(path: str | os.PathLike, output: str | os.PathLike, block_size: 
     cfg = config_from_hf(hf, block_size, mask_token_id)
     tokenizer, tok_config = build_tokenizer(meta)  # before the weights: a tokenizer error comes fast
     template = meta.get("tokenizer.chat_template")
-    state, types, blocks = read_weights(reader, cfg, path)
+    plan = WeightPlan(reader, cfg, path)  # names, types and shapes, before any work
+    blocks = plan.block_scales()
     tmp = fileio.staging_dir(output)
     try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del state
+        write_weights(plan, tmp / "model.safetensors")
         config = config_to_hf(cfg)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         if isinstance(template, str) and template:
             (tmp / CHAT_TEMPLATE_FILE).write_text(template)
-        source = {"file": Path(path).name, "architecture": hf["model_type"], "tensor_types": types}
+        source = {"file": Path(path).name, "architecture": hf["model_type"], "tensor_types": plan.types}
         if blocks:
             save_file(blocks, str(tmp / GGUF_BLOCKS_FILE), metadata={"block": str(BLOCK)})
             source["blocks"] = GGUF_BLOCKS_FILE
