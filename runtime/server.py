@@ -241,13 +241,13 @@ def create_app(engine: Engine, model_name: str, retry_after_s: int = 1, chat: "C
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handle(request, parse_completion, TEXT_REPLY)
+        return await run_request(request, parse_completion, TEXT_REPLY)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await handle(request, lambda body, name: parse_chat_completion(body, name, chat), CHAT_REPLY)
+        return await run_request(request, lambda body, name: parse_chat_completion(body, name, chat), CHAT_REPLY)
 
-    async def handle(request: Request, parse, reply: "Reply"):
+    async def run_request(request: Request, parse, reply: "Reply"):
         """Parse the JSON body with `parse(body, model_name)`, run the request, answer as `reply` spells it."""
         raw = await request.body()
         try:
