@@ -165,7 +165,7 @@ def main() -> int:
 
     ckpt = Path(args.checkpoint)
     cfg = read_config(ckpt)
-    stream, _ = heldout_stream(ckpt, "stdlib", "*.py", cfg.eos_token_id)
+    stream, _ = heldout_stream(ckpt, "stdlib", "*.py", (cfg.eos_ids or [None])[0])
     prompts = prompts_from(stream, args.num_prompts, args.prompt_len, args.max_new_tokens)
     W = args.window
     step = max(W, (len(stream) - W) // max(1, args.loss_windows))

@@ -452,14 +452,13 @@ class Engine:
 
 def open_engine(artifact_dir: str | os.PathLike, backend: str = "ort", mode: str = "tidar", max_queue: int = 64,
                 thread: bool = True, **backend_kwargs) -> Engine:
-    """An engine over an artifact: its backend (`open_backend`), tokenizer and eos stop token."""
+    """An engine over an artifact: its backend (`open_backend`), tokenizer and eos stop tokens."""
     from tidar_runtime.backends.select import open_backend
     from tidar_runtime.manifest import load_manifest
     from tidar_runtime.tokenizer import folder_tokenizer
 
     manifest = load_manifest(artifact_dir)
     tok = folder_tokenizer(artifact_dir)
-    eos = manifest.tokenizer.get("eos_token_id")
     be = open_backend(backend, artifact_dir, **backend_kwargs)
-    return Engine(be, mode=mode, tokenizer=tok, stop_tokens=[eos] if eos is not None else [],
+    return Engine(be, mode=mode, tokenizer=tok, stop_tokens=manifest.eos_ids,
                   max_queue=max_queue, thread=thread)

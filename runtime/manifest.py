@@ -78,7 +78,8 @@ class Manifest:
     export: dict  # {"target", "precision", "proposals", "mask_token_id", "ar_step"}
     dims: dict[str, int | None]  # every named dim: its value, None when dynamic (contract.DIMS)
     graphs: dict[str, GraphSpec]  # by kind
-    tokenizer: dict = field(default_factory=dict)  # {"file": "tokenizer.json", "bos_token_id", "eos_token_id"}
+    tokenizer: dict = field(default_factory=dict)  # {"file": "tokenizer.json", "bos_token_id", "eos_token_id": id or [ids],
+    # "chat_template": "chat_template.jinja" (a Jinja file beside it, or absent)}
     versions: dict = field(default_factory=dict)  # exporter, torch, onnx, opsets, tensorrt ...
     weights: dict = field(default_factory=dict)  # {"file": "weights.bin", "bytes": N, "blake2b": hex,
     # "sample_blake2b": hex}: the shared external data, its whole-file digest (checked by `check`) and its
@@ -105,6 +106,12 @@ class Manifest:
         """The whole model config (every TiDARConfig field), gathered from the sections that hold it."""
         return {**self.model, **{k: self.dims[d] for k, d in CONFIG_DIMS.items()},
                 **{k: self.export[k] for k in CONFIG_EXPORT}, **{k: self.tokenizer.get(k) for k in CONFIG_TOKENIZER}}
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """The tokenizer's stop ids: eos_token_id as a list (empty when there is none)."""
+        eos = self.tokenizer.get("eos_token_id")
+        return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -263,8 +270,15 @@ def validate(d, where: str) -> "Manifest":
     tok = f.obj("tokenizer", d.get("tokenizer", {}), none=True)
     if tok.get("file") is not None:
         check_name(tok["file"], f"{where}: tokenizer.file")
-    for key in ("eos_token_id", "bos_token_id"):
-        f.int(f"tokenizer.{key}", tok.get(key), 0, vocab - 1, none=True)
+    f.int("tokenizer.bos_token_id", tok.get("bos_token_id"), 0, vocab - 1, none=True)
+    eos = tok.get("eos_token_id")  # an id or a list of ids (every one stops a sequence)
+    if isinstance(eos, list):
+        for i, v in enumerate(f.list("tokenizer.eos_token_id", eos, 64)):
+            f.int(f"tokenizer.eos_token_id[{i}]", v, 0, vocab - 1)
+    else:
+        f.int("tokenizer.eos_token_id", eos, 0, vocab - 1, none=True)
+    if tok.get("chat_template") is not None:
+        check_name(tok["chat_template"], f"{where}: tokenizer.chat_template")
     weights = f.obj("weights", d.get("weights", {}), none=True)
     if weights:
         check_name(weights.get("file"), f"{where}: weights.file")
@@ -436,8 +450,9 @@ def load_manifest(artifact_dir: str | os.PathLike, verify: str = "quick") -> Man
         if g.bytes is not None and (artifact_dir / g.file).stat().st_size != g.bytes:
             raise TiDARError(f"{artifact_dir}: {g.file} has {(artifact_dir / g.file).stat().st_size} bytes, "
                              f"the manifest says {g.bytes} (truncated or modified after export)")
-    if m.tokenizer.get("file") is not None:
-        confined(artifact_dir, m.tokenizer["file"], f"{path}: tokenizer file")
+    for key in ("file", "chat_template"):
+        if m.tokenizer.get(key) is not None:
+            confined(artifact_dir, m.tokenizer[key], f"{path}: tokenizer {key}")
     if m.weights:
         w = confined(artifact_dir, m.weights["file"], f"{path}: weight file")
         if not w.is_file():

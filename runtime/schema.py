@@ -112,7 +112,11 @@ def manifest_schema() -> dict:
             "graphs": {"type": "object", "additionalProperties": False, "required": list(GRAPH_KINDS),
                        "properties": {kind: _graph(kind) for kind in GRAPH_KINDS}},
             "tokenizer": {"type": "object", "properties": {
-                "file": {"oneOf": [{"type": "null"}, _file()]}, "bos_token_id": token, "eos_token_id": token}},
+                "file": {"oneOf": [{"type": "null"}, _file()]}, "bos_token_id": token,
+                "eos_token_id": {"oneOf": [token, {"type": "array", "maxItems": 64, "items": token}],
+                                 "description": "one stop id, or a list of them (every id ends a sequence)"},
+                "chat_template": {"oneOf": [{"type": "null"}, _file()],
+                                  "description": "a Jinja chat template file beside the tokenizer"}}},
             "weights": {"type": "object", "properties": {
                 "file": _file(), "bytes": _int(0, 1 << 46),
                 "blake2b": {"type": ["string", "null"]}, "sample_blake2b": {"type": ["string", "null"]}}},

@@ -1,13 +1,16 @@
 """An OpenAI-compatible HTTP server over the in-flight engine (FastAPI + uvicorn; no torch).
 
 Endpoints: `POST /v1/completions` (prompt, max_tokens, temperature, top_p, top_k, seed, stop,
-stream as server-sent events, stream_options.include_usage, usage counts), `GET /v1/models`,
+stream as server-sent events, stream_options.include_usage, usage counts), `POST
+/v1/chat/completions` (messages rendered with the artifact's chat template, runtime/chat.py;
+the same fields; the turn ends on the template's end-of-turn tokens), `GET /v1/models`,
 `GET /health`, `GET /metrics` (Prometheus text format, prometheus_client). Responses follow
 OpenAI's completions schema; each choice also carries `token_ids` (the generated ids), which
 clients that do not know it ignore.
 
 Errors are OpenAI-style `{"error": {"message", "type", "param", "code"}}` with a one-line
-message: 400 for a malformed body or an out-of-range parameter, 404 for another model name,
+message: 400 for a malformed body or an out-of-range parameter, 404 for another model name or
+an unknown path, 405 for a wrong method,
 503 with `Retry-After` when the engine's queue is full, 500 if the backend fails (the engine
 and the server keep running). A client that disconnects, streaming or not, aborts its request,
 which frees its batch row before the next pass.
@@ -25,8 +28,10 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from tidar_runtime.chat import ChatTemplate, check_messages
 from tidar_runtime.engine import Completion, Engine, Event, QueueFull
 from tidar_runtime.errors import TiDARError
 from tidar_runtime.sampling import SamplingParams
@@ -43,7 +48,8 @@ class BadRequest(Exception):
 
 
 def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 404: "invalid_request_error", 503: "server_overloaded"}.get(status, "server_error")
+    kind = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+            503: "server_overloaded"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status, headers)
 
 
@@ -122,6 +128,49 @@ def parse_completion(body, model_name: str) -> dict:
             "params": SamplingParams(temperature, max(0, top_k), top_p, seed)}
 
 
+def parse_chat_completion(body, model_name: str, chat: "ChatTemplate | None") -> dict:
+    """The engine's submit arguments from a chat completions body: the messages rendered with the
+    chat template (runtime/chat.py), the other fields as for completions; the turn ends on the
+    template's end-of-turn and eos tokens."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    if chat is None:
+        raise BadRequest("this model has no chat template (chat_template.jinja): use /v1/completions", "messages")
+    try:
+        prompt = chat.encode(check_messages(body.get("messages")))
+    except TiDARError as e:
+        raise BadRequest(str(e), "messages") from None
+    if not prompt:
+        raise BadRequest("the chat template rendered an empty prompt", "messages")
+    fields = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
+    if body.get("max_completion_tokens") is not None:  # the chat API's newer name of max_tokens
+        fields["max_tokens"] = body["max_completion_tokens"]
+    return parse_completion(fields | {"prompt": prompt}, model_name) | {"stop_tokens": chat.stop_ids}
+
+
+class Reply:
+    """How a response spells its objects: the completions API (`text`) or the chat API
+    (`message`, and `delta` when streamed). Every choice also carries the generated `token_ids`."""
+
+    def __init__(self, id_prefix: str, objects: tuple[str, str], chat: bool):
+        self.id_prefix, self._objects, self.chat = id_prefix, objects, chat
+
+    def object(self, stream: bool) -> str:
+        return self._objects[stream]
+
+    def choice(self, text: str, tokens: list[int], finish: str | None, delta: bool = False, first: bool = False) -> dict:
+        out = {"index": 0, "logprobs": None, "finish_reason": finish, "token_ids": tokens}
+        if not self.chat:
+            return {"text": text} | out
+        if not delta:
+            return {"message": {"role": "assistant", "content": text}} | out
+        return {"delta": ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})} | out
+
+
+TEXT_REPLY = Reply("cmpl", ("text_completion", "text_completion"), chat=False)
+CHAT_REPLY = Reply("chatcmpl", ("chat.completion", "chat.completion.chunk"), chat=True)
+
+
 def _finish(reason: str) -> str:
     return "stop" if reason == "stop" else "length"  # cache_full: the length limit of the artifact
 
@@ -162,11 +211,16 @@ class Metrics:
             self.ttft.observe(c.first_token_s)
 
 
-def create_app(engine: Engine, model_name: str, retry_after_s: int = 1) -> FastAPI:
+def create_app(engine: Engine, model_name: str, retry_after_s: int = 1, chat: "ChatTemplate | None" = None) -> FastAPI:
+    """The HTTP app over `engine`; `chat` (the artifact's chat template) serves /v1/chat/completions."""
     app = FastAPI(title="tidar-export serve", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics(engine)
     created = int(time.time())
     app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):  # unknown path (404), wrong method (405)
+        return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}", headers=e.headers)
 
     @app.exception_handler(Exception)
     async def _any_error(request: Request, e: Exception):  # the server never crashes on a request
@@ -187,13 +241,21 @@ def create_app(engine: Engine, model_name: str, retry_after_s: int = 1) -> FastA
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        return await run_request(request, parse_completion, TEXT_REPLY)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run_request(request, lambda body, name: parse_chat_completion(body, name, chat), CHAT_REPLY)
+
+    async def run_request(request: Request, parse, reply: "Reply"):
+        """Parse the JSON body with `parse(body, model_name)`, run the request, answer as `reply` spells it."""
         raw = await request.body()
         try:
             try:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise BadRequest(f"invalid JSON body: {str(e).splitlines()[0]}") from None
-            req = parse_completion(body, model_name)
+            req = parse(body, model_name)
         except BadRequest as e:
             metrics.rejected.labels("bad_request").inc()
             return error_response(e.status, e.message, e.param)
@@ -206,7 +268,7 @@ def create_app(engine: Engine, model_name: str, retry_after_s: int = 1) -> FastA
 
         try:
             handle = engine.submit(req["prompt"], max_tokens=req["max_tokens"], params=req["params"],
-                                   stop=req["stop"], on_event=on_event)
+                                   stop=req["stop"], stop_tokens=req.get("stop_tokens"), on_event=on_event)
         except QueueFull as e:
             metrics.rejected.labels("queue_full").inc()
             return error_response(503, str(e), headers={"Retry-After": str(retry_after_s)})
@@ -223,10 +285,10 @@ def create_app(engine: Engine, model_name: str, retry_after_s: int = 1) -> FastA
                     return
 
         watcher = asyncio.ensure_future(watch_disconnect())
-        cid = f"cmpl-{handle.id}"
+        cid = f"{reply.id_prefix}-{handle.id}"
 
         def chunk(choices: list, usage: dict | None = None) -> dict:
-            out = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+            out = {"id": cid, "object": reply.object(req["stream"]), "created": int(time.time()), "model": model_name,
                    "choices": choices}
             if usage is not None:
                 out["usage"] = usage
@@ -250,11 +312,11 @@ def create_app(engine: Engine, model_name: str, retry_after_s: int = 1) -> FastA
             c = handle.result()
             if c.finish_reason == "error":
                 return error_response(500, f"decoding failed: {c.error}")
-            choice = {"text": c.text or "", "index": 0, "logprobs": None, "finish_reason": _finish(c.finish_reason),
-                      "token_ids": c.tokens}
+            choice = reply.choice(c.text or "", c.tokens, _finish(c.finish_reason))
             return JSONResponse(chunk([choice], usage(c)))
 
         async def sse():
+            first = True
             try:
                 while True:
                     ev = await events.get()
@@ -267,9 +329,9 @@ def create_app(engine: Engine, model_name: str, retry_after_s: int = 1) -> FastA
                         break
                     done = ev.finish_reason is not None
                     if ev.tokens or ev.text or done:
-                        yield _sse(chunk([{"text": ev.text, "index": 0, "logprobs": None,
-                                           "finish_reason": _finish(ev.finish_reason) if done else None,
-                                           "token_ids": ev.tokens}]))
+                        yield _sse(chunk([reply.choice(ev.text, ev.tokens, _finish(ev.finish_reason) if done else None,
+                                                       delta=True, first=first)]))
+                        first = False
                     if done:
                         if req["include_usage"]:
                             yield _sse(chunk([], usage(handle.result())))

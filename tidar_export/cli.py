@@ -21,7 +21,7 @@ from tidar_runtime.fileio import os_error_line
 # is the runtime (numpy, onnxruntime, tokenizers); torch and the ONNX tooling are the `export` extra.
 EXTRA_OF = {"torch": "export", "safetensors": "export", "onnx": "export", "onnxscript": "export",
             "onnx_ir": "export", "tqdm": "export", "matplotlib": "plot", "tensorrt": "trt", "polygraphy": "trt",
-            "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve"}
+            "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve", "gguf": "gguf"}
 
 # Modules that add subcommands: each defines register(subparsers) and imports its heavy
 # dependencies (torch, onnx, tensorrt) inside the command, so `--help` stays fast.

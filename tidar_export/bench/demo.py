@@ -168,8 +168,7 @@ def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log
     tok = folder_tokenizer(artifact_dir)
     if tok is None:
         raise TiDARError(f"{artifact_dir}: the demo artifact has no tokenizer.json")
-    eos = m.tokenizer.get("eos_token_id")
-    stop = [eos] if eos is not None else []
+    stop = m.eos_ids
     warm = tok.encode(DEMO_PROMPTS[0]).ids
     generate_ar(backend, warm, 4, stop_tokens=stop)  # sessions and first-run allocations, not timed
     generate_tidar(backend, warm, 4, stop_tokens=stop)

@@ -14,12 +14,13 @@ def add_measure_flags(p) -> None:
     """Flags shared by bench and tune."""
     from tidar_runtime.backends.select import BACKENDS
 
-    p.add_argument("--backend", choices=BACKENDS, default="ort")
+    p.add_argument("--backend", choices=BACKENDS, default="ort", help="runtime backend (default: ort)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1; 0 = ORT's default)")
     p.add_argument("--prompts", help="prompts file: .jsonl (text or {\"text\"}/{\"ids\"} per line) or one text prompt per line")
     p.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="built-in held-out prompts to use")
     p.add_argument("--prompt-len", type=int, default=DEFAULT_PROMPT_LEN, help="tokens per built-in prompt")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW,
+                   help=f"tokens decoded per prompt (default: {DEFAULT_MAX_NEW})")
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="alternating AR/TiDAR repeats")
     p.add_argument("--workdir", help="where step-graph variants exported from --checkpoint are kept and reused "
                    "(default: a temp dir, removed at the end)")

@@ -68,7 +68,7 @@ def register(subparsers) -> None:
                               "TiDAR mode over ONNX Runtime")
     p.add_argument("--artifact-dir", help="where the demo artifact is cached (default: "
                    "$XDG_CACHE_HOME/tidar-export/demo or ~/.cache/tidar-export/demo)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens decoded per prompt (default: 64)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: its own choice)")
     p.add_argument("--block-size", type=int, help=f"TiDAR block size (default: the shipped tuned setting, "
                    f"demo_model/{SETTING_FILE})")

@@ -27,12 +27,17 @@ def run_generate(args) -> int:
     if args.checkpoint is not None and args.backend != "torch":
         raise TiDARError("--checkpoint is read only by --backend torch (the other backends run the artifact)")
     manifest = load_manifest(args.artifact)  # before the tokenizer and the backend: version, files
-    ids = prompt_ids(args.artifact, args.prompt, args.prompt_ids)
     tok = folder_tokenizer(args.artifact)
+    stop = manifest.eos_ids
+    if args.chat:
+        ids, stop = chat_prompt(args, manifest, tok)
+    else:
+        if args.system is not None:
+            raise TiDARError("--system needs --chat")
+        ids = prompt_ids(args.artifact, args.prompt, args.prompt_ids)
     kwargs = {"checkpoint": args.checkpoint} if args.backend == "torch" else {}
     backend = open_backend(args.backend, args.artifact, **kwargs)
-    eos = manifest.tokenizer.get("eos_token_id")
-    stop = args.stop_ids if args.stop_ids is not None else ([eos] if eos is not None else [])
+    stop = args.stop_ids if args.stop_ids is not None else stop
     run = stream_tidar if args.mode == "tidar" else stream_ar
     stream = run(backend, [ids], args.max_new_tokens, params, stop)
     if args.stream and tok is not None:
@@ -58,6 +63,22 @@ def run_generate(args) -> int:
     return 0
 
 
+def chat_prompt(args, manifest, tok) -> tuple[list[int], list[int]]:
+    """--chat: (the prompt ids of --system and --prompt rendered with the artifact's chat template,
+    the ids that end the assistant's turn)."""
+    from tidar_runtime.chat import artifact_chat
+
+    if args.prompt is None:
+        raise TiDARError("--chat needs --prompt TEXT (the user's message), not --prompt-ids")
+    chat = artifact_chat(args.artifact, tok, manifest)
+    if chat is None:
+        raise TiDARError(f"{args.artifact} has no chat template (chat_template.jinja): drop --chat, or import "
+                         "the model from a folder or GGUF file that has one")
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+        [{"role": "user", "content": args.prompt}]
+    return chat.encode(messages), chat.stop_ids
+
+
 def register(sub) -> None:
     from tidar_runtime.backends.select import BACKENDS
 
@@ -65,15 +86,21 @@ def register(sub) -> None:
     p.add_argument("artifact", help="artifact directory written by `tidar-export export`")
     p.add_argument("--prompt", help="prompt text (needs the artifact's tokenizer.json)")
     p.add_argument("--prompt-ids", type=int_list, help="prompt as comma-separated token ids")
-    p.add_argument("--mode", choices=["tidar", "ar"], default="tidar")
+    p.add_argument("--chat", action="store_true",
+                   help="--prompt is a user message: render it with the artifact's chat template and stop at "
+                        "the end of the assistant's turn")
+    p.add_argument("--system", help="--chat: a system message before the user's")
+    p.add_argument("--mode", choices=["tidar", "ar"], default="tidar",
+                   help="tidar: draft and verify in one pass (default); ar: one token per pass")
     p.add_argument("--backend", default="ort", help=f"{' | '.join(BACKENDS)} (default: ort)")
     p.add_argument("--checkpoint", help="--backend torch: the checkpoint the artifact was exported from")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop-ids", type=int_list, help="stop token ids (default: the tokenizer's eos)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--seed", type=int, help="seed of sampling (default: random)")
+    p.add_argument("--stop-ids", type=int_list,
+                   help="stop token ids (default: the tokenizer's eos ids; with --chat also the end-of-turn token)")
     p.add_argument("--stream", action="store_true", help="print text as it is decided")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and figures")
     p.set_defaults(func=run_generate)

@@ -24,8 +24,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_serve(args) -> int:
-    from tidar_runtime.server import bind, create_app, make_server  # fastapi, uvicorn: the `serve` extra
+    from tidar_runtime.chat import artifact_chat
     from tidar_runtime.engine import open_engine
+    from tidar_runtime.server import bind, create_app, make_server  # fastapi, uvicorn: the `serve` extra
 
     if args.max_queue < 0:
         raise TiDARError(f"--max-queue must be >= 0, got {args.max_queue}")
@@ -41,13 +42,19 @@ def run_serve(args) -> int:
         sock.close()
         raise
     name = args.model_name or Path(args.artifact).resolve().name
-    app = create_app(engine, name)
+    try:
+        chat = artifact_chat(args.artifact, engine.tokenizer)  # None without one: chat requests answer 400
+    except BaseException:
+        engine.close()
+        sock.close()
+        raise
+    app = create_app(engine, name, chat=chat)
     host, port = sock.getsockname()[:2]
     where = f"[{host}]" if ":" in host else host
     if not _is_loopback(args.host):
         print(f"warning: listening on {args.host}, not loopback: anyone who can reach it can use it", file=sys.stderr)
-    print(f"serving {name!r} ({args.mode}/{args.backend}, batch {engine.max_batch}, queue {args.max_queue}) on "
-          f"http://{where}:{port}/v1", file=sys.stderr, flush=True)
+    print(f"serving {name!r} ({args.mode}/{args.backend}, batch {engine.max_batch}, queue {args.max_queue}"
+          f"{', chat' if chat is not None else ''}) on http://{where}:{port}/v1", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: a clean stop here
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -73,11 +80,13 @@ def register(sub) -> None:
     p.add_argument("artifact", help="artifact directory written by `tidar-export export`")
     p.add_argument("--backend", default="ort", help=f"{' | '.join(BACKENDS)} (default: ort)")
     p.add_argument("--checkpoint", help="--backend torch: the checkpoint the artifact was exported from")
-    p.add_argument("--mode", choices=["tidar", "ar"], default="tidar")
+    p.add_argument("--mode", choices=["tidar", "ar"], default="tidar",
+                   help="tidar: draft and verify in one pass (default); ar: one token per pass")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stderr)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a batch row; more are refused with 503 (default: 64)")
     p.add_argument("--model-name", help="the model id of /v1/models (default: the artifact folder's name)")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: warning)")
     p.set_defaults(func=run_serve)

@@ -33,7 +33,15 @@ _FLAGS = {  # TrainSettings field -> (flag, type, help)
     "grad_clip": ("--grad-clip", float, "gradient-norm clip (0 disables)"),
     "seed": ("--seed", int, "seed of the init and the batch sampler"),
     "init_from": ("--init-from", str, "continue from this (imported AR) checkpoint folder instead of scratch"),
+    "draft_target": ("--draft-target", str, "what the mask slots learn: data | self | rollout (docs/TRAINING.md)"),
+    "rollout_frac": ("--rollout-frac", float, "rollout: share of each batch's rows taken from the rollout pool"),
+    "rollout_every": ("--rollout-every", int, "rollout: steps between regenerations of the pool"),
+    "rollout_pool": ("--rollout-pool", int, "rollout: rows in the pool"),
+    "rollout_prefix_min": ("--rollout-prefix-min", int, "rollout: shortest real prefix of a pool row"),
+    "rollout_prefix_max": ("--rollout-prefix-max", int, "rollout: longest real prefix of a pool row"),
 }
+# Every TrainSettings field has a flag here (tests/test_docs_commands.py checks it, and that every
+# command and flag docs/TRAINING.md shows parses).
 
 
 def register(subparsers) -> None:

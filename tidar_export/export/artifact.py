@@ -1,6 +1,6 @@
 """`tidar-export export`: write a deployable artifact directory (docs/EXPORT.md).
 
-    manifest.json   prefill.onnx   step.onnx   ar_step.onnx   weights.bin   [tokenizer.json]
+    manifest.json   prefill.onnx   step.onnx   ar_step.onnx   weights.bin   [tokenizer.json]   [chat_template.jinja]
 
 The three graphs are traced by tidar_export.export.tracing and lowered for the target by
 `tidar_graphs.lower`. Weights: every initializer of at least EXTERNAL_MIN_BYTES goes to
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tidar_runtime import fileio
+from tidar_runtime.chat import CHAT_TEMPLATE_FILE
 from tidar_runtime.contract import MANIFEST_FILE
 from tidar_runtime.paths import checkpoint_root, confined
 
@@ -253,10 +254,11 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
             spec.bytes = (tmp / spec.file).stat().st_size
             log(f"{kind}: traced and lowered for {target} in {time.perf_counter() - t0:.1f}s")
         weights.close()
-        src = confined(checkpoint, "tokenizer.json", f"{checkpoint}: tokenizer", root=checkpoint_root(checkpoint))
-        if src.is_file():
-            shutil.copyfile(src, tmp / "tokenizer.json")
-            manifest.tokenizer["file"] = "tokenizer.json"
+        for key, name in (("file", "tokenizer.json"), ("chat_template", CHAT_TEMPLATE_FILE)):
+            src = confined(checkpoint, name, f"{checkpoint}: tokenizer", root=checkpoint_root(checkpoint))
+            if src.is_file():
+                shutil.copyfile(src, tmp / name)
+                manifest.tokenizer[key] = name
         manifest.versions = {
             "tidar_export": tidar_export.__version__,
             "exporter": "torch.onnx.export(dynamo=True)",

@@ -26,13 +26,14 @@ from tidar_export.model.config import SUPPORTED_ARCHS, TiDARConfig, is_int, is_n
 from tidar_export.errors import TiDARError
 from tidar_export.model.transformer import TiDARModel
 from tidar_runtime import fileio
+from tidar_runtime.chat import CHAT_TEMPLATE_FILE
 from tidar_runtime.manifest import read_json
 from tidar_runtime.paths import checkpoint_root, confined
 
 TIDAR_KEY = "tidar"  # config.json key that holds the TiDAR settings
 HF_ARCH_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "vocab.json", "merges.txt")
+                   "generation_config.json", "vocab.json", "merges.txt", CHAT_TEMPLATE_FILE)
 
 
 def _rope_theta(hf: dict) -> float:
@@ -112,7 +113,7 @@ def config_from_hf(hf: dict, block_size: int | None = None, mask_token_id: int |
     tidar = hf.get(TIDAR_KEY) or {}
     heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")
-    if isinstance(eos, list):
+    if isinstance(eos, list) and len(eos) < 2:  # [] or [id]: what a plain value says
         eos = eos[0] if eos else None
     vocab = hf["vocab_size"]
     mask_id = mask_token_id if mask_token_id is not None else tidar.get("mask_token_id")
@@ -275,6 +276,22 @@ def write_checkpoint_files(model: TiDARModel, folder: Path, tokenizer_from: str 
             src = confined(tokenizer_from, name, f"{tokenizer_from}: tokenizer file", root=root)
             if src.is_file():
                 shutil.copyfile(src, folder / name)
+        template = config_chat_template(folder / "tokenizer_config.json")
+        if template is not None and not (folder / CHAT_TEMPLATE_FILE).exists():
+            (folder / CHAT_TEMPLATE_FILE).write_text(template)
+
+
+def config_chat_template(path: Path) -> str | None:
+    """The chat template an HF tokenizer_config.json holds ("chat_template": the source, or a list
+    of {"name", "template"} whose "default" entry is taken), or None."""
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template if isinstance(template, str) and template else None
 
 
 def save_checkpoint(model: TiDARModel, folder: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None,

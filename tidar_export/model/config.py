@@ -50,10 +50,13 @@ def check_config(cfg: "TiDARConfig") -> None:
         raise TiDARError(f"config: rope_theta must be a positive number, got {cfg.rope_theta!r}"[:300])
     if not is_number(cfg.rms_norm_eps) or not 0 < cfg.rms_norm_eps < 1:
         raise TiDARError(f"config: rms_norm_eps must be a number in (0, 1), got {cfg.rms_norm_eps!r}"[:300])
-    for name in ("bos_token_id", "eos_token_id"):
-        v = getattr(cfg, name)
-        if v is not None and (not is_int(v) or v < 0):
-            raise TiDARError(f"config: {name} must be a token id (an integer >= 0) or null, got {v!r}"[:300])
+    bos, eos = cfg.bos_token_id, cfg.eos_token_id
+    if bos is not None and (not is_int(bos) or bos < 0):
+        raise TiDARError(f"config: bos_token_id must be a token id (an integer >= 0) or null, got {bos!r}"[:300])
+    if eos is not None and not (is_int(eos) and eos >= 0 or isinstance(eos, list) and eos
+                                and all(is_int(x) and x >= 0 for x in eos)):
+        raise TiDARError("config: eos_token_id must be a token id (an integer >= 0), a non-empty list of them, "
+                         f"or null, got {eos!r}"[:300])
     if cfg.num_heads % cfg.num_kv_heads:
         raise TiDARError(f"num_heads={cfg.num_heads} is not a multiple of num_kv_heads={cfg.num_kv_heads}")
     if cfg.head_dim % 2:
@@ -81,7 +84,8 @@ class TiDARConfig:
     block_size: int = 4  # TiDAR draft length b (can be changed at decode time)
     mask_token_id: int = 0  # the TiDAR mask token M; must be < vocab_size
     bos_token_id: int | None = None  # prepended by the tokenizer, if any (informational)
-    eos_token_id: int | None = None  # default stop token for generation, if any
+    eos_token_id: int | list[int] | None = None  # stop token(s) of generation, if any: every id of a list
+    # stops a sequence (Llama 3 ends a turn with <|eot_id|>, its eos is <|end_of_text|>); see eos_ids
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -90,6 +94,12 @@ class TiDARConfig:
     def o_proj_bias(self) -> bool:
         """Llama and Qwen3 put `attention_bias` on o_proj too; Qwen2 biases only q/k/v."""
         return self.attention_bias and self.arch != "qwen2"
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """The stop token ids: eos_token_id as a list (empty when there is none)."""
+        eos = self.eos_token_id
+        return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
     def replace(self, **changes) -> "TiDARConfig":
         return dataclasses.replace(self, **changes)

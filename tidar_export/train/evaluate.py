@@ -148,7 +148,7 @@ def evaluate(checkpoint: str, corpus: str = "stdlib", pattern: str = "*.py", seq
     if num_prompts < 1 or prompt_len < 1 or max_new_tokens < 1:
         raise TiDARError("--num-prompts, --prompt-len and --max-new-tokens must be >= 1")
     S = seq_len or min(256, cfg.max_position_embeddings)
-    stream, split = heldout_stream(ckpt, corpus, pattern, cfg.eos_token_id)
+    stream, split = heldout_stream(ckpt, corpus, pattern, (cfg.eos_ids or [None])[0])
     if len(stream) and int(stream.max()) >= cfg.vocab_size:
         raise TiDARError(f"the tokenizer produces id {int(stream.max())}, outside the vocabulary ({cfg.vocab_size})")
     t0 = time.perf_counter()
@@ -159,7 +159,7 @@ def evaluate(checkpoint: str, corpus: str = "stdlib", pattern: str = "*.py", seq
     }
     report |= lm_metrics(model, stream, S, max_eval_tokens)
     prompts = prompts_from(stream, num_prompts, prompt_len, max_new_tokens)
-    stop = [cfg.eos_token_id] if cfg.eos_token_id is not None else []
+    stop = cfg.eos_ids
     report["decode"] = {"prompts": num_prompts, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
                         "greedy": True} | decode_metrics(model, prompts, list(block_sizes), max_new_tokens, stop)
     report["eval_s"] = round(time.perf_counter() - t0, 1)

@@ -464,7 +464,7 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
                 model = _fresh_model(s, tok, tok.get_vocab_size())
         model.train()
         cfg = model.cfg
-        eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else data.special_id(tok, data.EOS_TOKEN)
+        eos_id = cfg.eos_ids[0] if cfg.eos_ids else data.special_id(tok, data.EOS_TOKEN)
         stream = torch.from_numpy(data.token_stream(tok, texts, eos_id))
         if stream.numel() < s.seq_len + 2:
             raise TiDARError(f"corpus has only {stream.numel()} training tokens: need more than --seq-len {s.seq_len}")
