@@ -17,8 +17,8 @@ from tidar_runtime.loop import (
     generate_tidar_batch,
     stream_ar,
     stream_tidar,
-    text_pieces,
 )
+from tidar_runtime.text import text_pieces
 from tidar_runtime.sampling import SamplingParams
 from tidar_runtime.engine import Completion, Engine, Event, Handle, QueueFull, open_engine
 

@@ -294,6 +294,8 @@ def validate(d, where: str) -> "Manifest":
         check_name(tok["file"], f"{where}: tokenizer.file")
     for key in ("eos_token_id", "bos_token_id"):
         f.int(f"tokenizer.{key}", tok.get(key), 0, vocab - 1, none=True)
+    f.int("tokenizer.vocab_size", tok.get("vocab_size"), 1, vocab, none=True)
+    f.str("tokenizer.blake2b", tok.get("blake2b"), none=True, max_len=128)
     weights = f.obj("weights", d.get("weights", {}), none=True)
     if weights:
         check_name(weights.get("file"), f"{where}: weights.file")
@@ -335,14 +337,19 @@ def sample_digest(path: str | os.PathLike) -> str:
 
 
 def verify_digests(artifact_dir: str | os.PathLike, m: "Manifest", full: bool = False) -> None:
-    """Graph files against their recorded digests, and the weights file against its quick digest
-    (and, with `full`, its whole-file digest). Artifacts exported before digests were recorded
+    """Graph files and the tokenizer against their recorded digests, and the weights file against
+    its quick digest (and, with `full`, its whole-file digest). Artifacts exported before digests were recorded
     have none and pass. A mismatch is a one-line TiDARError."""
     artifact_dir = Path(artifact_dir)
     for g in m.graphs.values():
         if g.digest is not None and file_digest(artifact_dir / g.file) != g.digest:
             raise TiDARError(f"{artifact_dir}: {g.file} does not match its digest in the manifest "
                              "(corrupt or modified after export)")
+    tok = m.tokenizer
+    if tok.get("file") is not None and tok.get("blake2b") is not None and \
+            file_digest(artifact_dir / tok["file"]) != tok["blake2b"]:
+        raise TiDARError(f"{artifact_dir}: {tok['file']} does not match its digest in the manifest "
+                         "(replaced or modified after export)")
     if m.weights:
         w = artifact_dir / m.weights["file"]
         checks = [("sample_blake2b", sample_digest)] + ([("blake2b", file_digest)] if full else [])

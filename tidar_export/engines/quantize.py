@@ -124,7 +124,7 @@ class RecordingBackend:
         rng = np.random.default_rng(seed)
         self.records = {kind: _Reservoir(samples, rng) for kind in GRAPH_KINDS}
 
-    def __getattr__(self, name):  # block_size, proposals, max_len, max_batch, mask_token_id
+    def __getattr__(self, name):  # block_size, proposals, max_len, max_batch, mask_token_id, vocab_size
         return getattr(self.backend, name)
 
     def _cached(self, kind: str, feeds: dict) -> None:

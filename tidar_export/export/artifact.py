@@ -312,7 +312,7 @@ def staged_artifact(output: str | os.PathLike, force: bool = False) -> Iterator[
 
 
 def seal(folder: Path) -> None:
-    """Record the BLAKE2b digests of the graphs and weights in the manifest of a finished
+    """Record the BLAKE2b digests of the graphs, weights and tokenizer (and its vocabulary size) in the manifest of a finished
     artifact folder, and read it back through the full validation (`load_manifest`)."""
     from tidar_runtime.manifest import Manifest, file_digest, load_manifest, read_json, sample_digest
 
@@ -322,6 +322,11 @@ def seal(folder: Path) -> None:
     if m.weights:
         w = folder / m.weights["file"]
         m.weights.update(bytes=w.stat().st_size, blake2b=file_digest(w), sample_blake2b=sample_digest(w))
+    if m.tokenizer.get("file"):
+        from tidar_runtime.tokenizer import load_tokenizer
+
+        t = folder / m.tokenizer["file"]
+        m.tokenizer.update(blake2b=file_digest(t), vocab_size=load_tokenizer(t).get_vocab_size(with_added_tokens=True))
     m.save(folder)
     load_manifest(folder, verify="full")
 
