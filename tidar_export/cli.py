@@ -53,13 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT (not an Exception:
-    `except Exception` blocks let it through; `finally` blocks remove staging folders)."""
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread as KeyboardInterrupt is for SIGINT (not an Exception:
+    `except Exception` blocks let it through; `finally` blocks remove staging folders). Uncaught,
+    it exits with status 128 + SIGTERM."""
 
 
 def _terminate(signum, frame):
-    raise Terminated(signum)
+    raise Terminated(128 + signum)
 
 
 @contextlib.contextmanager
