@@ -15,7 +15,8 @@ API (stable; the HTTP server and the Triton Python model build on it):
     engine = Engine(backend, mode="tidar", tokenizer=None, stop_tokens=(), max_queue=64)
     engine = open_engine(artifact_dir, backend="ort", mode="tidar", max_queue=64)  # + tokenizer, eos
 
-    h = engine.submit(prompt,                    # str (needs the tokenizer) or token ids
+    h = engine.submit(prompt,                    # str (needs the tokenizer) or token ids, or a
+                                                 #   GenerationRequest (tidar_runtime.request)
                       max_tokens=64,
                       params=SamplingParams(temperature=0.8, top_p=0.9, seed=1),
                       stop=("\\n\\n",),            # stop strings (need the tokenizer); not shown
@@ -30,11 +31,16 @@ API (stable; the HTTP server and the Triton Python model build on it):
     engine.snapshot()                            # EngineStats: queue depth, active rows, counters
     engine.add_listener(obj)                     # obj.on_pass(kind, seconds, tokens) /
                                                  #   obj.on_finish(completion), engine thread
+    engine.drain(timeout)                        # refuse new requests, let live ones finish, then close
     engine.close()                               # aborts what is left; also `with Engine(...)`
 
-`submit` raises `QueueFull` (a TiDARError) when `max_queue` requests already wait, and
-TiDARError with a one-line reason for a bad request (empty or too long prompt, a token id
-outside the vocabulary, max_tokens < 1, stop strings without a tokenizer, a live duplicate id).
+`submit` raises `QueueFull` (a TiDARError) when `max_queue` requests already wait or the
+engine drains, FieldError (a TiDARError naming the request field) for a bad request: the
+request model's checks (tidar_runtime.request: types, max_tokens >= 1, stop strings) and the
+artifact's (empty or too long prompt, a token id outside the vocabulary, max_tokens over the
+context, stop strings without a tokenizer); TiDARError for a live duplicate id. A text prompt
+is tokenized in `submit`, by the caller's thread; text is detokenized on the thread that runs
+the passes (tidar_runtime.text: a bounded window per token).
 finish_reason: "stop" (stop token or stop string), "length" (max_tokens), "cache_full" (the
 row's KV cache has no room for another pass), "abort", or "error" (the backend raised; the
 message is in `Completion.error`, the engine keeps serving).

@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tidar_runtime import stamps
 from tidar_runtime.errors import TiDARError, first_line
 from tidar_runtime.fileio import write_atomic
 from tidar_runtime.layout import PAST_PREFIX, PRESENT_PREFIX, past_names, present_names, step_len
@@ -337,9 +338,10 @@ def sample_digest(path: str | os.PathLike) -> str:
 
 
 def verify_digests(artifact_dir: str | os.PathLike, m: "Manifest", full: bool = False) -> None:
-    """Graph files and the tokenizer against their recorded digests, and the weights file against
-    its quick digest (and, with `full`, its whole-file digest). Artifacts exported before digests were recorded
-    have none and pass. A mismatch is a one-line TiDARError."""
+    """Graph files and the tokenizer against their recorded digests; the weights file against its
+    quick digest, and against its whole-file digest once per file (tidar_runtime.stamps: again
+    only when the file changed) or always with `full`. Artifacts exported before digests were
+    recorded have none and pass. A mismatch is a one-line TiDARError."""
     artifact_dir = Path(artifact_dir)
     for g in m.graphs.values():
         if g.digest is not None and file_digest(artifact_dir / g.file) != g.digest:
@@ -352,11 +354,15 @@ def verify_digests(artifact_dir: str | os.PathLike, m: "Manifest", full: bool = 
                          "(replaced or modified after export)")
     if m.weights:
         w = artifact_dir / m.weights["file"]
-        checks = [("sample_blake2b", sample_digest)] + ([("blake2b", file_digest)] if full else [])
+        whole = m.weights.get("blake2b")
+        hash_whole = whole is not None and (full or not stamps.is_verified(w, whole))
+        checks = [("sample_blake2b", sample_digest)] + ([("blake2b", file_digest)] if hash_whole else [])
         for key, fn in checks:
             if m.weights.get(key) is not None and fn(w) != m.weights[key]:
                 raise TiDARError(f"{artifact_dir}: {m.weights['file']} does not match its digest in the manifest "
                                  "(corrupt or modified after export)")
+        if hash_whole:
+            stamps.mark_verified(w, whole)
 
 
 def load_manifest(artifact_dir: str | os.PathLike, verify: str = "quick") -> Manifest:

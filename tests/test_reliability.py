@@ -261,6 +261,64 @@ def test_one_changed_byte_is_caught_by_check(art, tmp_path, capsys):
     assert "does not match its digest" in one_line_error(capsys, ["check", bad])
 
 
+def _other_tokenizer(path: Path, words: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i + 1 for i in range(words)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def test_a_tokenizer_of_another_model_is_refused(art, tmp_path, capsys):
+    """The tokenizer has a digest like the graphs (export records it); an artifact without one
+    (older exports) still has its tokenizer's vocabulary checked against the manifest."""
+    bad = copy_art(art, tmp_path)
+    _other_tokenizer(bad / "tokenizer.json", 2)
+    for argv in (["generate", bad, "--prompt-ids", "1,2"], ["check", bad]):
+        assert "tokenizer.json does not match its digest" in one_line_error(capsys, argv)
+    old = copy_art(art, tmp_path, "old")
+    edit_manifest(old, lambda d: (d["tokenizer"].pop("blake2b"), d["tokenizer"].pop("vocab_size")))
+    vocab = json.loads((old / "manifest.json").read_text())["model"]["vocab_size"]
+    _other_tokenizer(old / "tokenizer.json", vocab + 5)
+    assert f"has a vocabulary of {vocab + 6} tokens" in one_line_error(
+        capsys, ["generate", old, "--prompt-ids", "1,2"])
+
+
+def test_weights_changed_outside_the_sampled_blocks_are_caught_on_the_first_load(art, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """The whole weights file is hashed on a file's first load; a stamp (tidar_runtime.stamps)
+    spares the next loads while the file stays the same, and any write invalidates it. Sampled
+    blocks of 1 KiB here, so that this small file has bytes outside them."""
+    from tidar_runtime import manifest as manifest_module, stamps
+
+    monkeypatch.setattr(manifest_module, "SAMPLE_BLOCK_BYTES", 1024)
+    monkeypatch.setattr(manifest_module, "SAMPLE_BLOCKS", 2)  # the first and the last KiB
+    bad = copy_art(art, tmp_path)
+    w = bad / WEIGHTS_FILE
+    edit_manifest(bad, lambda d: d["weights"].update(sample_blake2b=manifest_module.sample_digest(w)))
+    whole = json.loads((bad / "manifest.json").read_text())["weights"]["blake2b"]
+    assert not stamps.is_verified(w, whole)
+    load_manifest(bad)
+    assert stamps.is_verified(w, whole)  # the next load hashes only the sampled blocks
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0x01  # outside both sampled blocks
+    _overwrite_weights(bad, bytes(data))
+    assert not stamps.is_verified(w, whole)
+    assert "does not match its digest" in one_line_error(capsys, ["generate", bad, "--prompt-ids", "1,2"])
+
+
+@pytest.mark.parametrize("header,message", [(17 << 20, "header length 17825792"), (1 << 40, "header length")])
+def test_safetensors_header_size_is_bounded(header, message, ckpt, tmp_path, capsys):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ckpt, bad)
+    with open(bad / "model.safetensors", "wb") as f:
+        f.write(header.to_bytes(8, "little"))
+        if header < 1 << 30:
+            f.write(b" " * header)  # a real header of that size: refused before it is parsed
+    for argv in (["export", bad, "-o", tmp_path / "a"], ["decode", bad, "--prompt-ids", "1,2"]):
+        assert message in one_line_error(capsys, argv)
+
+
 def test_check_finds_nan_weights_without_digests(art, tmp_path, capsys):
     """An artifact without recorded digests (older exports) still fails check on NaN weights."""
     bad = copy_art(art, tmp_path)

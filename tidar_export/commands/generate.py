@@ -11,7 +11,7 @@ import sys
 
 from tidar_export.commands.args import int_list, prompt_ids, require_prompt
 from tidar_export.errors import TiDARError
-from tidar_runtime.tokenizer import folder_tokenizer
+from tidar_runtime.tokenizer import artifact_tokenizer, default_stop_tokens
 
 
 def run_generate(args) -> int:
@@ -28,11 +28,10 @@ def run_generate(args) -> int:
         raise TiDARError("--checkpoint is read only by --backend torch (the other backends run the artifact)")
     manifest = load_manifest(args.artifact)  # before the tokenizer and the backend: version, files
     ids = prompt_ids(args.artifact, args.prompt, args.prompt_ids)
-    tok = folder_tokenizer(args.artifact)
+    tok = artifact_tokenizer(args.artifact, manifest)
     kwargs = {"checkpoint": args.checkpoint} if args.backend == "torch" else {}
     backend = open_backend(args.backend, args.artifact, **kwargs)
-    eos = manifest.tokenizer.get("eos_token_id")
-    stop = args.stop_ids if args.stop_ids is not None else ([eos] if eos is not None else [])
+    stop = args.stop_ids if args.stop_ids is not None else default_stop_tokens(manifest)
     run = stream_tidar if args.mode == "tidar" else stream_ar
     stream = run(backend, [ids], args.max_new_tokens, params, stop)
     if args.stream and tok is not None:
