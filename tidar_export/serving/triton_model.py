@@ -45,14 +45,21 @@ def _scalar(request, name):
     if a.size != 1:
         raise TiDARError(f"input {name} must hold one value, got {a.size}")
     v = a[0]
-    return v.decode("utf-8") if isinstance(v, bytes) else v.item()
+    return _text(v, name) if isinstance(v, bytes) else v.item()
 
 
 def _strings(request, name):
     t = pb_utils.get_input_tensor_by_name(request, name)
     if t is None:
         return []
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in t.as_numpy().reshape(-1)]
+    return [_text(v, name) if isinstance(v, bytes) else str(v) for v in t.as_numpy().reshape(-1)]
+
+
+def _text(raw, name):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TiDARError(f"input {name} is not valid UTF-8") from None
 
 
 # the request model's field -> the name a client of this model knows it by (in error messages)
@@ -242,6 +249,9 @@ class TritonPythonModel:
             except TiDARError as e:
                 code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
                 sender.send(_error(str(e), code), flags=FINAL)
+            except Exception as e:  # noqa: BLE001 (a fault of ours: one log line, the other requests go on)
+                pb_utils.Logger.log_error(f"tidar: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                sender.send(_error(f"internal error ({type(e).__name__})"), flags=FINAL)
         return None
 
     def finalize(self):
