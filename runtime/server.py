@@ -275,7 +275,7 @@ def create_app(engine: Engine, model_name: str, retry_after_s: int = 1, limits: 
             metrics.rejected.labels("bad_request").inc()
             if isinstance(e, BadRequest):
                 return error_response(e.status, e.message, e.param)
-            return error_response(400, e.detail if e.field in e.detail else e.named(e.field), e.field)
+            return error_response(400, e.named(e.field), e.field)  # the field as the client sent it
         except QueueFull as e:
             metrics.rejected.labels("queue_full").inc()
             return error_response(503, str(e), headers={"Retry-After": str(retry_after_s)})

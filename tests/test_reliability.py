@@ -624,17 +624,24 @@ def test_sigterm_during_a_command_removes_its_temp_folders(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sigterm_mid_export_keeps_the_old_artifact_and_leaves_nothing(art, ckpt, tmp_path):
+@pytest.mark.parametrize("signum,line", [(signal.SIGTERM, "terminated (SIGTERM)"),
+                                         (signal.SIGINT, "interrupted (Ctrl-C)")])
+def test_a_signal_mid_export_keeps_the_old_artifact_and_leaves_nothing(signum, line, art, ckpt, tmp_path):
+    """SIGTERM and Ctrl-C: the staging folder removed, the old artifact kept, one line on stderr
+    and exit status 143 / 130 (no KeyboardInterrupt traceback)."""
     out = copy_art(art, tmp_path, "art")
     before = tree(out)
     code = f"import sys; from tidar_export.cli import main; sys.exit(main(['export', {str(ckpt)!r}, '-o', {str(out)!r}]))"
-    proc = _python(code)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".art.tidar-tmp.") for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, "export never started staging"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 128 + signal.SIGTERM
+    proc.send_signal(signum)
+    assert proc.wait(60) == 128 + signum
+    err = proc.stderr.read()
+    assert err.strip().splitlines()[-1] == f"tidar-export export: {line}" and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"] and tree(out) == before
 
 
