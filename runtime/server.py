@@ -388,6 +388,7 @@ class BodyLimit:
             log.warning("client %s: body not received within %s s: closed", _peer(scope), self.limits.body_timeout_s)
             return await _refuse(send, 408, f"the request body did not arrive within {self.limits.body_timeout_s} s")
         if body is None:  # the client went away
+            log.warning("client %s went away before its request body arrived", _peer(scope))
             return
         if len(body) > self.limits.max_body_bytes:
             return await _refuse(send, 413, f"the request body is over {self.limits.max_body_bytes} bytes")

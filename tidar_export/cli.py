@@ -15,7 +15,7 @@ import signal
 import sys
 
 from tidar_export.errors import TiDARError
-from tidar_runtime.fileio import os_error_line
+from tidar_runtime.fileio import os_error_line, remove_temp_dirs
 
 
 # A missing optional dependency -> the extra that installs it (pyproject.toml). The base install
@@ -90,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         with _sigterm_unwinds():
             return args.func(args)
     except KeyboardInterrupt:
+        remove_temp_dirs()
         print(f"tidar-export {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 128 + signal.SIGINT
     except Terminated:
+        remove_temp_dirs()
         print(f"tidar-export {args.command}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
     except TiDARError as e:
