@@ -11,7 +11,15 @@ not grow over repeated load rounds (reported). Records throughput (generated tok
 load pass), time to first token and inter-token latency (gap between streamed chunks divided
 over the tokens they carry) p50/p99. Stops by itself; prints one JSON line per run.
 
+With `--hostile N`, each load round runs twice, without and then with N hostile clients on
+loopback beside the normal ones, for as long as the round lasts (bounded: one connection each at
+a time): headers sent a byte at a time, a body that trickles, a Content-Length of 20 MB, a body
+at the size limit (a prompt of about 1 MiB that must be tokenized and refused), bad fields (a
+lone surrogate, include_usage "no", a logit_bias), a stream cut right after its headers. The
+normal requests' outputs must stay exact; the report adds their TTFT p99 with and without.
+
     python benchmarks/serve_load.py ARTIFACT [--concurrency 1 8 32] [--requests 4] [--max-tokens 48]
+                                    [--hostile 8]
 """
 
 from __future__ import annotations
@@ -73,7 +81,69 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, abort_after: int 
     return {"status": 200, "tokens": tokens, "aborted": False, "finish": finish, "ttft": ttft, "gaps": gaps}
 
 
-async def load(url: str, reqs: list[dict], concurrency: int, per_client: int, abort_share: float, seed: int):
+def _hostile_requests(max_body: int) -> list[bytes]:
+    """Request bytes of the hostile kinds that send whole requests."""
+    def post(body: bytes, length: int | None = None) -> bytes:
+        return (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % (len(body) if length is None else length)) + body
+    big = json.dumps({"prompt": "x " * ((max_body - 40) // 2), "max_tokens": 4}).encode()[:max_body]
+    if not big.endswith(b"}"):
+        big = json.dumps({"prompt": "x " * ((max_body - 60) // 2), "max_tokens": 4}).encode()
+    return [post(b"", 20_000_000),  # Content-Length over the limit: 413 unread
+            post(big),  # at the limit: tokenized (off the event loop) and refused (too long for the cache)
+            post(b'{"prompt": "\\ud800", "max_tokens": 4}'),
+            post(b'{"prompt": "x", "stream": true, "stream_options": {"include_usage": "no"}}'),
+            post(b'{"prompt": "x", "logit_bias": {"5": 3}}'),
+            post(b'{"prompt": "x", "max_tokens": 4, "stream": true}')]  # cut right after the headers
+
+
+async def hostile(url: str, kind: int, stop: asyncio.Event, counts: dict) -> None:
+    """One hostile client: repeats its kind until `stop` (one connection at a time)."""
+    host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
+    whole = _hostile_requests(1 << 20)
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        try:
+            if kind % 8 == 0:  # headers a byte at a time until the server closes
+                writer.write(b"POST /v1/completions HTTP/1.1\r\n")
+                while not stop.is_set() and not reader.at_eof():
+                    writer.write(b"X")
+                    await writer.drain()
+                    try:
+                        await asyncio.wait_for(reader.read(1024), 0.2)
+                    except asyncio.TimeoutError:
+                        pass
+            elif kind % 8 == 1:  # a body that trickles
+                writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+                while not stop.is_set() and not reader.at_eof():
+                    writer.write(b" ")
+                    await writer.drain()
+                    try:
+                        if await asyncio.wait_for(reader.read(1024), 0.2):
+                            break
+                    except asyncio.TimeoutError:
+                        pass
+            else:
+                data = whole[(kind - 2) % len(whole)]
+                writer.write(data)
+                await writer.drain()
+                if data.endswith(b'"stream": true}'):
+                    await reader.read(64)  # the status line, then hang up mid-stream
+                else:
+                    await asyncio.wait_for(reader.read(1 << 16), 60)
+            counts[kind % 8] = counts.get(kind % 8, 0) + 1
+        except (OSError, asyncio.TimeoutError):
+            counts[kind % 8] = counts.get(kind % 8, 0) + 1
+        finally:
+            writer.close()
+
+
+async def load(url: str, reqs: list[dict], concurrency: int, per_client: int, abort_share: float, seed: int,
+               hostiles: int = 0):
     rng = random.Random(seed)
     plan = [[(rng.randrange(len(reqs)), 2 if rng.random() < abort_share else None) for _ in range(per_client)]
             for _ in range(concurrency)]
@@ -83,9 +153,15 @@ async def load(url: str, reqs: list[dict], concurrency: int, per_client: int, ab
             for k, abort_after in jobs:
                 results.append((k, await one(client, url, reqs[k], abort_after)))
 
+        stop, counts = asyncio.Event(), {}
+        bad = [asyncio.ensure_future(hostile(url, k, stop, counts)) for k in range(hostiles)]
+        if bad:
+            await asyncio.sleep(1.0)  # the hostile clients are at it before the normal ones start
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(jobs) for jobs in plan))
         wall = time.perf_counter() - t0
+        stop.set()
+        await asyncio.gather(*bad, return_exceptions=True)
     return results, wall, sum(len(j) for j in plan)
 
 
@@ -98,6 +174,7 @@ def main() -> int:
     ap.add_argument("--abort-share", type=float, default=0.15)
     ap.add_argument("--rounds", type=int, default=2, help="load rounds per concurrency (RSS over rounds)")
     ap.add_argument("--mode", default="tidar")
+    ap.add_argument("--hostile", type=int, default=0, help="hostile clients beside the normal ones (see above)")
     args = ap.parse_args()
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -120,7 +197,10 @@ def main() -> int:
         for conc in args.concurrency:
             rss = [rss_kib(proc.pid)]
             for rnd in range(args.rounds):
-                results, wall, sent = asyncio.run(load(url, reqs, conc, args.requests, args.abort_share, rnd))
+                if args.hostile:
+                    calm, _, _ = asyncio.run(load(url, reqs, conc, args.requests, args.abort_share, rnd))
+                results, wall, sent = asyncio.run(load(url, reqs, conc, args.requests, args.abort_share, rnd,
+                                                       args.hostile))
                 rss.append(rss_kib(proc.pid))
             ok = [res for _, res in results if res["status"] == 200]
             wrong = [k for k, res in results if res["status"] == 200 and not res["aborted"] and res["tokens"] != solo[k]]
@@ -139,6 +219,14 @@ def main() -> int:
                 "inter_token_ms": {q: round(float(np.percentile(gaps, int(q[1:]))) * 1e3, 1) for q in ("p50", "p99")},
                 "server_rss_mib": [round(x / 1024, 1) for x in rss],
             }
+            if args.hostile:
+                calm_ttft = [res["ttft"] for _, res in calm if res["status"] == 200 and res["ttft"] is not None]
+                calm_wrong = [k for k, res in calm if res["status"] == 200 and not res["aborted"]
+                              and res["tokens"] != solo[k]]
+                report["hostile_clients"] = args.hostile
+                report["ttft_p99_ms_without_hostile"] = round(float(np.percentile(calm_ttft, 99)) * 1e3, 1)
+                report["ttft_p99_ratio"] = round(report["ttft_ms"]["p99"] / report["ttft_p99_ms_without_hostile"], 2)
+                wrong += calm_wrong
             print(json.dumps(report), flush=True)
             if wrong or bad_abort or report["answered"] != sent:
                 print("FAILED: outputs differ from solo runs or requests were lost", file=sys.stderr)

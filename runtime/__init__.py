@@ -17,13 +17,14 @@ from tidar_runtime.loop import (
     generate_tidar_batch,
     stream_ar,
     stream_tidar,
-    text_pieces,
 )
+from tidar_runtime.text import text_pieces
+from tidar_runtime.request import GenerationRequest
 from tidar_runtime.sampling import SamplingParams
 from tidar_runtime.engine import Completion, Engine, Event, Handle, QueueFull, open_engine
 
 __all__ = [
-    "Backend", "Completion", "Decoder", "DecodeResult", "DecodeStats", "Engine", "Event", "Handle", "Outputs",
+    "Backend", "Completion", "GenerationRequest", "Decoder", "DecodeResult", "DecodeStats", "Engine", "Event", "Handle", "Outputs",
     "QueueFull", "SamplingParams", "TiDARError",
     "generate_ar", "generate_ar_batch", "generate_tidar", "generate_tidar_batch", "stream_ar", "stream_tidar",
     "open_engine", "text_pieces",

@@ -15,7 +15,8 @@ API (stable; the HTTP server and the Triton Python model build on it):
     engine = Engine(backend, mode="tidar", tokenizer=None, stop_tokens=(), max_queue=64)
     engine = open_engine(artifact_dir, backend="ort", mode="tidar", max_queue=64)  # + tokenizer, eos
 
-    h = engine.submit(prompt,                    # str (needs the tokenizer) or token ids
+    h = engine.submit(prompt,                    # str (needs the tokenizer) or token ids, or a
+                                                 #   GenerationRequest (tidar_runtime.request)
                       max_tokens=64,
                       params=SamplingParams(temperature=0.8, top_p=0.9, seed=1),
                       stop=("\\n\\n",),            # stop strings (need the tokenizer); not shown
@@ -30,11 +31,16 @@ API (stable; the HTTP server and the Triton Python model build on it):
     engine.snapshot()                            # EngineStats: queue depth, active rows, counters
     engine.add_listener(obj)                     # obj.on_pass(kind, seconds, tokens) /
                                                  #   obj.on_finish(completion), engine thread
+    engine.drain(timeout)                        # refuse new requests, let live ones finish, then close
     engine.close()                               # aborts what is left; also `with Engine(...)`
 
-`submit` raises `QueueFull` (a TiDARError) when `max_queue` requests already wait, and
-TiDARError with a one-line reason for a bad request (empty or too long prompt, a token id
-outside the vocabulary, max_tokens < 1, stop strings without a tokenizer, a live duplicate id).
+`submit` raises `QueueFull` (a TiDARError) when `max_queue` requests already wait or the
+engine drains, FieldError (a TiDARError naming the request field) for a bad request: the
+request model's checks (tidar_runtime.request: types, max_tokens >= 1, stop strings) and the
+artifact's (empty or too long prompt, a token id outside the vocabulary, max_tokens over the
+context, stop strings without a tokenizer); TiDARError for a live duplicate id. A text prompt
+is tokenized in `submit`, by the caller's thread; text is detokenized on the thread that runs
+the passes (tidar_runtime.text: a bounded window per token).
 finish_reason: "stop" (stop token or stop string), "length" (max_tokens), "cache_full" (the
 row's KV cache has no room for another pass), "abort", or "error" (the backend raised; the
 message is in `Completion.error`, the engine keeps serving).
@@ -57,9 +63,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tidar_runtime.errors import TiDARError, first_line
-from tidar_runtime.loop import Backend, DecodeStats, Decoder, SeqState, TextAssembler
-from tidar_runtime.sampling import SamplingParams
+from tidar_runtime.errors import FieldError, TiDARError, first_line
+from tidar_runtime.loop import Backend, DecodeStats, Decoder, SeqState
+from tidar_runtime.request import GenerationRequest
+from tidar_runtime.sampling import SamplingParams, row_rng
+from tidar_runtime.text import TextAssembler
 
 FINISH_REASONS = ("stop", "length", "cache_full", "abort", "error")
 
@@ -113,20 +121,19 @@ class EngineStats:
 
 
 class Handle:
-    """One submitted request: iterate for its Events, `result()` for its Completion, `abort()`."""
+    """One submitted request: iterate for its Events, `result()` for its Completion, `abort()`.
 
-    def __init__(self, engine: "Engine", request_id: str, prompt: np.ndarray, seq: SeqState,
-                 text: TextAssembler | None, on_event: Callable[[Event], None] | None):
+    The engine talks to it through `deliver` only; it asks the engine to `abort` and, when the
+    engine has no thread, to `step`."""
+
+    def __init__(self, engine: "Engine", request_id: str, prompt: np.ndarray,
+                 on_event: Callable[[Event], None] | None):
         self.id = request_id
         self.prompt = prompt
-        self._engine, self._seq, self._text, self._on_event = engine, seq, text, on_event
+        self._engine, self._on_event = engine, on_event
         self._events: list[Event] = []
         self._cond = threading.Condition()
-        self._abort = False
         self._completion: Completion | None = None
-        self._t_submit = time.perf_counter()
-        self._t_admit: float | None = None
-        self._t_first: float | None = None
 
     @property
     def done(self) -> bool:
@@ -163,7 +170,7 @@ class Handle:
     def _wait_or_drive(self, timeout: float | None = None) -> bool:
         """Called with self._cond held: wait for news (or, without an engine thread, run one
         engine iteration). Returns True if an event or the completion may have arrived."""
-        if self._engine._thread is None:
+        if not self._engine.threaded:
             self._cond.release()
             try:
                 self._engine.step()
@@ -172,7 +179,8 @@ class Handle:
             return True
         return self._cond.wait(timeout)
 
-    def _push(self, ev: Event, completion: Completion | None = None) -> None:
+    def deliver(self, ev: Event, completion: Completion | None = None) -> None:
+        """The engine's news: the next event (and, with the last one, the completion)."""
         with self._cond:
             self._events.append(ev)
             if completion is not None:
@@ -185,6 +193,19 @@ class Handle:
                 pass
 
 
+@dataclass(eq=False)
+class _Live:
+    """The engine's own record of a waiting or running request."""
+
+    handle: Handle
+    seq: SeqState
+    text: TextAssembler | None
+    t_submit: float
+    t_admit: float | None = None
+    t_first: float | None = None
+    aborted: bool = False
+
+
 class Engine:
     def __init__(self, backend: Backend, mode: str = "tidar", tokenizer=None, stop_tokens: Sequence[int] = (),
                  max_queue: int = 64, thread: bool = True):
@@ -193,15 +214,15 @@ class Engine:
         self.backend, self.mode, self.tokenizer = backend, mode, tokenizer
         self.stop_tokens = tuple(int(t) for t in stop_tokens)
         self.max_queue = max_queue
-        self.vocab_size = getattr(backend, "vocab_size", None)
         self._decoder = Decoder(backend, mode)
-        self._waiting: deque[Handle] = deque()
-        self._live: dict[str, Handle] = {}  # waiting and running, by id
-        self._running: dict[int, Handle] = {}  # row -> handle
+        self._waiting: deque[_Live] = deque()
+        self._live: dict[str, _Live] = {}  # waiting and running, by id
+        self._running: dict[int, _Live] = {}  # row -> request
         self._cond = threading.Condition()
         self._step_lock = threading.Lock()
         self._listeners: list = []
         self._closed = False
+        self._draining = False
         self._counts = dict(submitted=0, tokens=0, prefill_tokens=0, prefills=0, steps=0, row_steps=0)
         self._finished = {r: 0 for r in FINISH_REASONS}
         self._step_s = 0.0
@@ -214,63 +235,73 @@ class Engine:
     def max_batch(self) -> int:
         return self.backend.max_batch
 
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.vocab_size
+
+    @property
+    def threaded(self) -> bool:
+        """Whether a background thread runs the passes (else callers drive `step`)."""
+        return self._thread is not None
+
     # -- requests ------------------------------------------------------------------------------
     def submit(self, prompt, max_tokens: int = 64, params: SamplingParams = SamplingParams(),
                stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None, request_id: str | None = None,
                on_event: Callable[[Event], None] | None = None) -> Handle:
-        if isinstance(stop, str):
-            stop = (stop,)
-        stop = tuple(stop)
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise TiDARError("a text prompt needs the artifact's tokenizer.json; send token ids")
-            prompt = self.tokenizer.encode(prompt).ids
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
-            raise TiDARError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise TiDARError("stop strings must be non-empty strings")
-        if stop and self.tokenizer is None:
-            raise TiDARError("stop strings need the artifact's tokenizer.json; use stop token ids")
-        try:
-            ids = self._decoder.check_prompt(prompt)
-        except (TypeError, ValueError, OverflowError):
-            raise TiDARError("the prompt must be text or a list of integer token ids") from None
-        if self.vocab_size is not None and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise TiDARError(f"prompt token ids must lie in 0..{self.vocab_size - 1}")
-        rng = np.random.default_rng(None if params.seed is None else [params.seed, 0])  # as row 0 of generate_*
-        seq = SeqState(ids, int(max_tokens), params,
-                       self.stop_tokens if stop_tokens is None else tuple(int(t) for t in stop_tokens), rng)
-        text = None if self.tokenizer is None else TextAssembler(self.tokenizer.decode, stop)
+        """Queue a request: a GenerationRequest, or its fields (prompt, max_tokens, params, stop,
+        stop_tokens). Tokenizes a text prompt (call it off an event loop)."""
+        req = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(
+            prompt, max_tokens, params, stop, stop_tokens)
+        ids = self._prompt_ids(req)
+        stops = self.stop_tokens if req.stop_tokens is None else req.stop_tokens
+        text = None if self.tokenizer is None else TextAssembler(self.tokenizer.decode, req.stop)
+        seq = SeqState(ids, req.max_tokens, req.params, stops, row_rng(req.params.seed), text)
         with self._cond:
             if self._closed:
                 raise TiDARError("the engine is closed")
+            if self._draining:
+                raise QueueFull("the engine is shutting down: no new requests")
             rid = request_id if request_id is not None else uuid.uuid4().hex
             if rid in self._live:
                 raise TiDARError(f"request id {rid!r} is already in use")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
-            h = Handle(self, rid, ids, seq, text, on_event)
-            self._waiting.append(h)
-            self._live[rid] = h
+            live = _Live(Handle(self, rid, ids, on_event), seq, text, time.perf_counter())
+            self._waiting.append(live)
+            self._live[rid] = live
             self._counts["submitted"] += 1
             self._cond.notify_all()
-        return h
+        return live.handle
+
+    def _prompt_ids(self, req: GenerationRequest) -> np.ndarray:
+        """The checks that need the artifact: the prompt's ids (tokenized), max_tokens, stop strings."""
+        if req.stop and self.tokenizer is None:
+            raise FieldError("stop", "strings need the artifact's tokenizer.json; use stop token ids")
+        if req.max_tokens > self.backend.max_len:
+            raise FieldError("max_tokens", f"must be at most {self.backend.max_len} (the artifact's context), "
+                             f"got {req.max_tokens}")
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise FieldError("prompt", "as text needs the artifact's tokenizer.json; send token ids")
+            prompt = self.tokenizer.encode(prompt).ids
+        return self._decoder.check_prompt(prompt)
 
     def abort(self, request_id: str) -> bool:
         """Abort a waiting or running request; its row is freed before the next pass."""
         with self._cond:
-            h = self._live.get(request_id)
-            if h is None or h._abort:
+            live = self._live.get(request_id)
+            if live is None or live.aborted:
                 return False
-            h._abort = True
-            waiting = h in self._waiting
+            live.aborted = True
+            waiting = live in self._waiting
             if waiting:
-                self._waiting.remove(h)
+                self._waiting.remove(live)
                 del self._live[request_id]
             self._cond.notify_all()
         if waiting:
-            h._seq.finish("abort")
-            self._complete(h)
+            live.seq.finish("abort")
+            self._complete(live)
         return True
 
     # -- the passes ------------------------------------------------------------------------------
@@ -278,10 +309,7 @@ class Engine:
         """One engine iteration: free aborted rows, admit waiting requests into free rows, one
         batched pass over the active rows. Returns whether requests remain."""
         with self._step_lock:
-            for row, h in list(self._running.items()):
-                if h._abort:
-                    h._seq.finish("abort")
-                    self._release(row)
+            self._free_aborted()
             self._admit()
             if self._running:
                 self._pass()
@@ -292,24 +320,30 @@ class Engine:
         while self.step():
             pass
 
+    def _free_aborted(self) -> None:
+        for row, live in list(self._running.items()):
+            if live.aborted:
+                live.seq.finish("abort")
+                self._release(row)
+
     def _admit(self) -> None:
         for row in self._decoder.free_rows():
             with self._cond:
                 if not self._waiting:
                     return
-                h = self._waiting.popleft()
-            h._t_admit = time.perf_counter()
-            self._running[row] = h
+                live = self._waiting.popleft()
+            live.t_admit = time.perf_counter()
+            self._running[row] = live
             try:
-                _, kept = self._decoder.admit(h._seq, row)
+                _, kept = self._decoder.admit(live.seq, row)
             except Exception as e:  # noqa: BLE001 (the engine keeps serving the other requests)
                 self._decoder.release(row)
                 del self._running[row]
-                self._fail([h], e)
+                self._fail([live], e)
                 continue
             self._counts["prefills"] += 1
             self._counts["prefill_tokens"] += len(kept)
-            self._notify("on_pass", "prefill", h._seq.result.stats.prefill_s, [len(kept)])
+            self._notify("on_pass", "prefill", live.seq.result.stats.prefill_s, [len(kept)])
             self._deliver(row, kept)
 
     def _pass(self) -> None:
@@ -329,66 +363,54 @@ class Engine:
             self._notify("on_pass", "step", dt, [len(kept) for _, kept in pieces])
         for row, kept in pieces:
             self._deliver(row, kept)
-        for row, h in list(self._running.items()):  # rows finished without a piece (cache_full)
-            if h._seq.done:
+        for row, live in list(self._running.items()):  # rows finished without a piece (cache_full)
+            if live.seq.done:
                 self._release(row)
 
     def _deliver(self, row: int, kept: list[int]) -> None:
-        h = self._running[row]
-        seq = h._seq
-        if h._t_first is None and kept:
-            h._t_first = time.perf_counter()
-        text = ""
-        if h._text is not None and kept:
-            if h._text.stop:  # token by token, to end at the token that completes a stop string
-                n0 = len(seq.result.tokens) - len(kept)
-                for j, t in enumerate(kept):
-                    text += h._text.push([t])
-                    if h._text.stopped:
-                        del seq.result.tokens[n0 + j + 1:]
-                        kept = kept[: j + 1]
-                        seq.result.stats.accepted[-1:] = [len(kept)] if seq.result.stats.accepted else []
-                        seq.result.finish_reason = "stop"  # also when the same token reached max_tokens
-                        break
-            else:
-                text = h._text.push(kept)
+        live = self._running[row]
+        if live.t_first is None and kept:
+            live.t_first = time.perf_counter()
+        text = live.text.take() if live.text is not None else ""
         with self._cond:
             self._counts["tokens"] += len(kept)
-        if seq.done:
+        if live.seq.done:
             self._release(row, Event(kept, text))
-        elif kept:
-            h._push(Event(kept, text))
+        elif kept or text:
+            live.handle.deliver(Event(kept, text))
 
     def _release(self, row: int, last: Event | None = None) -> None:
-        h = self._running.pop(row)
+        live = self._running.pop(row)
         self._decoder.release(row)
         with self._cond:
-            self._live.pop(h.id, None)
-        self._complete(h, last)
+            self._live.pop(live.handle.id, None)
+            self._cond.notify_all()
+        self._complete(live, last)
 
-    def _complete(self, h: Handle, last: Event | None = None, error: str | None = None) -> None:
-        seq, now = h._seq, time.perf_counter()
+    def _complete(self, live: _Live, last: Event | None = None, error: str | None = None) -> None:
+        seq, h, now = live.seq, live.handle, time.perf_counter()
         last = last or Event([], "")
-        if h._text is not None:
-            last.text += h._text.finish()
+        if live.text is not None:
+            live.text.finish()
+            last.text += live.text.take()
         last.finish_reason = seq.result.finish_reason or "abort"
-        c = Completion(h.id, len(h.prompt), list(seq.result.tokens), None if h._text is None else h._text.text,
+        c = Completion(h.id, len(h.prompt), list(seq.result.tokens), None if live.text is None else live.text.text,
                        last.finish_reason, seq.result.stats,
-                       queued_s=(h._t_admit or now) - h._t_submit,
-                       first_token_s=None if h._t_first is None else h._t_first - h._t_submit,
-                       total_s=now - h._t_submit, error=error)
+                       queued_s=(live.t_admit or now) - live.t_submit,
+                       first_token_s=None if live.t_first is None else live.t_first - live.t_submit,
+                       total_s=now - live.t_submit, error=error)
         with self._cond:
             self._finished[c.finish_reason] += 1
-        h._push(last, c)
+        h.deliver(last, c)
         self._notify("on_finish", c)
 
-    def _fail(self, handles: list[Handle], e: Exception) -> None:
+    def _fail(self, requests: list[_Live], e: Exception) -> None:
         msg = first_line(e) if isinstance(e, TiDARError) else f"{type(e).__name__}: {first_line(e)}"
-        for h in handles:
+        for live in requests:
             with self._cond:
-                self._live.pop(h.id, None)
-            h._seq.finish("error")
-            self._complete(h, error=msg)
+                self._live.pop(live.handle.id, None)
+            live.seq.finish("error")
+            self._complete(live, error=msg)
 
     def _notify(self, name: str, *args) -> None:
         for obj in self._listeners:
@@ -422,6 +444,22 @@ class Engine:
                                dict(self._finished), c["tokens"], c["prefills"], c["steps"], c["row_steps"],
                                self._step_s, prefill_tokens=c["prefill_tokens"])
 
+    def drain(self, timeout: float) -> int:
+        """Graceful stop: refuse new requests (QueueFull), let the live ones finish for up to
+        `timeout` seconds, then close (abort what is left: its last event has finish_reason
+        "abort"). Returns how many were aborted. Needs the engine thread (or another driver)."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            self._draining = True
+            while self._live and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.1))
+            left_over = len(self._live)
+        self.close()
+        return left_over
+
     def close(self) -> None:
         """Stop the thread; abort every waiting and running request. Idempotent."""
         with self._cond:
@@ -435,12 +473,12 @@ class Engine:
             with self._cond:
                 waiting = list(self._waiting)
                 self._waiting.clear()
-            for h in waiting:
-                self._live.pop(h.id, None)
-                h._seq.finish("abort")
-                self._complete(h)
+            for live in waiting:
+                self._live.pop(live.handle.id, None)
+                live.seq.finish("abort")
+                self._complete(live)
             for row in list(self._running):
-                self._running[row]._seq.finish("abort")
+                self._running[row].seq.finish("abort")
                 self._release(row)
 
     def __enter__(self) -> "Engine":
@@ -455,10 +493,10 @@ def open_engine(artifact_dir: str | os.PathLike, backend: str = "ort", mode: str
     """An engine over an artifact: its backend (`open_backend`), tokenizer and eos stop tokens."""
     from tidar_runtime.backends.select import open_backend
     from tidar_runtime.manifest import load_manifest
-    from tidar_runtime.tokenizer import folder_tokenizer
+    from tidar_runtime.tokenizer import artifact_tokenizer, default_stop_tokens
 
     manifest = load_manifest(artifact_dir)
-    tok = folder_tokenizer(artifact_dir)
+    tok = artifact_tokenizer(artifact_dir, manifest)
     be = open_backend(backend, artifact_dir, **backend_kwargs)
-    return Engine(be, mode=mode, tokenizer=tok, stop_tokens=manifest.eos_ids,
+    return Engine(be, mode=mode, tokenizer=tok, stop_tokens=default_stop_tokens(manifest),
                   max_queue=max_queue, thread=thread)

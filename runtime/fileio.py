@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import uuid
@@ -129,12 +130,33 @@ def sweep_stale(folder: str | os.PathLike, prefix: str) -> int:
     return removed
 
 
+_MADE: list[Path] = []  # the temp folders this process made (make_temp_dir), for remove_temp_dirs
+_HELD = {getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)}
+
+
 def make_temp_dir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
     """A new owner-only folder `prefix + PID.HOST.XXXX` in `parent` (default: the system temp
-    folder), after removing the stale ones of the same prefix there."""
+    folder), after removing the stale ones of the same prefix there. Ctrl-C and SIGTERM wait
+    until it is recorded for `remove_temp_dirs`."""
     parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
     sweep_stale(parent, prefix)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.{HOST_TAG}.", dir=parent))
+    mask = getattr(signal, "pthread_sigmask", None)
+    held = mask(signal.SIG_BLOCK, _HELD) if mask is not None else None
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.{HOST_TAG}.", dir=parent))
+        _MADE.append(path)
+    finally:
+        if held is not None:
+            mask(signal.SIG_SETMASK, held)
+    return path
+
+
+def remove_temp_dirs() -> None:
+    """Remove every temp folder this process made that still exists: the CLI's last step after
+    Ctrl-C or SIGTERM, for a signal that lands between a folder's creation and the `try` block
+    that would remove it. (A published staging folder was renamed away: nothing to remove.)"""
+    while _MADE:
+        shutil.rmtree(_MADE.pop(), ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -12,29 +12,30 @@ import numbers
 
 import numpy as np
 
-from tidar_runtime.errors import TiDARError
+from tidar_runtime.errors import FieldError
 
 MAX_PROMPT_TOKENS = 1 << 24  # far above any cache; bounds the conversion below
 
 
 def check_token_ids(ids, vocab_size: int | None, what: str = "prompt") -> np.ndarray:
     """`ids` as a 1-D int64 array after checking that every entry is an integer in
-    0..vocab_size-1 (any integer >= 0 when vocab_size is None); one-line TiDARError otherwise."""
+    0..vocab_size-1 (any integer >= 0 when vocab_size is None); a one-line FieldError naming
+    `what` otherwise."""
     if isinstance(ids, np.ndarray):
         if ids.dtype.kind not in "iu":
-            raise TiDARError(f"{what} token ids must be integers, got dtype {ids.dtype}")
+            raise FieldError(what, f"token ids must be integers, got dtype {ids.dtype}")
         flat = ids.reshape(-1)
     else:
         try:
             flat = list(ids)
         except TypeError:
-            raise TiDARError(f"{what} token ids must be a list of integers, got {type(ids).__name__}") from None
+            raise FieldError(what, f"token ids must be a list of integers, got {type(ids).__name__}") from None
     if len(flat) > MAX_PROMPT_TOKENS:
-        raise TiDARError(f"{what} has {len(flat)} tokens, more than {MAX_PROMPT_TOKENS}")
+        raise FieldError(what, f"has {len(flat)} tokens, more than {MAX_PROMPT_TOKENS}")
     for i, t in enumerate(flat):
         if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):
-            raise TiDARError(f"{what} token id #{i} is not an integer: {str(t)[:40]!r}")
+            raise FieldError(what, f"token id #{i} is not an integer: {str(t)[:40]!r}")
         if t < 0 or (vocab_size is not None and t >= vocab_size):
             bound = f"0..{vocab_size - 1}" if vocab_size is not None else ">= 0"
-            raise TiDARError(f"{what} token id {str(int(t))[:40]} is outside the vocabulary ({bound})")
+            raise FieldError(what, f"token id {str(int(t))[:40]} is outside the vocabulary ({bound})")
     return np.asarray(flat, dtype=np.int64).reshape(-1)

@@ -40,10 +40,10 @@ from typing import Protocol
 
 import numpy as np
 
-from tidar_runtime.errors import TiDARError
+from tidar_runtime.errors import FieldError, TiDARError
 from tidar_runtime.inputs import check_token_ids
 from tidar_runtime.contract import block_out_row
-from tidar_runtime.sampling import SamplingParams, probs, sample
+from tidar_runtime.sampling import SamplingParams, probs, row_rng, sample
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Backend(Protocol):
     max_len: int  # cache slots per row
     max_batch: int  # rows of the step graphs
     mask_token_id: int
+    vocab_size: int  # token ids lie in 0..vocab_size-1
 
     def prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         """[prompt | M x b] into cache row `row` from slot 0. Outputs [1, b]."""
@@ -107,11 +108,24 @@ class DecodeResult:
     stats: DecodeStats
 
 
+class StopText(Protocol):
+    """The text of a sequence with its stop strings (tidar_runtime.text.TextAssembler)."""
+
+    stopped: bool  # a stop string has appeared
+
+    def push(self, tokens: Sequence[int]) -> str:
+        """Add tokens; the new text shown."""
+
+
 class SeqState:
-    """One sequence being decoded: prompt, committed length L, anchor and drafts, sampling state, result."""
+    """One sequence being decoded: prompt, committed length L, anchor and drafts, sampling state, result.
+
+    It ends at a stop token (not emitted), at a stop string (`text`: the token that completes
+    it is the last one emitted), or at max_new tokens."""
 
     def __init__(self, prompt: np.ndarray, max_new: int, params: SamplingParams = SamplingParams(),
-                 stop_tokens: Iterable[int] = (), rng: np.random.Generator | None = None):
+                 stop_tokens: Iterable[int] = (), rng: np.random.Generator | None = None,
+                 text: StopText | None = None):
         self.prompt = prompt
         self.L = len(prompt)
         self.anchor = -1
@@ -120,6 +134,7 @@ class SeqState:
         self.params = params
         self.rng = rng if rng is not None else np.random.default_rng()
         self.max_new, self.stop = max_new, frozenset(int(t) for t in stop_tokens)
+        self.text = text
         self.result = DecodeResult([], None if max_new > 0 else "length", DecodeStats())
 
     @property
@@ -131,7 +146,7 @@ class SeqState:
             self.result.finish_reason = reason
 
     def emit(self, tokens: list[int]) -> list[int]:
-        """Append tokens up to a stop token or the length limit; returns those kept."""
+        """Append tokens up to a stop token, a stop string or the length limit; returns those kept."""
         kept = []
         for t in tokens:
             if self.done:
@@ -141,6 +156,11 @@ class SeqState:
                 break
             kept.append(int(t))
             self.result.tokens.append(int(t))
+            if self.text is not None:
+                self.text.push([int(t)])  # token by token: a stop string ends the sequence at its last token
+                if self.text.stopped:
+                    self.result.finish_reason = "stop"  # also when the same token reached max_new
+                    break
             if len(self.result.tokens) >= self.max_new:
                 self.result.finish_reason = "length"
         return kept
@@ -319,13 +339,13 @@ class Decoder:
     def check_prompt(self, prompt) -> np.ndarray:
         """The prompt as an int64 vector; a one-line error if an id is outside the vocabulary, or it is
         empty, or it does not fit the cache."""
-        p = check_token_ids(prompt, getattr(self.backend, "vocab_size", None))
+        p = check_token_ids(prompt, self.backend.vocab_size)
         if p.size == 0:
-            raise TiDARError("empty prompt")
+            raise FieldError("prompt", "is empty")
         need = p.size + self.mode.prompt_extra
         if need > self.backend.max_len:
-            raise TiDARError(f"prompt of {p.size} tokens does not fit the KV cache of {self.backend.max_len} slots "
-                             f"(needs {need})")
+            raise FieldError("prompt", f"of {p.size} tokens does not fit the KV cache of {self.backend.max_len} "
+                             f"slots (needs {need})")
         return p
 
     def free_rows(self) -> list[int]:
@@ -400,21 +420,14 @@ class Stream:
     def __init__(self, pieces: Iterable, results: Callable[[], list[DecodeResult]] | None = None):
         self._pieces = iter(pieces)
         self._results = results
-        self._returned: list[DecodeResult] | None = None
 
     @property
     def results(self) -> list[DecodeResult] | None:
-        return self._results() if self._results is not None else self._returned
+        return self._results() if self._results is not None else None
 
     def __iter__(self):
-        # next() by hand, not `yield from`: closing this iterator (a `break`) must not close the source
-        while True:
-            try:
-                piece = next(self._pieces)
-            except StopIteration as stop:
-                if stop.value is not None:
-                    self._returned = stop.value
-                return
+        # a for loop, not `yield from`: closing this iterator (a `break`) must not close the source
+        for piece in self._pieces:
             yield piece
 
 
@@ -437,8 +450,7 @@ def _stream(mode: str, backend: Backend, prompts: Sequence, max_new: int, params
     if len(prompts) > backend.max_batch:
         raise TiDARError(f"{len(prompts)} prompts exceed the artifact's batch of {backend.max_batch}")
     checked = [decoder.check_prompt(p) for p in prompts]
-    rng = lambda i: np.random.default_rng(None if params.seed is None else [params.seed, i])  # noqa: E731 (one stream per row)
-    seqs = [SeqState(p, max_new, params, stop_tokens or (), rng(i)) for i, p in enumerate(checked)]
+    seqs = [SeqState(p, max_new, params, stop_tokens or (), row_rng(params.seed, i)) for i, p in enumerate(checked)]
     return Stream(_decode(decoder, seqs), lambda: [s.result for s in seqs])
 
 
@@ -480,69 +492,3 @@ def generate_ar(backend: Backend, prompt, max_new_tokens: int = 64,
                 params: SamplingParams = SamplingParams(), stop_tokens=()) -> DecodeResult:
     """Plain autoregressive decoding of one prompt."""
     return generate_ar_batch(backend, [prompt], max_new_tokens, params, stop_tokens)[0]
-
-
-# ------------------------------------------------------------------------------ text
-
-
-class TextAssembler:
-    """The text of one sequence as its tokens arrive (decode: token ids -> str), with stop strings.
-
-    The whole sequence is decoded again after each push and only the new suffix is returned,
-    so tokens that merge (byte-level BPE) come out right; text ending in U+FFFD (a UTF-8
-    sequence cut between tokens) is held back until a later token completes it. With stop
-    strings, text that could be the start of one is held back too, and once one appears the
-    text ends before it (`stopped`; the stop string itself is never shown).
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
-        self.decode = decode
-        self.stop = tuple(s for s in stop if s)
-        self.ids: list[int] = []
-        self.text = ""  # the text shown so far
-        self.stopped = False
-
-    def push(self, tokens: Sequence[int]) -> str:
-        """Add tokens; the new text that can be shown now."""
-        if self.stopped or not tokens:
-            return ""
-        self.ids += [int(t) for t in tokens]
-        full = self.decode(self.ids)
-        if full.endswith("\ufffd"):
-            return ""
-        visible = len(full)
-        if self.stop:
-            cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.stopped = True
-                visible = cut
-            else:
-                visible -= max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if full.endswith(s[:n])),
-                               default=0)
-        return self._show(full, visible)
-
-    def finish(self) -> str:
-        """The text still held back, at the end of the sequence."""
-        if self.stopped:
-            return ""
-        full = self.decode(self.ids)
-        return self._show(full, len(full))
-
-    def _show(self, full: str, visible: int) -> str:
-        shown = len(self.text)
-        new = full[shown:visible] if visible > shown else ""
-        self.text = full[:visible] if visible >= shown else self.text
-        return new
-
-
-def text_pieces(stream: Iterable, decode, row: int = 0) -> Iterator[str]:
-    """The new text of one row as its tokens are decided (decode: token ids -> str); see TextAssembler."""
-    text = TextAssembler(decode)
-    for i, piece in stream:
-        if i == row and piece:
-            new = text.push(piece)
-            if new:
-                yield new
-    rest = text.finish()
-    if rest:
-        yield rest

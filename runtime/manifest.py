@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tidar_runtime import stamps
 from tidar_runtime.contract import (BOUNDS, DIMS, DYNAMIC_DIMS, FLOAT_PRECISIONS, GRAPH_KINDS, KV_UPDATES,
                                     MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, PAST_PREFIX, PRECISIONS,
                                     PRESENT_PREFIX, DTYPES, TensorSpec, graph_io, graph_rows, n_out, past_names,
@@ -44,6 +45,7 @@ CONFIG_DIMS = {"vocab_size": "vocab", "num_layers": "num_layers", "num_kv_heads"
                "block_size": "block_size"}
 CONFIG_EXPORT = ("mask_token_id",)
 CONFIG_TOKENIZER = ("bos_token_id", "eos_token_id")
+TOKENIZER_DIGESTS = {"file": "blake2b", "chat_template": "chat_template_blake2b"}  # tokenizer file key -> its digest key
 AR_STEPS = ("gqa", "attention")  # the AR step's attention: ONNX Runtime's GroupQueryAttention, or the step's op
 
 
@@ -279,6 +281,9 @@ def validate(d, where: str) -> "Manifest":
         f.int("tokenizer.eos_token_id", eos, 0, vocab - 1, none=True)
     if tok.get("chat_template") is not None:
         check_name(tok["chat_template"], f"{where}: tokenizer.chat_template")
+    f.int("tokenizer.vocab_size", tok.get("vocab_size"), 1, vocab, none=True)
+    for key in TOKENIZER_DIGESTS.values():
+        f.str(f"tokenizer.{key}", tok.get(key), none=True, max_len=128)
     weights = f.obj("weights", d.get("weights", {}), none=True)
     if weights:
         check_name(weights.get("file"), f"{where}: weights.file")
@@ -403,21 +408,32 @@ def sample_digest(path: str | os.PathLike) -> str:
 
 
 def verify_digests(artifact_dir: str | os.PathLike, m: "Manifest", full: bool = False) -> None:
-    """Graph files against their recorded digests, and the weights file against its quick digest
-    (and, with `full`, its whole-file digest). Artifacts exported before digests were recorded
-    have none and pass. A mismatch is a one-line TiDARError."""
+    """Graph files and the tokenizer against their recorded digests; the weights file against its
+    quick digest, and against its whole-file digest once per file (tidar_runtime.stamps: again
+    only when the file changed) or always with `full`. Artifacts exported before digests were
+    recorded have none and pass. A mismatch is a one-line TiDARError."""
     artifact_dir = Path(artifact_dir)
     for g in m.graphs.values():
         if g.digest is not None and file_digest(artifact_dir / g.file) != g.digest:
             raise TiDARError(f"{artifact_dir}: {g.file} does not match its digest in the manifest "
                              "(corrupt or modified after export)")
+    tok = m.tokenizer
+    for key, digest in TOKENIZER_DIGESTS.items():  # tokenizer.json, chat_template.jinja
+        if tok.get(key) is not None and tok.get(digest) is not None and \
+                file_digest(artifact_dir / tok[key]) != tok[digest]:
+            raise TiDARError(f"{artifact_dir}: {tok[key]} does not match its digest in the manifest "
+                             "(replaced or modified after export)")
     if m.weights:
         w = artifact_dir / m.weights["file"]
-        checks = [("sample_blake2b", sample_digest)] + ([("blake2b", file_digest)] if full else [])
+        whole = m.weights.get("blake2b")
+        hash_whole = whole is not None and (full or not stamps.is_verified(w, whole))
+        checks = [("sample_blake2b", sample_digest)] + ([("blake2b", file_digest)] if hash_whole else [])
         for key, fn in checks:
             if m.weights.get(key) is not None and fn(w) != m.weights[key]:
                 raise TiDARError(f"{artifact_dir}: {m.weights['file']} does not match its digest in the manifest "
                                  "(corrupt or modified after export)")
+        if hash_whole:
+            stamps.mark_verified(w, whole)
 
 
 def load_manifest(artifact_dir: str | os.PathLike, verify: str = "quick") -> Manifest:

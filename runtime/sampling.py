@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tidar_runtime.errors import TiDARError
+from tidar_runtime.errors import FieldError
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,16 @@ class SamplingParams:
         check_sampling(self)
 
 
-class SamplingError(TiDARError, ValueError):
-    """Invalid sampling parameters: a one-line user error (a ValueError too, for older callers)."""
+class SamplingError(FieldError, ValueError):
+    """Invalid sampling parameters: a one-line user error (a ValueError too, for older callers).
+    Its message names the command-line flag (--top-p); `field` is the API name (top_p)."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(field, detail)
+        self.args = (self.named("--" + field.replace("_", "-")),)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4  # below: logits / T overflows (1e-320 gives NaN); use 0 for greedy
@@ -45,16 +53,16 @@ def check_sampling(p: "SamplingParams") -> None:
     """The one validation of sampling options, for every command and the server."""
     t = p.temperature
     if not _is_real(t) or not math.isfinite(t) or not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
-        raise SamplingError(f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+        raise SamplingError("temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
                             f"got {t!r}"[:200])
     if isinstance(p.top_k, (bool, np.bool_)) or not isinstance(p.top_k, (int, np.integer)) or p.top_k < 0:
-        raise SamplingError(f"--top-k must be an integer >= 0 (0 disables it), got {p.top_k!r}"[:200])
+        raise SamplingError("top_k", f"must be an integer >= 0 (0 disables it), got {p.top_k!r}"[:200])
     if not _is_real(p.top_p) or not math.isfinite(p.top_p) or not 0.0 < p.top_p <= 1.0:
-        raise SamplingError(f"--top-p must be in (0, 1], got {p.top_p!r}"[:200])
+        raise SamplingError("top_p", f"must be in (0, 1], got {p.top_p!r}"[:200])
     s = p.seed
     if s is not None and (isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer))
                           or not 0 <= s <= MAX_SEED):
-        raise SamplingError(f"--seed must be an integer in 0..2**64-1, got {s!r}"[:200])
+        raise SamplingError("seed", f"must be an integer in 0..2**64-1, got {s!r}"[:200])
 
 
 def probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
@@ -76,6 +84,13 @@ def probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         p = np.where(keep, p, 0.0)
         p /= p.sum(axis=-1, keepdims=True)
     return p
+
+
+def row_rng(seed: int | None, row: int = 0) -> np.random.Generator:
+    """The random generator of batch row `row` for a request seeded with `seed` (None: fresh
+    entropy). The one rule for every entry point: a request served alone by the engine draws
+    what row 0 of `generate_*` draws, so a seeded request gives the same sample everywhere."""
+    return np.random.default_rng(None if seed is None else [seed, row])
 
 
 def sample(p: np.ndarray, rng: np.random.Generator) -> int:

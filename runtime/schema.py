@@ -116,7 +116,12 @@ def manifest_schema() -> dict:
                 "eos_token_id": {"oneOf": [token, {"type": "array", "maxItems": 64, "items": token}],
                                  "description": "one stop id, or a list of them (every id ends a sequence)"},
                 "chat_template": {"oneOf": [{"type": "null"}, _file()],
-                                  "description": "a Jinja chat template file beside the tokenizer"}}},
+                                  "description": "a Jinja chat template file beside the tokenizer"},
+                "vocab_size": {"oneOf": [{"type": "null"}, _int(1, BOUNDS["vocab_size"][1])],
+                               "description": "the tokenizer's vocabulary, checked when it is loaded"},
+                "blake2b": {"type": ["string", "null"], "description": "digest of the tokenizer file"},
+                "chat_template_blake2b": {"type": ["string", "null"],
+                                          "description": "digest of the chat template file"}}},
             "weights": {"type": "object", "properties": {
                 "file": _file(), "bytes": _int(0, 1 << 46),
                 "blake2b": {"type": ["string", "null"]}, "sample_blake2b": {"type": ["string", "null"]}}},

@@ -33,3 +33,28 @@ def folder_tokenizer(folder: str | Path):
 
     path = confined(folder, TOKENIZER_FILE, f"{folder}: tokenizer", root=checkpoint_root(folder))
     return load_tokenizer(path) if path.is_file() else None
+
+
+def artifact_tokenizer(artifact_dir: str | Path, manifest):
+    """The tokenizer an artifact's manifest names (None when it names none), checked against the
+    manifest: its vocabulary must fit the model's (ids it makes index the embedding) and equal
+    the size recorded at export. Its digest is checked by `load_manifest` with the other files."""
+    from tidar_runtime.paths import confined
+
+    name = manifest.tokenizer.get("file")
+    if name is None:
+        return None
+    tok = load_tokenizer(confined(artifact_dir, name, f"{artifact_dir}: tokenizer file"))
+    size, model_vocab = tok.get_vocab_size(with_added_tokens=True), manifest.vocab_size
+    recorded = manifest.tokenizer.get("vocab_size")
+    if size > model_vocab or (recorded is not None and size != recorded):
+        want = f"{recorded}, as recorded at export" if recorded is not None else f"at most the model's {model_vocab}"
+        raise TiDARError(f"{artifact_dir}: {name} has a vocabulary of {size} tokens, the manifest says {want} "
+                         "(a tokenizer of another model?)")
+    return tok
+
+
+def default_stop_tokens(manifest) -> tuple[int, ...]:
+    """The stop tokens a request gets unless it names its own: the artifact's end-of-sequence
+    tokens (every id of its eos_token_id; none when the manifest records none). The one place that decides it."""
+    return tuple(manifest.eos_ids)

@@ -46,3 +46,18 @@ def manifests_follow_the_schema():
     Manifest.save = checked_save
     yield
     Manifest.save = save
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_folder(tmp_path_factory):
+    """The suite's verified-once stamps (tidar_runtime.stamps) go to a temporary cache folder, for
+    this process and the commands it starts, never into the user's ~/.cache."""
+    import os
+
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before

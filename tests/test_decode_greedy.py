@@ -68,7 +68,7 @@ class ScriptedDrafts:
 
     def __init__(self, inner, oracle, correct_per_step):
         self.inner, self.oracle, self.plan = inner, oracle, list(correct_per_step)
-        for name in ("block_size", "proposals", "max_len", "max_batch", "mask_token_id"):
+        for name in ("block_size", "proposals", "max_len", "max_batch", "mask_token_id", "vocab_size"):
             setattr(self, name, getattr(inner, name))
         self.vocab = inner.model.cfg.vocab_size
         self.calls = 0

@@ -261,6 +261,64 @@ def test_one_changed_byte_is_caught_by_check(art, tmp_path, capsys):
     assert "does not match its digest" in one_line_error(capsys, ["check", bad])
 
 
+def _other_tokenizer(path: Path, words: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i + 1 for i in range(words)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def test_a_tokenizer_of_another_model_is_refused(art, tmp_path, capsys):
+    """The tokenizer has a digest like the graphs (export records it); an artifact without one
+    (older exports) still has its tokenizer's vocabulary checked against the manifest."""
+    bad = copy_art(art, tmp_path)
+    _other_tokenizer(bad / "tokenizer.json", 2)
+    for argv in (["generate", bad, "--prompt-ids", "1,2"], ["check", bad]):
+        assert "tokenizer.json does not match its digest" in one_line_error(capsys, argv)
+    old = copy_art(art, tmp_path, "old")
+    edit_manifest(old, lambda d: (d["tokenizer"].pop("blake2b"), d["tokenizer"].pop("vocab_size")))
+    vocab = json.loads((old / "manifest.json").read_text())["model"]["vocab_size"]
+    _other_tokenizer(old / "tokenizer.json", vocab + 5)
+    assert f"has a vocabulary of {vocab + 6} tokens" in one_line_error(
+        capsys, ["generate", old, "--prompt-ids", "1,2"])
+
+
+def test_weights_changed_outside_the_sampled_blocks_are_caught_on_the_first_load(art, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """The whole weights file is hashed on a file's first load; a stamp (tidar_runtime.stamps)
+    spares the next loads while the file stays the same, and any write invalidates it. Sampled
+    blocks of 1 KiB here, so that this small file has bytes outside them."""
+    from tidar_runtime import manifest as manifest_module, stamps
+
+    monkeypatch.setattr(manifest_module, "SAMPLE_BLOCK_BYTES", 1024)
+    monkeypatch.setattr(manifest_module, "SAMPLE_BLOCKS", 2)  # the first and the last KiB
+    bad = copy_art(art, tmp_path)
+    w = bad / WEIGHTS_FILE
+    edit_manifest(bad, lambda d: d["weights"].update(sample_blake2b=manifest_module.sample_digest(w)))
+    whole = json.loads((bad / "manifest.json").read_text())["weights"]["blake2b"]
+    assert not stamps.is_verified(w, whole)
+    load_manifest(bad)
+    assert stamps.is_verified(w, whole)  # the next load hashes only the sampled blocks
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0x01  # outside both sampled blocks
+    _overwrite_weights(bad, bytes(data))
+    assert not stamps.is_verified(w, whole)
+    assert "does not match its digest" in one_line_error(capsys, ["generate", bad, "--prompt-ids", "1,2"])
+
+
+@pytest.mark.parametrize("header,message", [(17 << 20, "header length 17825792"), (1 << 40, "header length")])
+def test_safetensors_header_size_is_bounded(header, message, ckpt, tmp_path, capsys):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ckpt, bad)
+    with open(bad / "model.safetensors", "wb") as f:
+        f.write(header.to_bytes(8, "little"))
+        if header < 1 << 30:
+            f.write(b" " * header)  # a real header of that size: refused before it is parsed
+    for argv in (["export", bad, "-o", tmp_path / "a"], ["decode", bad, "--prompt-ids", "1,2"]):
+        assert message in one_line_error(capsys, argv)
+
+
 def test_check_finds_nan_weights_without_digests(art, tmp_path, capsys):
     """An artifact without recorded digests (older exports) still fails check on NaN weights."""
     bad = copy_art(art, tmp_path)
@@ -568,17 +626,24 @@ def test_sigterm_during_a_command_removes_its_temp_folders(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sigterm_mid_export_keeps_the_old_artifact_and_leaves_nothing(art, ckpt, tmp_path):
+@pytest.mark.parametrize("signum,line", [(signal.SIGTERM, "terminated (SIGTERM)"),
+                                         (signal.SIGINT, "interrupted (Ctrl-C)")])
+def test_a_signal_mid_export_keeps_the_old_artifact_and_leaves_nothing(signum, line, art, ckpt, tmp_path):
+    """SIGTERM and Ctrl-C: the staging folder removed, the old artifact kept, one line on stderr
+    and exit status 143 / 130 (no KeyboardInterrupt traceback)."""
     out = copy_art(art, tmp_path, "art")
     before = tree(out)
     code = f"import sys; from tidar_export.cli import main; sys.exit(main(['export', {str(ckpt)!r}, '-o', {str(out)!r}]))"
-    proc = _python(code)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".art.tidar-tmp.") for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, "export never started staging"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 128 + signal.SIGTERM
+    proc.send_signal(signum)
+    assert proc.wait(60) == 128 + signum
+    err = proc.stderr.read()
+    assert err.strip().splitlines()[-1] == f"tidar-export export: {line}" and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"] and tree(out) == before
 
 

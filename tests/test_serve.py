@@ -8,6 +8,7 @@ loop run directly on the same artifact.
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -195,13 +196,13 @@ def test_openai_client(server, reference):
     ({"max_tokens": 3}, 400, "prompt is required"),
     ({"prompt": ""}, 400, "prompt must be a non-empty string"),
     ({"prompt": ["a", "b"]}, 400, "one prompt per request"),
-    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be >= 1"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be an integer >= 1"),
     ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens must be an integer"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature must lie in [0.0, 2.0]"),
     ({"prompt": "x", "temperature": 2.5}, 400, "temperature must lie in"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p must lie in (0.0, 1.0]"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p must lie in"),
-    ({"prompt": "x", "top_k": -2}, 400, "top_k must be >= -1"),
+    ({"prompt": "x", "top_k": -2}, 400, "top_k must be an integer >= -1"),
     ({"prompt": "x", "seed": -1}, 400, "seed must lie in"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 strings"),
     ({"prompt": "x", "stop": [""]}, 400, "stop strings must be non-empty"),
@@ -276,7 +277,8 @@ def test_full_queue_answers_503_with_retry_after(server):
 
 
 def test_serve_command(art, reference, tmp_path):
-    """`tidar-export serve ARTIFACT --port 0`: prints where it listens, answers, stops cleanly on SIGTERM."""
+    """`tidar-export serve ARTIFACT --port 0`: prints where it listens, answers, stops cleanly on SIGTERM
+    (one line, status 143)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tidar_export", "serve", str(art), "--port", "0", "--mode", "ar",
                              "--max-queue", "3"], stderr=subprocess.PIPE, text=True, env=env)
@@ -292,7 +294,7 @@ def test_serve_command(art, reference, tmp_path):
     finally:
         proc.terminate()
         rc = proc.wait(timeout=30)
-    assert rc == 0 and proc.stderr.read().strip().endswith("stopped")
+    assert rc == 128 + signal.SIGTERM and proc.stderr.read().strip().endswith("terminated (SIGTERM)")
     taken = bind("127.0.0.1", 0)
     try:
         out = subprocess.run([sys.executable, "-m", "tidar_export", "serve", str(art), "--port",

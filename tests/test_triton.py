@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -64,13 +65,15 @@ def _generate(art, prompt, *extra) -> dict:
 
 
 def test_repository_layout_config_and_refusals(artifact, tmp_path):
-    repo = tmp_path / "repo"
+    repo = tmp_path / "my repo"  # a space: the printed command quotes the path
     rc, out, err = _cli(["triton", artifact, "-o", repo, "--name", "td", "--instances", "2", "--threads", "1"])
     assert rc == 0, err
     version = repo / "td" / "1"
     assert (version / "model.py").is_file() and (version / "tidar_runtime" / "engine.py").is_file()
     for f in ("manifest.json", "tokenizer.json", "step.onnx", "weights.bin"):
         assert (version / "artifact" / f).stat().st_size == (artifact / f).stat().st_size, f
+        # copies, not hard links: the onnx package refuses external data with a second link
+        assert (artifact / f).stat().st_nlink == 1 and (version / "artifact" / f).stat().st_nlink == 1, f
     config = (repo / "td" / "config.pbtxt").read_text()
     assert "decoupled: true" in config and 'backend: "python"' in config
     assert "instance_group [ { count: 2 kind: KIND_CPU } ]" in config
@@ -78,7 +81,8 @@ def test_repository_layout_config_and_refusals(artifact, tmp_path):
                  "stop_words", "text_output", "output_ids"):
         assert f'name: "{name}"' in config, name
     readme = (repo / "README.md").read_text()
-    assert f"tritonserver --model-repository {repo.resolve()}" in out and "tritonserver --model-repository" in readme
+    assert f"tritonserver --model-repository '{repo.resolve()}'" in out and "tritonserver --model-repository" in readme
+    assert shlex.split(out.splitlines()[-1])[2] == str(repo.resolve())
 
     # GPU backends get GPU instances; a rerun replaces a repository written here
     rc, _, err = _cli(["triton", artifact, "-o", repo, "--backend", "ort-cuda"])
@@ -309,10 +313,10 @@ def test_grpc_concurrent_streams_equal_their_solo_runs_and_share_steps(server, a
 def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(server, artifact, triton_env):
     base, grpc_address, _, log = server
     bad = [({"text_input": "x", "max_tokens": 0}, "max_tokens must be an integer >= 1"),
-           ({"text_input": "x", "temperature": -1.0}, "temperature must be >= 0"),
+           ({"text_input": "x", "temperature": -1.0}, "temperature must be 0 (greedy) or in"),
            ({"text_input": "x", "sampling_parameters": "{not json"}, "sampling_parameters is not valid JSON"),
            ({"text_input": "x", "sampling_parameters": json.dumps({"beam_width": 4})}, "unsupported key(s) beam_width"),
-           ({"text_input": ""}, "text_input must be one non-empty string"),
+           ({"text_input": ""}, "text_input must be a non-empty string"),
            ({"text_input": "x " * 200}, "does not fit the KV cache")]
     for body, message in bad:
         status, text = _post(f"{base}/v2/models/tidar/generate", body)

@@ -2,7 +2,8 @@
 
 User errors (TiDARError), argument errors and OS errors (disk full, read-only disk, permission
 denied) print one line `error: ...` and exit with status 1, no traceback and no usage block.
-SIGTERM unwinds like Ctrl-C, so staging folders are removed on the way out (docs/RELIABILITY.md).
+Ctrl-C (SIGINT) and SIGTERM unwind the command like an exception, so staging folders are removed
+on the way out, then print one line and exit with status 130 / 143 (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import sys
 
 from tidar_export.errors import TiDARError
-from tidar_runtime.fileio import os_error_line
+from tidar_runtime.fileio import os_error_line, remove_temp_dirs
 
 
 # A missing optional dependency -> the extra that installs it (pyproject.toml). The base install
@@ -52,8 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread as KeyboardInterrupt is for SIGINT (not an Exception:
+    `except Exception` blocks let it through; `finally` blocks remove staging folders). Uncaught,
+    it exits with status 128 + SIGTERM."""
+
+
 def _terminate(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds: `finally` blocks remove staging folders
+    raise Terminated(128 + signum)
 
 
 @contextlib.contextmanager
@@ -82,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_unwinds():
             return args.func(args)
+    except KeyboardInterrupt:
+        remove_temp_dirs()
+        print(f"tidar-export {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Terminated:
+        remove_temp_dirs()
+        print(f"tidar-export {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except TiDARError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1

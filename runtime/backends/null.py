@@ -19,6 +19,7 @@ class NullBackend:
         self.block_size = block_size
         self.proposals = normalize_proposals(block_size, proposals)
         self.max_len, self.max_batch, self.mask_token_id = max_len, max_batch, vocab_size - 1
+        self.vocab_size = vocab_size
         self.accept = accept or block_size
         b, rows = block_size, n_out(block_size, self.proposals)
         # drafts are always token 1; AR says 1 for the first accept-1 rows, then 2 (a rejection)

@@ -155,7 +155,7 @@ def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log
     alternating, so that a load change on the machine hits both; every decode must equal AR, and
     the speed figures pool all repeats.
     """
-    from tidar_runtime.tokenizer import folder_tokenizer
+    from tidar_runtime.tokenizer import artifact_tokenizer, default_stop_tokens
     from tidar_runtime import generate_ar, generate_tidar
     from tidar_runtime.backends.ort import OrtBackend
     from tidar_runtime.contract import step_len
@@ -165,10 +165,10 @@ def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log
     artifact_dir, exported = ensure_demo_artifact(artifact_dir, log, setting)
     backend = OrtBackend(artifact_dir, intra_op_threads=threads)
     m = backend.manifest
-    tok = folder_tokenizer(artifact_dir)
+    tok = artifact_tokenizer(artifact_dir, m)
     if tok is None:
         raise TiDARError(f"{artifact_dir}: the demo artifact has no tokenizer.json")
-    stop = m.eos_ids
+    stop = list(default_stop_tokens(m))
     warm = tok.encode(DEMO_PROMPTS[0]).ids
     generate_ar(backend, warm, 4, stop_tokens=stop)  # sessions and first-run allocations, not timed
     generate_tidar(backend, warm, 4, stop_tokens=stop)

@@ -11,7 +11,7 @@ import sys
 
 from tidar_export.commands.args import int_list, prompt_ids, require_prompt
 from tidar_export.errors import TiDARError
-from tidar_runtime.tokenizer import folder_tokenizer
+from tidar_runtime.tokenizer import artifact_tokenizer, default_stop_tokens
 
 
 def run_generate(args) -> int:
@@ -27,8 +27,8 @@ def run_generate(args) -> int:
     if args.checkpoint is not None and args.backend != "torch":
         raise TiDARError("--checkpoint is read only by --backend torch (the other backends run the artifact)")
     manifest = load_manifest(args.artifact)  # before the tokenizer and the backend: version, files
-    tok = folder_tokenizer(args.artifact)
-    stop = manifest.eos_ids
+    tok = artifact_tokenizer(args.artifact, manifest)
+    stop = default_stop_tokens(manifest)
     if args.chat:
         ids, stop = chat_prompt(args, manifest, tok)
     else:

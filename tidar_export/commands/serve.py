@@ -7,7 +7,6 @@ Torch is imported only with `--backend torch`.
 from __future__ import annotations
 
 import ipaddress
-import signal
 import sys
 from pathlib import Path
 
@@ -26,10 +25,14 @@ def _is_loopback(host: str) -> bool:
 def run_serve(args) -> int:
     from tidar_runtime.chat import artifact_chat
     from tidar_runtime.engine import open_engine
-    from tidar_runtime.server import bind, create_app, make_server  # fastapi, uvicorn: the `serve` extra
+    from tidar_runtime.server import Limits, bind, create_app, make_server  # fastapi, uvicorn: the `serve` extra
 
     if args.max_queue < 0:
         raise TiDARError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not 0 <= args.drain_timeout <= 3600:
+        raise TiDARError(f"--drain-timeout must lie in 0..3600 seconds, got {args.drain_timeout}")
+    if not 1024 <= args.max_body_bytes <= 1 << 30:
+        raise TiDARError(f"--max-body-bytes must lie in 1024..{1 << 30}, got {args.max_body_bytes}")
     if not 0 <= args.port <= 65535:
         raise TiDARError(f"--port must lie in 0..65535, got {args.port}")
     if args.checkpoint is not None and args.backend != "torch":
@@ -48,29 +51,23 @@ def run_serve(args) -> int:
         engine.close()
         sock.close()
         raise
-    app = create_app(engine, name, chat=chat)
+    app = create_app(engine, name, chat=chat, limits=Limits(max_body_bytes=args.max_body_bytes,
+                                                                     drain_timeout_s=args.drain_timeout))
     host, port = sock.getsockname()[:2]
     where = f"[{host}]" if ":" in host else host
     if not _is_loopback(args.host):
         print(f"warning: listening on {args.host}, not loopback: anyone who can reach it can use it", file=sys.stderr)
     print(f"serving {name!r} ({args.mode}/{args.backend}, batch {engine.max_batch}, queue {args.max_queue}"
           f"{', chat' if chat is not None else ''}) on http://{where}:{port}/v1", file=sys.stderr, flush=True)
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: a clean stop here
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # uvicorn drains on SIGINT/SIGTERM (make_server), then raises the signal again: the CLI's one
+    # line and exit status 130 / 143
     try:
         make_server(app, args.log_level).run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
         engine.close()
         sock.close()
     print("stopped", file=sys.stderr)
     return 0
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def register(sub) -> None:
@@ -87,6 +84,11 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a batch row; more are refused with 503 (default: 64)")
     p.add_argument("--model-name", help="the model id of /v1/models (default: the artifact folder's name)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM / Ctrl-C: seconds the requests in flight may finish in before their streams "
+                        "are ended with finish_reason abort (default: 30)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body; larger ones get 413 unread (default: 1 MiB)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: warning)")
     p.set_defaults(func=run_serve)

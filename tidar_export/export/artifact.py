@@ -295,9 +295,9 @@ def staged_artifact(output: str | os.PathLike, force: bool = False) -> Iterator[
 
 
 def seal(folder: Path) -> None:
-    """Record the BLAKE2b digests of the graphs and weights in the manifest of a finished
+    """Record the BLAKE2b digests of the graphs, weights, tokenizer and chat template (and the tokenizer's vocabulary size) in the manifest of a finished
     artifact folder, and read it back through the full validation (`load_manifest`)."""
-    from tidar_runtime.manifest import Manifest, file_digest, load_manifest, read_json, sample_digest
+    from tidar_runtime.manifest import TOKENIZER_DIGESTS, Manifest, file_digest, load_manifest, read_json, sample_digest
 
     m = Manifest.from_dict(read_json(folder / MANIFEST_FILE))
     for g in m.graphs.values():
@@ -305,6 +305,13 @@ def seal(folder: Path) -> None:
     if m.weights:
         w = folder / m.weights["file"]
         m.weights.update(bytes=w.stat().st_size, blake2b=file_digest(w), sample_blake2b=sample_digest(w))
+    for key, digest in TOKENIZER_DIGESTS.items():  # tokenizer.json, chat_template.jinja
+        if m.tokenizer.get(key):
+            m.tokenizer[digest] = file_digest(folder / m.tokenizer[key])
+    if m.tokenizer.get("file"):
+        from tidar_runtime.tokenizer import load_tokenizer
+
+        m.tokenizer["vocab_size"] = load_tokenizer(folder / m.tokenizer["file"]).get_vocab_size(with_added_tokens=True)
     m.save(folder)
     load_manifest(folder, verify="full")
 

@@ -232,6 +232,7 @@ def load_checkpoint(folder: str | os.PathLike, block_size: int | None = None,
     unexpected: list[str] = []  # tensors the model has no place for: dropping them would be silent
     for f in _weight_files(folder):
         try:
+            check_safetensors_header(f)  # before the safetensors library parses it (it allows 100 MB)
             with safe_open(str(f), framework="pt") as sf:
                 for name in sf.keys():
                     if name in expected:
@@ -327,13 +328,30 @@ _ST_OTHER = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8":
 DEFAULT_SHARD_BYTES = 2 << 30  # bytes of tensor data per written shard (what `write_random_checkpoint` holds at once)
 
 
+MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of JSON; a real header names ~150 bytes per tensor
+
+
+def _header_length(f) -> int:
+    """The JSON header's length of an open safetensors file, refused beyond MAX_SAFETENSORS_HEADER
+    or the file's size before anything is read or parsed."""
+    n = int.from_bytes(f.read(8), "little")
+    size = os.fstat(f.fileno()).st_size
+    if not 2 <= n <= min(MAX_SAFETENSORS_HEADER, size - 8):
+        raise ValueError(f"header length {n} (at most {MAX_SAFETENSORS_HEADER} and within the file's {size} bytes)")
+    return n
+
+
+def check_safetensors_header(path: Path) -> None:
+    """ValueError if the header of safetensors file `path` is over MAX_SAFETENSORS_HEADER bytes."""
+    with open(path, "rb") as f:
+        _header_length(f)
+
+
 def _safetensors_header(path: Path) -> tuple[int, dict]:
     """(offset of the data section, header dict) of one safetensors file, without reading data."""
     try:
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= 100 << 20:
-                raise ValueError(f"header length {n}")
+            n = _header_length(f)
             header = json.loads(f.read(n))
     except (OSError, ValueError) as e:
         raise TiDARError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})") from None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,6 +40,7 @@ MARKER = ".tidar-triton.json"
 MARKER_FORMAT = "tidar-triton-repository"
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 ARTIFACT_DIR = "artifact"  # inside the version folder
+DRAIN_TIMEOUT_S = 25  # unload: in-flight requests may finish for this long (tritonserver's --exit-timeout-secs is 30)
 # Triton model names become URL path segments and folder names
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -74,7 +76,7 @@ def config_pbtxt(name: str, backend: str, instances: int, mode: str, max_queue: 
     lines += [",\n".join(f'  {{ name: "{n}" data_type: {t} dims: {d} }}' for n, t, d in OUTPUTS)]
     lines += ["]", f"instance_group [ {{ count: {instances} kind: {kind} }} ]"]
     params = {"backend": backend, "mode": mode, "max_queue": str(max_queue), "intra_op_threads": str(threads),
-              "artifact": ARTIFACT_DIR}
+              "artifact": ARTIFACT_DIR, "drain_timeout": str(DRAIN_TIMEOUT_S)}
     lines += [f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items()]
     return "\n".join(lines) + "\n"
 
@@ -109,8 +111,10 @@ def _check_output(out: Path) -> None:
 
 
 def _copy_artifact(src: Path, dst: Path) -> None:
-    """The artifact's files, hard-linked where the file system allows (same data, no copy),
-    copied otherwise. Subfolders are kept; nothing outside the artifact is followed."""
+    """The artifact's files, cloned where the file system allows (a reflink: shared blocks,
+    copy-on-write), copied otherwise. Never hard links: a second link to a file makes the onnx
+    package refuse its external data, so `quantize` of the original would fail afterwards.
+    Subfolders are kept; nothing outside the artifact is followed."""
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if path.is_symlink() and not path.resolve().is_relative_to(src.resolve()):
@@ -120,10 +124,23 @@ def _copy_artifact(src: Path, dst: Path) -> None:
             target.mkdir(parents=True, exist_ok=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
+        clone_or_copy(path.resolve(), target)
+
+
+FICLONE = 0x40049409  # Linux ioctl: make dst share src's blocks (btrfs, XFS, bcachefs, ...)
+
+
+def clone_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as an independent file with `src`'s data and times: a reflink where the file system
+    supports it, a plain copy otherwise."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
         try:
-            os.link(path.resolve(), target)
-        except OSError:
-            shutil.copy2(path, target)
+            import fcntl
+
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        except (ImportError, OSError):
+            shutil.copyfileobj(fin, fout, 16 << 20)
+    shutil.copystat(src, dst)
 
 
 def _copy_runtime(dst: Path) -> None:
@@ -172,8 +189,9 @@ def write_repository(artifact: str | os.PathLike, output: str | os.PathLike, *, 
 
 
 def server_command(repo: str = "MODEL_REPO") -> str:
-    """The tritonserver command line the README gives (loopback only; see it for a node)."""
-    return (f"tritonserver --model-repository {repo} --http-address 127.0.0.1 --http-port 8000 "
+    """The tritonserver command line the README gives (loopback only; see it for a node), the
+    repository path quoted for a shell."""
+    return (f"tritonserver --model-repository {shlex.quote(repo)} --http-address 127.0.0.1 --http-port 8000 "
             f"--grpc-address 127.0.0.1 --grpc-port 8001 --metrics-port 8002 --exit-on-error false")
 
 

@@ -28,7 +28,8 @@ if sys.path[:1] != [HERE]:
     sys.path.insert(0, HERE)
 
 from tidar_runtime.engine import FINISH_REASONS, QueueFull, open_engine  # noqa: E402 (after the path above)
-from tidar_runtime.errors import TiDARError  # noqa: E402
+from tidar_runtime.errors import FieldError, TiDARError  # noqa: E402
+from tidar_runtime.request import GenerationRequest  # noqa: E402
 from tidar_runtime.sampling import SamplingParams  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -44,28 +45,31 @@ def _scalar(request, name):
     if a.size != 1:
         raise TiDARError(f"input {name} must hold one value, got {a.size}")
     v = a[0]
-    return v.decode("utf-8") if isinstance(v, bytes) else v.item()
+    return _text(v, name) if isinstance(v, bytes) else v.item()
 
 
 def _strings(request, name):
     t = pb_utils.get_input_tensor_by_name(request, name)
     if t is None:
         return []
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in t.as_numpy().reshape(-1)]
+    return [_text(v, name) if isinstance(v, bytes) else str(v) for v in t.as_numpy().reshape(-1)]
 
 
-def _number(value, name, kind):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise TiDARError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    return kind(value)
+def _text(raw, name):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TiDARError(f"input {name} is not valid UTF-8") from None
+
+
+# the request model's field -> the name a client of this model knows it by (in error messages)
+INPUT_NAMES = {"prompt": "text_input", "seed": "random_seed", "stop": "stop_words", "stop_tokens": "end_id"}
 
 
 def parse_request(request):
-    """(prompt, max_tokens, SamplingParams, stop strings, stop tokens or None, stream) of one
-    request: vLLM-style `sampling_parameters` JSON first, then the named inputs override it."""
-    prompt = _scalar(request, "text_input")
-    if not isinstance(prompt, str) or not prompt:
-        raise TiDARError("text_input must be one non-empty string")
+    """The GenerationRequest of one Triton request: vLLM-style `sampling_parameters` JSON first,
+    then the named inputs override it. Checked by the request model (tidar_runtime.request), as
+    the HTTP server's requests are; a bad field raises FieldError."""
     opts = {}
     raw = _scalar(request, "sampling_parameters")
     if raw:
@@ -83,26 +87,16 @@ def parse_request(request):
         v = _scalar(request, name)
         if v is not None:
             opts[key] = v
-    stop = opts.get("stop", opts.get("stop_words", []))
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise TiDARError("stop must be a string or a list of non-empty strings")
+    stop = opts.get("stop", opts.get("stop_words"))
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list):
+        raise FieldError("stop", "must be a string or a list of strings")
     stop = stop + [s for s in _strings(request, "stop_words") if s]
-    max_tokens = _number(opts.get("max_tokens", DEFAULT_MAX_TOKENS), "max_tokens", int)
-    seed = opts.get("seed")
-    seed = None if seed is None else _number(seed, "seed", int)
-    if seed is not None and seed < 0:
-        raise TiDARError(f"seed must be >= 0, got {seed}")
-    try:
-        params = SamplingParams(_number(opts.get("temperature", 0.0), "temperature", float),
-                                _number(opts.get("top_k", 0), "top_k", int),
-                                _number(opts.get("top_p", 1.0), "top_p", float), seed)
-    except ValueError:
-        raise TiDARError("temperature must be >= 0, top_k >= 0 and top_p in (0, 1]") from None
+    params = SamplingParams(opts.get("temperature", 0.0), opts.get("top_k", 0), opts.get("top_p", 1.0),
+                            opts.get("seed"))
     end_id = _scalar(request, "end_id")
-    stop_tokens = None if end_id is None else [int(end_id)]
-    stream = _scalar(request, "stream")
-    return prompt, max_tokens, params, stop, stop_tokens, bool(stream)
+    return GenerationRequest(_scalar(request, "text_input"), opts.get("max_tokens", DEFAULT_MAX_TOKENS), params,
+                             stop, None if end_id is None else (end_id,), bool(_scalar(request, "stream")))
 
 
 def _response(text, tokens, finish_reason=None):
@@ -226,6 +220,7 @@ class TritonPythonModel:
             kwargs["kinds"] = ("prefill", "step") if mode == "tidar" else ("prefill", "ar_step")
         self.engine = open_engine(artifact, backend=backend, mode=mode,
                                   max_queue=int(params.get("max_queue", "64") or 64), **kwargs)
+        self.drain_timeout = float(params.get("drain_timeout", "30") or 30)
         self.metrics = None
         if hasattr(pb_utils, "MetricFamily"):
             try:
@@ -242,27 +237,32 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                prompt, max_tokens, params, stop, stop_tokens, stream = parse_request(request)
-                r = _Request(self, sender, stream)
-                r.handle = self.engine.submit(prompt, max_tokens=max_tokens, params=params, stop=stop,
-                                              stop_tokens=stop_tokens, request_id=r.id, on_event=r.on_event)
+                req = parse_request(request)
+                r = _Request(self, sender, req.stream)
+                r.handle = self.engine.submit(req, request_id=r.id, on_event=r.on_event)
             except QueueFull as e:
                 code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
                 sender.send(_error(str(e), code), flags=FINAL)
+            except FieldError as e:
+                code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+                sender.send(_error(e.named(INPUT_NAMES.get(e.field, e.field)), code), flags=FINAL)
             except TiDARError as e:
                 code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
                 sender.send(_error(str(e), code), flags=FINAL)
+            except Exception as e:  # noqa: BLE001 (a fault of ours: one log line, the other requests go on)
+                pb_utils.Logger.log_error(f"tidar: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                sender.send(_error(f"internal error ({type(e).__name__})"), flags=FINAL)
         return None
 
     def finalize(self):
         engine = getattr(self, "engine", None)
         if engine is None:
             return
+        aborted = engine.drain(self.drain_timeout)  # in-flight requests finish; then the rest end with "abort"
         s = engine.snapshot()
         pb_utils.Logger.log_info(
             f"tidar: engine done: {s.submitted} requests, {s.prefills} prefills, {s.steps} steps, "
-            f"{s.row_steps} row-steps, {s.tokens_generated} tokens")
-        engine.close()
+            f"{s.row_steps} row-steps, {s.tokens_generated} tokens, {aborted} ended by the drain")
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

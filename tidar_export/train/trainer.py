@@ -361,8 +361,11 @@ def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     js, ts = folder / STATE_JSON, folder / STATE_TENSORS
     if not js.is_file() or not ts.is_file():
         raise TiDARError(f"{folder}: no training state to resume ({STATE_JSON} / {STATE_TENSORS} missing)")
+    from tidar_export.model.checkpoint import check_safetensors_header
+
     try:
         state = json.loads(js.read_text())
+        check_safetensors_header(ts)
         tensors = load_file(str(ts))
     except Exception as e:  # JSON or safetensors error: report it as a user error
         raise TiDARError(f"{folder}: unreadable training state ({type(e).__name__}: {e})") from None
