@@ -12,6 +12,15 @@ lists every failing check):
    lengths), with per-output tolerances. The torch side is the reference model's own
    forward (scatter cache write, full logits), not the traced wrappers, so it also checks
    the wrappers' row selection, positions and masks.
+
+Tolerances. An output passes when every element is within the fixed per-precision tolerance
+of `TOLERANCES`, or, failing that, when ONNX Runtime is about as accurate as the torch
+reference itself: both are compared with the reference model run in float64 on the same
+inputs, and ORT's largest error may be at most REFERENCE_ERROR_FACTOR times torch's own
+(`float64_bound`). Rounding error grows with depth, with the scale of the logits and with
+the cache length (each attention sums over more slots), so a fixed tolerance that suits a
+4-layer model fails a correct export of a 30-layer one; the float64 run measures that
+growth per case instead of guessing it (docs/EXPORT.md has the measurements).
 """
 
 from __future__ import annotations
@@ -35,6 +44,13 @@ TOLERANCES = {
     "fp16": {"logits": (5e-2, 2e-2), "present": (2e-2, 1e-2)},
     "bf16": {"logits": (2.5e-1, 5e-2), "present": (1e-1, 5e-2)},
 }
+# ORT's largest error against the float64 reference may be this many times the torch reference's
+# own (same inputs, same precision), plus FLOAT64_FLOOR_ULPS units in the last place of the
+# output's scale. Measured on SmolLM2-135M fp32 (30 layers, ort target): the ratio of the two
+# errors ranged 0.6-2.1 over the step cases; a wrong graph is orders of magnitude off.
+REFERENCE_ERROR_FACTOR = 4.0
+FLOAT64_FLOOR_ULPS = 8
+_EPS = {"fp32": float(np.finfo(np.float32).eps), "fp16": float(np.finfo(np.float16).eps), "bf16": 2.0 ** -7}
 _ONNX_EXTERNAL = 1  # onnx.TensorProto.EXTERNAL
 
 
@@ -293,13 +309,15 @@ def compare_tokens(graph: str, case: str, got: np.ndarray, want: np.ndarray, ref
 
 
 def numeric_results(artifact_dir: Path, manifest: Manifest, model, seed: int = 0) -> list[OutputResult]:
-    """ORT against torch for every graph, case and output. One ORT session alive at a time."""
+    """ORT against torch for every graph, case and output. One ORT session alive at a time.
+    Outputs outside the fixed tolerance are judged against the float64 reference (`float64_bound`)."""
     from tidar_export.model.reference import reference_outputs
 
     rng = np.random.default_rng(seed)
     tol = TOLERANCES[manifest.precision]
     results = []
     ort_errors = _ort_errors()
+    exact_model = _Float64Model(model)
     for kind, spec in manifest.graphs.items():
         try:
             session = _ort_session(artifact_dir / spec.file)
@@ -320,15 +338,77 @@ def numeric_results(artifact_dir: Path, manifest: Manifest, model, seed: int = 0
                 results.append(OutputResult(kind, case, "*", np.nan, np.nan, np.nan, np.nan, "-", False,
                                             f"ONNX Runtime failed: {first_line(e)}"))
                 continue
+            got = {name: got[name] if name == TOKEN_IDS else _from_ort(got[name]) for name in names}
+            case_results = []
             for name in names:
                 if name == TOKEN_IDS:
-                    results.append(compare_tokens(kind, case, got[name], want[name], want[LOGITS],
-                                                   *tol["logits"]))
+                    case_results.append(compare_tokens(kind, case, got[name], want[name], want[LOGITS],
+                                                       *tol["logits"]))
                 else:
                     family = "logits" if name == LOGITS else "present"
-                    results.append(_compare(kind, case, name, _from_ort(got[name]), want[name], *tol[family]))
+                    case_results.append(_compare(kind, case, name, got[name], want[name], *tol[family]))
+            if not all(r.ok for r in case_results):
+                exact = exact_model.outputs(manifest, kind, feeds)
+                case_results = [float64_bound(r, got, want, exact, manifest.precision) if not r.ok else r
+                                for r in case_results]
+            results += case_results
         del session
     return results
+
+
+class _Float64Model:
+    """The reference model in float64, made on first use (only a case that fails the fixed
+    tolerance needs it) and kept for the following cases."""
+
+    def __init__(self, model):
+        self._model, self._exact = model, None
+
+    def outputs(self, manifest: Manifest, kind: str, feeds: dict) -> dict[str, np.ndarray]:
+        import copy
+
+        import torch
+
+        from tidar_export.model.reference import reference_outputs
+
+        if self._exact is None:
+            self._exact = copy.deepcopy(self._model).to(torch.float64)
+        wide = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in feeds.items()}
+        return reference_outputs(self._exact, manifest, kind, wide)
+
+
+def float64_bound(res: OutputResult, got: dict, want: dict, exact: dict, precision: str) -> OutputResult:
+    """Re-judge an output that failed the fixed tolerance: it passes if ORT's largest error
+    against the float64 reference `exact` is at most REFERENCE_ERROR_FACTOR times the torch
+    reference's own largest error against it (plus a floor of a few ulps of the output's scale).
+    token_ids: ORT's token must then be torch's argmax or within that logits bound of it."""
+    if res.output == TOKEN_IDS:
+        if got[TOKEN_IDS].shape != want[TOKEN_IDS].shape or LOGITS not in got:
+            return res
+        bound, _, _ = _error_bound(got[LOGITS], want[LOGITS], exact[LOGITS], precision)
+        retry = compare_tokens(res.graph, res.case, got[TOKEN_IDS], want[TOKEN_IDS], want[LOGITS], bound, 0.0)
+        retry.tolerance = f"exact, ties within {bound:.1e} (float64-calibrated)"
+        return retry
+    name = res.output
+    if got[name].shape != want[name].shape:
+        return res
+    bound, ort_err, ref_err = _error_bound(got[name], want[name], exact[name], precision)
+    ok = bool(ort_err <= bound)  # NaN fails
+    out = dataclasses.replace(res, ok=ok, tolerance=f"<= {REFERENCE_ERROR_FACTOR:g}x torch's own error "
+                                                    f"vs float64 ({ref_err:.1e})")
+    out.detail = ("" if ok else f"max abs error vs float64 {ort_err:.3g} > {bound:.3g} = "
+                                f"{REFERENCE_ERROR_FACTOR:g}x torch's own ({ref_err:.3g}) + floor; "
+                                f"vs torch: {res.detail}")
+    return out
+
+
+def _error_bound(got: np.ndarray, want: np.ndarray, exact: np.ndarray, precision: str) -> tuple[float, float, float]:
+    """(allowed max abs error, ORT's max abs error, torch's max abs error), both against float64."""
+    exact = np.asarray(exact, dtype=np.float64)
+    ort_err = float(np.max(np.abs(np.asarray(got, dtype=np.float64) - exact))) if exact.size else 0.0
+    ref_err = float(np.max(np.abs(np.asarray(want, dtype=np.float64) - exact))) if exact.size else 0.0
+    scale = float(np.max(np.abs(exact))) if exact.size else 0.0
+    floor = FLOAT64_FLOOR_ULPS * _EPS[precision] * scale
+    return REFERENCE_ERROR_FACTOR * ref_err + floor, ort_err, ref_err
 
 
 def _to_ort(t):
