@@ -41,7 +41,7 @@ HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdige
 CHECKPOINT_FILES = frozenset({
     "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt",
-    "train_state.json", "train_state.safetensors",
+    "train_state.json", "train_state.safetensors", "adapter.json", "adapter.safetensors",
 })
 ARTIFACT_SIDECARS = frozenset({"manifest.json", "quantization.json", "demo.json", "tokenizer.json"})
 KINDS = ("artifact", "checkpoint", "run")

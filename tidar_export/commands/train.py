@@ -33,6 +33,11 @@ _FLAGS = {  # TrainSettings field -> (flag, type, help)
     "grad_clip": ("--grad-clip", float, "gradient-norm clip (0 disables)"),
     "seed": ("--seed", int, "seed of the init and the batch sampler"),
     "init_from": ("--init-from", str, "continue from this (imported AR) checkpoint folder instead of scratch"),
+    "draft_target": ("--draft-target", str, "what mask slots learn: data | self | rollout"),
+    "adapter_rank": ("--adapter-rank", int, "train a draft adapter of this rank on the frozen --init-from model "
+                                            "(0: the full-weight recipe)"),
+    "adapter_layers": ("--adapter-layers", str, "adapted layers: all | topN | A-B | i,j,k"),
+    "adapter_alpha": ("--adapter-alpha", float, "adapter updates are scaled by alpha / rank (0: alpha = rank)"),
 }
 
 
@@ -45,6 +50,11 @@ def register(subparsers) -> None:
     for field, (flag, typ, text) in _FLAGS.items():
         p.add_argument(flag, dest=field, type=typ, default=None,
                        help=f"{text} [default: {getattr(defaults, field)}]")
+    p.add_argument("--adapter", action="store_true",
+                   help="train a draft adapter (rank 4 unless --adapter-rank) on the frozen --init-from model: "
+                        "it acts on mask rows only, so the model's greedy output is unchanged")
+    p.add_argument("--no-adapter-embed", dest="adapter_embed", action="store_false", default=None,
+                   help="no learned mask-row offset in the adapter")
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
     p.add_argument("--mask-token-id", type=int, help="mask token id for --init-from (default: the checkpoint's)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
@@ -63,6 +73,12 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     given = {f: getattr(args, f) for f in _FLAGS if getattr(args, f) is not None}
+    if args.adapter_embed is not None:
+        given["adapter_embed"] = args.adapter_embed
+    if args.adapter and "adapter_rank" not in given:
+        given["adapter_rank"] = 4
+    if args.adapter and "draft_target" not in given:
+        given["draft_target"] = "self"
     if args.resume:
         state, _ = read_state(Path(args.output))
         base = state["settings"]

@@ -77,7 +77,7 @@ class PrefillGraph(_GraphModule):
         b = self.block_size
         ids = torch.cat([input_ids, input_ids.new_full((B, b), self.cfg.mask_token_id)], dim=1)  # [B, P+b]
         positions = masks.prefill_positions(P, b)[None].expand(B, -1)  # [B, P+b]
-        h, keys, values = self.tidar.hidden(ids, positions, masks.prefill_mask(P, b))
+        h, keys, values = self.tidar.hidden(ids, positions, masks.prefill_mask(P, b), draft_rows=b)
         token_ids, logits = self.head(h, self.row_offsets + P)
         return token_ids, logits, *self.flat_kv(keys, values)
 
@@ -86,8 +86,9 @@ class _CachedGraph(_GraphModule):
     """A pass over the preallocated cache: q_len new tokens at positions cache_len + offsets."""
 
     def __init__(self, model: TiDARModel, in_step: torch.Tensor, offsets: torch.Tensor,
-                 out_rows: Sequence[int], kv_update: str):
+                 out_rows: Sequence[int], kv_update: str, draft_rows: int = 0):
         super().__init__(model)
+        self.draft_rows = draft_rows  # trailing mask rows: where a draft adapter acts (0 in the AR step)
         self.kv_write = {"slice": "concat", "inplace": "scatter"}[kv_update]
         self.register_buffer("in_step", in_step, persistent=False)  # [q, q] bool: the static mask
         self.register_buffer("offsets", offsets, persistent=False)  # [q] position offsets from L
@@ -96,7 +97,7 @@ class _CachedGraph(_GraphModule):
     def run(self, ids: torch.Tensor, cache_len: torch.Tensor, past: Sequence[torch.Tensor]):
         positions = cache_len[:, None] + self.offsets[None]  # [B, q]
         h, keys, values = self.tidar.hidden(ids, positions, self.in_step, list(past[0::2]), list(past[1::2]),
-                                            cache_len, kv_write=self.kv_write)
+                                            cache_len, kv_write=self.kv_write, draft_rows=self.draft_rows)
         token_ids, logits = self.head(h, self.out_rows)
         return token_ids, logits, *self.flat_kv(keys, values)
 
@@ -108,7 +109,7 @@ class StepGraph(_CachedGraph):
     def __init__(self, model: TiDARModel, block_size: int, proposals: Sequence[int], kv_update: str):
         rs = normalize_proposals(block_size, proposals)
         super().__init__(model, masks.step_mask(block_size, rs), masks.step_offsets(block_size, rs),
-                         step_out_rows(block_size, rs), kv_update)
+                         step_out_rows(block_size, rs), kv_update, draft_rows=block_size * len(rs))
         self.n_masks = block_size * len(rs)
 
     def forward(self, draft_ids: torch.Tensor, cache_len: torch.Tensor, *past: torch.Tensor):

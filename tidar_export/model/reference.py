@@ -58,11 +58,14 @@ class TorchBackend:
         return backend
 
     @torch.no_grad()
-    def _run(self, rows: slice, ids, positions, in_step, cache_len, out_rows, want_logits) -> Outputs:
-        """ids/positions [B', T] for cache rows `rows`; writes the new K/V at each row's L."""
+    def _run(self, rows: slice, ids, positions, in_step, cache_len, out_rows, want_logits,
+             draft_rows: int = 0) -> Outputs:
+        """ids/positions [B', T] for cache rows `rows` (the last `draft_rows` are mask rows); writes
+        the new K/V at each row's L."""
         keys = [k[rows] for k in self.keys]
         values = [v[rows] for v in self.values]
-        logits, new_k, new_v = self.model(ids, positions, in_step, keys, values, cache_len, kv_write="concat")
+        logits, new_k, new_v = self.model(ids, positions, in_step, keys, values, cache_len, kv_write="concat",
+                                          draft_rows=draft_rows)
         T = ids.shape[1]
         for layer in range(len(self.keys)):
             for j, L in enumerate(cache_len.tolist()):
@@ -77,7 +80,7 @@ class TorchBackend:
         ids = torch.cat([torch.as_tensor(prompt), torch.full((b,), self.mask_token_id)])[None]
         out_rows = torch.tensor(prefill_out_rows(P, b))
         return self._run(slice(row, row + 1), ids, masks.prefill_positions(P, b)[None],
-                         masks.prefill_mask(P, b), torch.zeros(1, dtype=torch.long), out_rows, want_logits)
+                         masks.prefill_mask(P, b), torch.zeros(1, dtype=torch.long), out_rows, want_logits, b)
 
     def step(self, drafts: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
         B, b = drafts.shape
@@ -86,7 +89,7 @@ class TorchBackend:
         ids[:, :b] = torch.as_tensor(drafts)
         L = torch.as_tensor(cache_len)
         return self._run(slice(0, B), ids, L[:, None] + self._step_offsets, self._step_mask, L,
-                         self._step_rows, want_logits)
+                         self._step_rows, want_logits, q - b)
 
     def ar_prefill(self, row: int, prompt: np.ndarray, want_logits: bool) -> Outputs:
         P = len(prompt)
@@ -108,16 +111,18 @@ def reference_outputs(model, manifest: Manifest, kind: str, feeds: dict) -> dict
             B, P = prompt.shape
             ids = torch.cat([prompt, torch.full((B, b), manifest.mask_token_id)], dim=1)
             logits, keys, values = model(ids, masks.prefill_positions(P, b)[None].expand(B, -1),
-                                         masks.prefill_mask(P, b))
+                                         masks.prefill_mask(P, b), draft_rows=b)
             rows = torch.tensor(prefill_out_rows(P, b))
             present = [(k, v) for k, v in zip(keys, values)]
         else:
             L = feeds["cache_len"]
             past = [feeds[name].clone() for name in past_names(n)]
             past_k, past_v = past[0::2], past[1::2]
+            draft_rows = 0
             if kind == "step":
                 rs = manifest.proposals
                 B = L.shape[0]
+                draft_rows = manifest.step_len - b
                 ids = torch.full((B, manifest.step_len), manifest.mask_token_id)
                 ids[:, :b] = feeds["draft_ids"]
                 offsets, in_step = masks.step_offsets(b, rs), masks.step_mask(b, rs)
@@ -126,7 +131,8 @@ def reference_outputs(model, manifest: Manifest, kind: str, feeds: dict) -> dict
                 ids = feeds["input_ids"]
                 offsets, in_step, rows = torch.zeros(1, dtype=torch.long), masks.causal_mask(1), torch.tensor([0])
             T = ids.shape[1]
-            logits, keys, values = model(ids, L[:, None] + offsets, in_step, past_k, past_v, L, kv_write="scatter")
+            logits, keys, values = model(ids, L[:, None] + offsets, in_step, past_k, past_v, L, kv_write="scatter",
+                                         draft_rows=draft_rows)
             if manifest.kv_update_of(kind) == "slice":  # the new K/V only: slots L..L+T-1 of each row
                 pick = lambda c: torch.stack([c[j, :, l : l + T] for j, l in enumerate(L.tolist())])  # noqa: E731
                 present = [(pick(k), pick(v)) for k, v in zip(keys, values)]

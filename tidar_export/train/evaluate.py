@@ -56,7 +56,7 @@ def lm_metrics(model, stream, seq_len: int, max_tokens: int, batch: int = 8) -> 
             correct += (logits.argmax(-1) == labels).sum().item()
             if S % b == 0:
                 ids2, pos2, mask2, labels2 = tidar_batch(x, b, model.cfg.mask_token_id)
-                dl, _, _ = model(ids2, pos2, mask2)
+                dl, _, _ = model(ids2, pos2, mask2, draft_rows=S)  # the mask rows: the last S
                 dl, dy = dl[:, S:], labels2[:, S:]
                 diff_sum += F.cross_entropy(dl.flatten(0, 1).float(), dy.flatten(), reduction="sum").item()
                 hit = dl.argmax(-1) == dy  # [B, S]
