@@ -86,6 +86,8 @@ class Manifest:
     # "sample_blake2b": hex}: the shared external data, its whole-file digest (checked by `check`) and its
     # sampled digest (checked on every load, see sample_digest)
     tuning: dict = field(default_factory=dict)  # set by `tidar-export tune` (see the module doc); {} if untuned
+    adapter: dict = field(default_factory=dict)  # the draft adapter in the prefill and step graphs' mask rows:
+    # its config, "params" and "sha256" of its tensors (tidar_export.model.adapter.describe); {} if none
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 

@@ -227,6 +227,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     import torch
 
     import tidar_export
+    from tidar_export.model.adapter import describe as describe_adapter
     from tidar_export.model.checkpoint import open_streamed, read_config
     from tidar_export.export.tracing import EXPORT_OPSET, graph_io, make_plan, manifest_dims, trace
     from tidar_runtime.manifest import GraphSpec, Manifest
@@ -285,6 +286,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
                 "opsets": opsets,
             },
             weights={"file": WEIGHTS_FILE, "bytes": weights.size},
+            adapter=describe_adapter(model.adapter) if model.adapter is not None else {},
         )
         manifest.save(tmp)
     return output

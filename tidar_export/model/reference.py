@@ -161,4 +161,16 @@ def load_artifact_model(checkpoint: str | os.PathLike, manifest: Manifest, dtype
     if differ:
         raise TiDARError(f"checkpoint {checkpoint} is not the model of this artifact: {differ[0]} is "
                          f"{have.get(differ[0])!r}, the manifest says {manifest.model[differ[0]]!r}")
+    check_adapter(model, manifest, checkpoint)
     return model
+
+
+def check_adapter(model, manifest: Manifest, checkpoint) -> None:
+    """The checkpoint's draft adapter must be the one the artifact's graphs carry (or both none)."""
+    from tidar_export.model.adapter import describe
+
+    have = describe(model.adapter)["sha256"] if model.adapter is not None else None
+    want = (getattr(manifest, "adapter", None) or {}).get("sha256")
+    if have != want:
+        raise TiDARError(f"checkpoint {checkpoint} is not the model of this artifact: its draft adapter is "
+                         f"{have or 'none'}, the manifest says {want or 'none'}")
