@@ -56,9 +56,13 @@ def gguf_path(spec: AdapterModel) -> Path:
 def import_base(spec: AdapterModel, dest: Path, log=lambda msg: None) -> Path:
     """The base model as a TiDAR checkpoint folder at `dest` (the one step a GGUF importer replaces).
 
-    transformers reads the GGUF (dequantizing its weights to fp32) and writes an HF folder, which
-    the checkpoint importer turns into a TiDAR checkpoint with the model's mask token and b."""
+    transformers reads the GGUF (dequantizing its weights to fp32); its config and tensors make an
+    HF folder (transformers refuses to save a GGUF-loaded model itself), which the checkpoint
+    importer turns into a TiDAR checkpoint with the model's mask token and b."""
+    import json
+
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tidar_export.model.checkpoint import load_checkpoint, save_checkpoint
@@ -70,8 +74,11 @@ def import_base(spec: AdapterModel, dest: Path, log=lambda msg: None) -> Path:
         hf = Path(tmp)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(hf))
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
-        model.save_pretrained(str(hf))
-        del model
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+        save_file(state, str(hf / "model.safetensors"), metadata={"format": "pt"})
+        (hf / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        del model, state
         ckpt = load_checkpoint(hf, spec.block_size, spec.mask_token_id)
         return save_checkpoint(ckpt, dest, tokenizer_from=hf, force=True)
 
