@@ -34,6 +34,11 @@ _FLAGS = {  # TrainSettings field -> (flag, type, help)
     "seed": ("--seed", int, "seed of the init and the batch sampler"),
     "init_from": ("--init-from", str, "continue from this (imported AR) checkpoint folder instead of scratch"),
     "draft_target": ("--draft-target", str, "what mask slots learn: data | self | rollout"),
+    "rollout_frac": ("--rollout-frac", float, "rollout target: share of each batch's rows from the pool"),
+    "rollout_every": ("--rollout-every", int, "rollout target: steps between regenerations of the pool"),
+    "rollout_pool": ("--rollout-pool", int, "rollout target: rows in the pool"),
+    "rollout_prefix_min": ("--rollout-prefix-min", int, "rollout target: shortest real prefix of a pool row"),
+    "rollout_prefix_max": ("--rollout-prefix-max", int, "rollout target: longest real prefix of a pool row"),
     "adapter_rank": ("--adapter-rank", int, "train a draft adapter of this rank on the frozen --init-from model "
                                             "(0: the full-weight recipe)"),
     "adapter_layers": ("--adapter-layers", str, "adapted layers: all | topN | A-B | i,j,k"),
