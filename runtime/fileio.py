@@ -43,7 +43,7 @@ HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdige
 CHECKPOINT_FILES = frozenset({
     "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt",
-    "train_state.json", "train_state.safetensors",
+    "train_state.json", "train_state.safetensors", "adapter.json", "adapter.safetensors",
     "chat_template.jinja", "gguf_source.json", "gguf_blocks.safetensors",  # chat template; GGUF import records
 })
 ARTIFACT_SIDECARS = frozenset({"manifest.json", "quantization.json", "demo.json", "tokenizer.json",

@@ -87,6 +87,8 @@ class Manifest:
     # "sample_blake2b": hex}: the shared external data, its whole-file digest (checked by `check`) and its
     # sampled digest (checked on every load, see sample_digest)
     tuning: dict = field(default_factory=dict)  # set by `tidar-export tune` (see the module doc); {} if untuned
+    adapter: dict = field(default_factory=dict)  # the draft adapter in the prefill and step graphs' mask rows:
+    # its config, "params" and "sha256" of its tensors (tidar_export.model.adapter.describe); {} if none
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -290,7 +292,7 @@ def validate(d, where: str) -> "Manifest":
         f.int("weights.bytes", weights.get("bytes"), 0, 1 << 46)
         for key in ("blake2b", "sample_blake2b"):
             f.str(f"weights.{key}", weights.get(key), none=True, max_len=128)
-    for key in ("versions", "tuning"):
+    for key in ("versions", "tuning", "adapter"):
         f.obj(key, d.get(key, {}), none=True)
     try:
         return Manifest.from_dict(d)

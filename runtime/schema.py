@@ -127,6 +127,8 @@ def manifest_schema() -> dict:
                 "blake2b": {"type": ["string", "null"]}, "sample_blake2b": {"type": ["string", "null"]}}},
             "versions": {"type": "object"},
             "tuning": {"type": "object"},
+            "adapter": {"type": "object", "description": "the draft adapter the prefill and step graphs carry on "
+                                                        "their mask rows: config, params, sha256; {} if none"},
         },
     }
 

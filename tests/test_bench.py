@@ -131,6 +131,7 @@ def test_tune_writes_a_consistent_manifest(tiny, tmp_path):
     assert (m.block_size, m.proposals) == (chosen["block_size"], chosen["proposals"])
     assert (chosen["block_size"], chosen["proposals"]) == (r["choice"]["block_size"], r["choice"]["proposals"])
     assert chosen["speedup"] == max(c["speedup"]["median"] for c in r["candidates"])
+    assert chosen["mode"] == ("tidar" if chosen["speedup"] >= 1 else "ar")  # AR when no TiDAR setting wins
     assert m.max_seq_len == 48 and m.tuning["backend"] == "ort"
     # the graphs are the chosen ones: the artifact decodes with them, equal to AR
     be = OrtBackend(target)

@@ -67,7 +67,8 @@ def demo_setting(checkpoint: Path | None = None) -> dict:
             rs = list(normalize_proposals(b, rec.get("proposals")))
         except (OSError, ValueError, KeyError, TypeError, TiDARError) as e:
             raise TiDARError(f"{f}: unreadable decode setting ({first_line(e)})") from None
-        return {"block_size": b, "proposals": rs, "source": SETTING_FILE}
+        mode = rec.get("mode", "tidar")  # "ar": tuning found no TiDAR setting faster than AR here
+        return {"block_size": b, "proposals": rs, "source": SETTING_FILE, "mode": mode}
     b = read_config(checkpoint).block_size
     return {"block_size": b, "proposals": list(normalize_proposals(b, None)), "source": "checkpoint default"}
 
@@ -111,12 +112,14 @@ def stale_reason(artifact_dir: Path, checkpoint: Path, digest: str, setting: dic
     return f"manifest differs ({', '.join(differ)})" if differ else None
 
 
-def ensure_demo_artifact(artifact_dir: Path, log=lambda msg: None, setting: dict | None = None) -> tuple[Path, bool]:
-    """The demo model's ONNX artifact at `artifact_dir` for `setting` (default: `demo_setting()`),
-    exported unless a matching one is there. Returns (directory, whether it was exported now)."""
+def ensure_demo_artifact(artifact_dir: Path, log=lambda msg: None, setting: dict | None = None,
+                         checkpoint: Path | None = None) -> tuple[Path, bool]:
+    """The demo model's (or `checkpoint`'s) ONNX artifact at `artifact_dir` for `setting` (default:
+    `demo_setting()`), exported unless a matching one is there. Returns (directory, whether it was
+    exported now)."""
     from tidar_export.export.artifact import export_artifact
 
-    checkpoint = demo_model_path()
+    checkpoint = checkpoint or demo_model_path()
     setting = setting or demo_setting(checkpoint)
     digest = checkpoint_digest(checkpoint)
     reason = stale_reason(artifact_dir, checkpoint, digest, setting)
@@ -148,7 +151,8 @@ def setting_text(b: int, proposals) -> str:
 
 
 def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log=lambda msg: None,
-             setting: dict | None = None, repeats: int = DEFAULT_REPEATS) -> dict:
+             setting: dict | None = None, repeats: int = DEFAULT_REPEATS, checkpoint: Path | None = None,
+             name: str = "demo_model") -> dict:
     """Decode the built-in prompts in AR and TiDAR mode over ONNX Runtime; a JSON-ready report.
 
     Every prompt is decoded `repeats` times in each mode, AR and TiDAR back to back with the order
@@ -161,8 +165,8 @@ def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log
     from tidar_runtime.contract import step_len
     from tidar_runtime.stats import summarize, tokens_per_s
 
-    setting = setting or demo_setting()
-    artifact_dir, exported = ensure_demo_artifact(artifact_dir, log, setting)
+    setting = setting or demo_setting(checkpoint)
+    artifact_dir, exported = ensure_demo_artifact(artifact_dir, log, setting, checkpoint)
     backend = OrtBackend(artifact_dir, intra_op_threads=threads)
     m = backend.manifest
     tok = artifact_tokenizer(artifact_dir, m)
@@ -206,10 +210,12 @@ def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log
     ar_step_s = _median([t for r in ar_all for t in r.stats.step_s])
     cost = step_s / ar_step_s if step_s and ar_step_s else None
     return {
-        "model": {"name": "demo_model", "arch": m.model["arch"], "block_size": m.block_size,
+        "model": {"name": name, "arch": m.model["arch"], "block_size": m.block_size,
                   "vocab_size": m.model["vocab_size"], "num_layers": m.model["num_layers"]},
         "setting": {"block_size": m.block_size, "proposals": list(m.proposals),
-                    "width": step_len(m.block_size, m.proposals), "source": setting.get("source")},
+                    "width": step_len(m.block_size, m.proposals), "source": setting.get("source"),
+                    "mode": setting.get("mode", "tidar")},
+        "adapter": m.adapter or None,
         "artifact": str(artifact_dir), "exported": exported, "backend": "ort (CPUExecutionProvider)",
         "max_new_tokens": max_new_tokens, "repeats": max(1, repeats),
         "prompts": rows,

@@ -133,6 +133,8 @@ def tune(artifact, checkpoint, backend_name: str = "ort", threads: int = 1, prom
             "speedup": best["speedup"]["median"], "tokens_per_forward": best["tokens_per_forward"],
             "tidar_tokens_per_s": best["tidar_tokens_per_s"]["median"],
             "ar_tokens_per_s": best["ar_tokens_per_s"]["median"],
+            # "ar": no candidate beat AR here; decode AR on this device (`tidar-export demo` says so)
+            "mode": "tidar" if best["speedup"]["median"] >= 1 else "ar",
         }
         if best["speedup"]["median"] < 1:
             B.log(f"note: TiDAR is slower than AR at every candidate on this device (best {best['speedup']['median']:.2f}x); "
@@ -164,7 +166,7 @@ def tuning_record(report: dict) -> dict:
     mc = report["machine"]
     return {
         "chosen": {k: report["choice"][k] for k in ("block_size", "proposals", "speedup", "tokens_per_forward",
-                                                   "tidar_tokens_per_s", "ar_tokens_per_s")},
+                                                   "tidar_tokens_per_s", "ar_tokens_per_s", "mode")},
         "objective": "median per-repeat TiDAR/AR decode tokens/s (greedy, batch 1), AR interleaved",
         "backend": report["backend"], "threads": report["threads"],
         "device": f"{mc['cpu']}, {mc['cores']} cores",

@@ -39,6 +39,10 @@ _FLAGS = {  # TrainSettings field -> (flag, type, help)
     "rollout_pool": ("--rollout-pool", int, "rollout: rows in the pool"),
     "rollout_prefix_min": ("--rollout-prefix-min", int, "rollout: shortest real prefix of a pool row"),
     "rollout_prefix_max": ("--rollout-prefix-max", int, "rollout: longest real prefix of a pool row"),
+    "adapter_rank": ("--adapter-rank", int, "train a draft adapter of this rank on the frozen --init-from model "
+                                            "(0: the full-weight recipe)"),
+    "adapter_layers": ("--adapter-layers", str, "adapted layers: all | topN | A-B | i,j,k"),
+    "adapter_alpha": ("--adapter-alpha", float, "adapter updates are scaled by alpha / rank (0: alpha = rank)"),
 }
 # Every TrainSettings field has a flag here (tests/test_docs_commands.py checks it, and that every
 # command and flag docs/TRAINING.md shows parses).
@@ -53,6 +57,11 @@ def register(subparsers) -> None:
     for field, (flag, typ, text) in _FLAGS.items():
         p.add_argument(flag, dest=field, type=typ, default=None,
                        help=f"{text} [default: {getattr(defaults, field)}]")
+    p.add_argument("--adapter", action="store_true",
+                   help="train a draft adapter (rank 4 unless --adapter-rank) on the frozen --init-from model: "
+                        "it acts on mask rows only, so the model's greedy output is unchanged")
+    p.add_argument("--no-adapter-embed", dest="adapter_embed", action="store_false", default=None,
+                   help="no learned mask-row offset in the adapter")
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
     p.add_argument("--mask-token-id", type=int, help="mask token id for --init-from (default: the checkpoint's)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
@@ -71,6 +80,12 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     given = {f: getattr(args, f) for f in _FLAGS if getattr(args, f) is not None}
+    if args.adapter_embed is not None:
+        given["adapter_embed"] = args.adapter_embed
+    if args.adapter and "adapter_rank" not in given:
+        given["adapter_rank"] = 4
+    if args.adapter and "draft_target" not in given:
+        given["draft_target"] = "self"
     if args.resume:
         state, _ = read_state(Path(args.output))
         base = state["settings"]

@@ -230,6 +230,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     import tidar_export
     from tidar_export.export.plan import make_plan
     from tidar_export.export.tracing import EXPORT_OPSET, torch_dtype, trace
+    from tidar_export.model.adapter import describe as describe_adapter
     from tidar_export.model.checkpoint import open_streamed, read_config
 
     log = log or (lambda msg: None)
@@ -269,6 +270,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
             "opsets": opsets,
         }
         manifest.weights = {"file": WEIGHTS_FILE, "bytes": weights.size}
+        manifest.adapter = describe_adapter(model.adapter) if model.adapter is not None else {}
         manifest.save(tmp)
     return output
 

@@ -77,7 +77,7 @@ class PrefillGraph(_GraphModule):
     def forward(self, input_ids: torch.Tensor):
         P = input_ids.shape[1]
         ids, positions, mask = masks.prefill_pass(input_ids, self.block_size, self.cfg.mask_token_id)
-        h, keys, values = self.tidar.hidden(ids, positions, mask)
+        h, keys, values = self.tidar.hidden(ids, positions, mask, draft_rows=self.block_size)
         token_ids, logits = self.head(h, self.row_offsets + P)  # the rows, from P (a dynamic dim) as a graph op
         return token_ids, logits, *self.flat_kv(keys, values)
 
@@ -94,9 +94,11 @@ class _CachedGraph(_GraphModule):
         self.register_buffer("out_rows", out_rows, persistent=False)
 
     def run(self, ids: torch.Tensor, cache_len: torch.Tensor, past: Sequence[torch.Tensor]):
+        given = ids.shape[1]  # drafts (step) or the AR token: the rest are mask rows, where a draft adapter acts
         ids = masks.pass_ids(ids, len(self.offsets), self.cfg.mask_token_id)
         h, keys, values = self.tidar.hidden(ids, masks.pass_positions(cache_len, self.offsets), self.in_step,
-                                            list(past[0::2]), list(past[1::2]), cache_len, kv_update=self.kv_update)
+                                            list(past[0::2]), list(past[1::2]), cache_len, kv_update=self.kv_update,
+                                            draft_rows=len(self.offsets) - given)
         token_ids, logits = self.head(h, self.out_rows)
         return token_ids, logits, *self.flat_kv(keys, values)
 

@@ -249,7 +249,16 @@ def load_checkpoint(folder: str | os.PathLike, block_size: int | None = None,
         check_tensor_values(folder, name, t)
     model = TiDARModel(cfg).to(dtype)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    attach_folder_adapter(model, folder)
     return model.eval()
+
+
+def attach_folder_adapter(model: TiDARModel, folder: Path) -> None:
+    """Attach the draft adapter stored beside the checkpoint's config.json, if there is one."""
+    from tidar_export.model import adapter
+
+    if adapter.has_adapter(folder):
+        adapter.attach(model, *adapter.read_adapter(folder))
 
 
 def check_tensor_values(folder: Path, name: str, t: torch.Tensor) -> None:
@@ -264,10 +273,15 @@ def check_tensor_values(folder: Path, name: str, t: torch.Tensor) -> None:
 
 def write_checkpoint_files(model: TiDARModel, folder: Path, tokenizer_from: str | os.PathLike | None = None) -> None:
     """The HF-format files of `model` (and the tokenizer files of `tokenizer_from`) into the existing folder."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not k.startswith("adapter.")}  # a draft adapter has files of its own
     if model.cfg.tie_word_embeddings:
         state.pop("lm_head.weight")
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if model.adapter is not None:
+        from tidar_export.model.adapter import write_adapter
+
+        write_adapter(model.adapter, folder)
     hf = config_to_hf(model.cfg)
     hf["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -293,6 +307,30 @@ def config_chat_template(path: Path) -> str | None:
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
                         None)
     return template if isinstance(template, str) and template else None
+
+
+def write_adapter_checkpoint(model: TiDARModel, folder: Path, base: str | os.PathLike,
+                             tokenizer_from: str | os.PathLike | None = None) -> None:
+    """The files of `model` (a frozen `base` checkpoint with a draft adapter) into the existing
+    folder: base's weight files hard-linked where the file system allows (else copied), then
+    config.json, the adapter files and the tokenizer files."""
+    from tidar_export.model.adapter import write_adapter
+
+    base = Path(base)
+    for f in _weight_files(base) + sorted(base.glob("*.safetensors.index.json")):
+        try:
+            os.link(f, folder / f.name)
+        except OSError:
+            shutil.copyfile(f, folder / f.name)
+    hf = config_to_hf(model.cfg)
+    hf["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    write_adapter(model.adapter, folder)
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_from) / name
+            if src.is_file():
+                shutil.copyfile(src, folder / name)
 
 
 def save_checkpoint(model: TiDARModel, folder: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None,
@@ -441,6 +479,7 @@ def open_streamed(folder: str | os.PathLike, block_size: int | None = None, mask
                     placeholders[id(p)] = torch.nn.Parameter(torch.zeros((), dtype=dtype).expand(p.shape),
                                                              requires_grad=False)
                 module._parameters[key] = placeholders[id(p)]
+    attach_folder_adapter(model, folder)  # small: its tensors are held in memory, not streamed
     return model.eval(), StreamedWeights(folder, entries, dtype)
 
 

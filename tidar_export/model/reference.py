@@ -57,11 +57,14 @@ class TorchBackend:
         return backend
 
     @torch.no_grad()
-    def _run(self, rows: slice, ids, positions, in_step, cache_len, out_rows, want_logits) -> Outputs:
-        """ids/positions [B', T] for cache rows `rows`; writes the new K/V at each row's L."""
+    def _run(self, rows: slice, ids, positions, in_step, cache_len, out_rows, want_logits,
+             draft_rows: int = 0) -> Outputs:
+        """ids/positions [B', T] for cache rows `rows` (the last `draft_rows` are mask rows); writes
+        the new K/V at each row's L."""
         keys = [k[rows] for k in self.keys]
         values = [v[rows] for v in self.values]
-        logits, new_k, new_v = self.model(ids, positions, in_step, keys, values, cache_len, kv_update="slice")
+        logits, new_k, new_v = self.model(ids, positions, in_step, keys, values, cache_len, kv_update="slice",
+                                          draft_rows=draft_rows)
         T = ids.shape[1]
         for layer in range(len(self.keys)):
             for j, L in enumerate(cache_len.tolist()):
@@ -75,13 +78,14 @@ class TorchBackend:
         P = len(prompt)
         ids, positions, mask = masks.prefill_pass(torch.as_tensor(prompt)[None], self.block_size, self.mask_token_id)
         return self._run(slice(row, row + 1), ids, positions, mask, torch.zeros(1, dtype=torch.long),
-                         torch.tensor(prefill_out_rows(P, self.block_size)), want_logits)
+                         torch.tensor(prefill_out_rows(P, self.block_size)), want_logits, self.block_size)
 
     def _cached(self, kind: str, given: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
         in_step, offsets, out_rows = self._static[kind]
         L = torch.as_tensor(cache_len)
         ids = masks.pass_ids(torch.as_tensor(given), len(offsets), self.mask_token_id)
-        return self._run(slice(0, len(L)), ids, masks.pass_positions(L, offsets), in_step, L, out_rows, want_logits)
+        return self._run(slice(0, len(L)), ids, masks.pass_positions(L, offsets), in_step, L, out_rows, want_logits,
+                         len(offsets) - given.shape[1])  # the mask rows after the given ids
 
     def step(self, drafts: np.ndarray, cache_len: np.ndarray, want_logits: bool) -> Outputs:
         return self._cached("step", drafts, cache_len, want_logits)
@@ -103,17 +107,18 @@ def reference_outputs(model, manifest: Manifest, kind: str, feeds: dict) -> dict
         if kind == "prefill":
             prompt = feeds[INPUT_IDS]
             ids, positions, mask = masks.prefill_pass(prompt, b, manifest.mask_token_id)
-            logits, keys, values = model(ids, positions, mask)
+            logits, keys, values = model(ids, positions, mask, draft_rows=b)
             rows = torch.tensor(prefill_out_rows(prompt.shape[1], b))
             present = [(k, v) for k, v in zip(keys, values)]
         else:
             L = feeds[CACHE_LEN]
             past = [feeds[name].clone() for name in past_names(n)]
             in_step, offsets, rows = masks.step_pass(b, manifest.proposals) if kind == "step" else masks.ar_pass()
-            ids = masks.pass_ids(feeds[ids_input(kind)], len(offsets), manifest.mask_token_id)
+            given = feeds[ids_input(kind)]
+            ids = masks.pass_ids(given, len(offsets), manifest.mask_token_id)
             T = ids.shape[1]
             logits, keys, values = model(ids, masks.pass_positions(L, offsets), in_step, past[0::2], past[1::2], L,
-                                         kv_update="inplace")
+                                         kv_update="inplace", draft_rows=T - given.shape[1])
             if manifest.graphs[kind].kv_update == "slice":  # the new K/V only: slots L..L+T-1 of each row
                 pick = lambda c: torch.stack([c[j, :, l : l + T] for j, l in enumerate(L.tolist())])  # noqa: E731
                 present = [(pick(k), pick(v)) for k, v in zip(keys, values)]
@@ -143,4 +148,16 @@ def load_artifact_model(checkpoint: str | os.PathLike, manifest: Manifest, dtype
     if differ:
         raise TiDARError(f"checkpoint {checkpoint} is not the model of this artifact: {differ[0]} is "
                          f"{have.get(differ[0])!r}, the manifest says {want[differ[0]]!r}")
+    check_adapter(model, manifest, checkpoint)
     return model
+
+
+def check_adapter(model, manifest: Manifest, checkpoint) -> None:
+    """The checkpoint's draft adapter must be the one the artifact's graphs carry (or both none)."""
+    from tidar_export.model.adapter import describe
+
+    have = describe(model.adapter)["sha256"] if model.adapter is not None else None
+    want = (getattr(manifest, "adapter", None) or {}).get("sha256")
+    if have != want:
+        raise TiDARError(f"checkpoint {checkpoint} is not the model of this artifact: its draft adapter is "
+                         f"{have or 'none'}, the manifest says {want or 'none'}")

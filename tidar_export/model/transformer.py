@@ -20,6 +20,14 @@ from tidar_export.model.config import TiDARConfig
 from tidar_export.model.masks import cache_then_step, with_cache
 
 
+def _projector(module: nn.Module, ad, draft_rows: int):
+    """proj(name, x): the module's projection `name` of x, plus the draft adapter's update on the
+    last `draft_rows` rows when the layer has one (tidar_export.model.adapter)."""
+    if ad is None or draft_rows <= 0:
+        return lambda name, x: getattr(module, name)(x)
+    return lambda name, x: ad.update(name, x, getattr(module, name)(x), draft_rows)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -60,12 +68,13 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len, kv_update):
+    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len, kv_update, ad=None, draft_rows=0):
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        proj = _projector(self, ad, draft_rows)
+        q = proj("q_proj", x).view(B, T, cfg.num_heads, cfg.head_dim)
+        k = proj("k_proj", x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = proj("v_proj", x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, hd]
@@ -87,7 +96,7 @@ class Attention(nn.Module):
         vx = v[:, :, None].expand(B, cfg.num_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.num_heads, S, cfg.head_dim)
         out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=allow)  # [B, H, T, hd]
         out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
-        return self.o_proj(out), new_k, new_v
+        return proj("o_proj", out), new_k, new_v
 
 
 class MLP(nn.Module):
@@ -98,8 +107,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, ad=None, draft_rows=0):
+        proj = _projector(self, ad, draft_rows)
+        return proj("down_proj", F.silu(proj("gate_proj", x)) * proj("up_proj", x))
 
 
 class DecoderLayer(nn.Module):
@@ -110,10 +120,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len, kv_update):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allow, past_k, past_v, cache_len, kv_update)
+    def forward(self, x, cos, sin, allow, past_k, past_v, cache_len, kv_update, ad=None, draft_rows=0):
+        """ad: this layer's draft adapter (or None), applied to the last `draft_rows` rows only."""
+        if ad is not None:
+            x = ad.offset(x, draft_rows)
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allow, past_k, past_v, cache_len, kv_update,
+                                 ad, draft_rows)
         x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), ad, draft_rows)
         return x, k, v
 
 
@@ -135,6 +149,7 @@ class TiDARModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.adapter = None  # a DraftAdapter (tidar_export.model.adapter.attach) acting on mask rows only
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None):
         """Preallocated flat cache: (keys, values), each a list of [B, KV, max_len, hd] per layer."""
@@ -145,7 +160,7 @@ class TiDARModel(nn.Module):
         return [mk() for _ in range(cfg.num_layers)], [mk() for _ in range(cfg.num_layers)]
 
     def hidden(self, input_ids, position_ids, in_step_mask, past_keys=None, past_values=None,
-               cache_len=None, kv_update: str = "inplace"):
+               cache_len=None, kv_update: str = "inplace", draft_rows: int = 0):
         """Final hidden states [B, T, d] and per-layer key/value lists.
 
         input_ids, position_ids: [B, T]. in_step_mask: [T, T] bool (True = may attend).
@@ -154,6 +169,9 @@ class TiDARModel(nn.Module):
         kv_update (tidar_runtime.contract.KV_UPDATES): "inplace" returns the whole cache with the
         new K/V written at L..L+T-1; "slice" leaves the cache alone, attends over [cache | new] and
         returns only the new K/V [B, KV, T, hd] for the caller to write at L.
+        draft_rows: the last `draft_rows` of the T rows are mask rows, the rows a draft adapter
+        acts on (a static count per pass kind; 0: none, as in every AR pass). Without an adapter
+        it changes nothing.
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
@@ -165,15 +183,17 @@ class TiDARModel(nn.Module):
         else:
             allow = cache_then_step(in_step_mask, cache_len, past_keys[0].shape[2])
         keys, values = [], []
-        for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
-            x, k, v = layer(x, cos, sin, allow, pk, pv, cache_len, kv_update)
+        adapter = self.adapter if draft_rows > 0 else None
+        for i, (layer, pk, pv) in enumerate(zip(self.model.layers, past_keys, past_values)):
+            ad = adapter.for_layer(i) if adapter is not None else None
+            x, k, v = layer(x, cos, sin, allow, pk, pv, cache_len, kv_update, ad, draft_rows)
             keys.append(k)
             values.append(v)
         return self.model.norm(x), keys, values
 
     def forward(self, input_ids, position_ids, in_step_mask, past_keys=None, past_values=None,
-                cache_len=None, kv_update: str = "inplace"):
+                cache_len=None, kv_update: str = "inplace", draft_rows: int = 0):
         """Logits [B, T, V] and the key/value lists (see `hidden`)."""
         h, keys, values = self.hidden(input_ids, position_ids, in_step_mask, past_keys, past_values,
-                                      cache_len, kv_update)
+                                      cache_len, kv_update, draft_rows)
         return self.lm_head(h), keys, values

@@ -56,7 +56,7 @@ def lm_metrics(model, stream, seq_len: int, max_tokens: int, batch: int = 8) -> 
             correct += (logits.argmax(-1) == labels).sum().item()
             if S % b == 0:
                 ids2, pos2, mask2, labels2 = tidar_batch(x, b, model.cfg.mask_token_id)
-                dl, _, _ = model(ids2, pos2, mask2)
+                dl, _, _ = model(ids2, pos2, mask2, draft_rows=S)  # the mask rows: the last S
                 dl, dy = dl[:, S:], labels2[:, S:]
                 diff_sum += F.cross_entropy(dl.flatten(0, 1).float(), dy.flatten(), reduction="sum").item()
                 hit = dl.argmax(-1) == dy  # [B, S]
@@ -91,8 +91,9 @@ def acceptance_by_slot(hist, block_size: int) -> list[float | None]:
     return [round(n_ge(t + 1) / n_ge(t), 4) if n_ge(t) else None for t in range(1, block_size)]
 
 
-def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
-    """Greedy AR, then TiDAR at each b: T/NFE, histogram, TiDAR == AR per prompt."""
+def decode_metrics(model, prompts, block_sizes, max_new: int, stop, sparse=()) -> dict:
+    """Greedy AR, then TiDAR at each b (dense proposals) and each sparse (b, proposals) of `sparse`:
+    T/NFE, histogram, TiDAR == AR per prompt. Reported under "b" (dense) and "b:r,r" (sparse)."""
     from collections import Counter
 
     from tidar_export.model.reference import TorchBackend
@@ -100,7 +101,9 @@ def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
 
     greedy = SamplingParams()
     P = max(len(p) for p in prompts)
-    max_len = P + max_new + max(block_sizes) * (max(block_sizes) + 1) + 1
+    settings = [(b, None) for b in block_sizes] + [(b, tuple(rs)) for b, rs in sparse]
+    widest = max(b * (b + 1) for b, _ in settings) if settings else 1
+    max_len = P + max_new + widest + 1
     ar_out, ar_time = [], 0.0
     backend = TorchBackend(model, max_len, block_size=1)  # one cache, reused: each prefill starts at slot 0
     for p in prompts:
@@ -109,9 +112,9 @@ def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
         ar_time += time.perf_counter() - t0
     n_ar = sum(len(t) for t in ar_out)
     report = {"ar": {"tokens": n_ar, "tokens_per_s_cpu": round(n_ar / ar_time, 1)}, "tidar": {}}
-    for b in block_sizes:
+    for b, rs in settings:
         tokens, accepted, hist, mismatched, t_all = 0, [], Counter(), [], 0.0
-        backend = TorchBackend(model, max_len, block_size=b)
+        backend = TorchBackend(model, max_len, block_size=b, proposals=rs)
         for i, p in enumerate(prompts):
             t0 = time.perf_counter()
             res = generate_tidar(backend, p, max_new, greedy, stop)
@@ -121,11 +124,12 @@ def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
             hist.update(res.stats.accepted)
             if res.tokens != ar_out[i]:
                 mismatched.append(i)
-        report["tidar"][str(b)] = {
+        key = str(b) if rs is None else f"{b}:{','.join(str(r) for r in rs)}"
+        report["tidar"][key] = {
             "tokens_per_forward": round(sum(accepted) / max(1, len(accepted)), 3),
             "forwards": len(accepted), "tokens": tokens,
             "accepted_histogram": dict(sorted(hist.items())),
-            "acceptance_by_slot": acceptance_by_slot(hist, b),
+            "acceptance_by_slot": acceptance_by_slot(hist, b) if rs is None else None,
             "equals_ar": not mismatched, "mismatched_prompts": mismatched,
             "tokens_per_s_cpu": round(tokens / t_all, 1),
         }
@@ -135,7 +139,7 @@ def decode_metrics(model, prompts, block_sizes, max_new: int, stop) -> dict:
 
 def evaluate(checkpoint: str, corpus: str = "stdlib", pattern: str = "*.py", seq_len: int | None = None,
              max_eval_tokens: int = 65536, block_sizes=(4, 8, 16), num_prompts: int = 20,
-             prompt_len: int = 64, max_new_tokens: int = 128) -> dict:
+             prompt_len: int = 64, max_new_tokens: int = 128, sparse=()) -> dict:
     from tidar_export.model.checkpoint import load_checkpoint
 
     ckpt = Path(checkpoint)
@@ -161,6 +165,7 @@ def evaluate(checkpoint: str, corpus: str = "stdlib", pattern: str = "*.py", seq
     prompts = prompts_from(stream, num_prompts, prompt_len, max_new_tokens)
     stop = cfg.eos_ids
     report["decode"] = {"prompts": num_prompts, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
-                        "greedy": True} | decode_metrics(model, prompts, list(block_sizes), max_new_tokens, stop)
+                        "greedy": True} | decode_metrics(model, prompts, list(block_sizes), max_new_tokens, stop,
+                                                                       sparse)
     report["eval_s"] = round(time.perf_counter() - t0, 1)
     return report

@@ -84,6 +84,12 @@ class TrainSettings:
     rollout_pool: int = 32  # rows in the pool
     rollout_prefix_min: int = 8  # real prefix length P of a rollout row: uniform in [min, max]
     rollout_prefix_max: int = 96
+    # draft adapter (tidar_export.model.adapter): rank > 0 freezes the --init-from model and trains
+    # low-rank updates that act on the mask rows only (its greedy output stays the base model's)
+    adapter_rank: int = 0  # 0: the full-weight recipe
+    adapter_layers: str = "all"  # "all", "topN", "A-B" or "i,j,k"
+    adapter_alpha: float = 0.0  # updates scaled by alpha / rank; 0 means alpha = rank (scale 1)
+    adapter_embed: bool = True  # also learn an offset added to the mask rows at the first adapted layer
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -106,6 +112,21 @@ class TrainSettings:
             if not 1 <= self.rollout_prefix_min <= self.rollout_prefix_max < self.seq_len:
                 raise TiDARError(f"rollout prefix lengths must satisfy 1 <= --rollout-prefix-min <= "
                                  f"--rollout-prefix-max < --seq-len {self.seq_len}")
+
+        if self.adapter_rank < 0:
+            raise TiDARError(f"--adapter-rank must be >= 0, got {self.adapter_rank}")
+        if self.adapter_rank and (self.init_from is None or self.mode != "tidar"):
+            raise TiDARError("--adapter-rank trains a draft adapter for an existing model: it needs --init-from "
+                             "CHECKPOINT and --mode tidar")
+
+    def adapter_config(self, num_layers: int):
+        """The AdapterConfig of an adapter run (None for the full-weight recipe)."""
+        from tidar_export.model.adapter import AdapterConfig, parse_layers
+
+        if not self.adapter_rank:
+            return None
+        return AdapterConfig(rank=self.adapter_rank, layers=parse_layers(self.adapter_layers, num_layers),
+                             alpha=self.adapter_alpha or float(self.adapter_rank), embed_offset=self.adapter_embed)
 
     def rollout_rows(self) -> int:
         """Rows of each batch that come from the rollout pool (0 unless draft_target is rollout)."""
@@ -203,6 +224,41 @@ def losses(model: TiDARModel, x: torch.Tensor, mode: str, block_size: int, ar_we
     return total, ce_ar, ce_diff
 
 
+def adapter_losses(model: TiDARModel, x: torch.Tensor, block_size: int, draft_target: str = "self"):
+    """(total, ce_ar, ce_diff) of a draft-adapter step on windows x [B, S+1]; total = ce_diff.
+
+    The same objective as `losses` in TiDAR mode, in two passes: the clean rows under no_grad
+    (they see no adapter, so nothing of theirs needs a gradient; their logits give the `self`
+    labels and ce_ar, their keys/values the context), then the S mask rows with the adapter,
+    attending to those keys/values under the training mask's mask-row part. Slot 0 of each block
+    is left out of the loss: decoding never uses it (the anchor is the AR row's token).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from tidar_export.model import masks
+    from tidar_export.model.transformer import rope_cos_sin
+
+    B, S = x.shape[0], x.shape[1] - 1
+    clean = x[:, :S]
+    pos = torch.arange(S)[None].expand(B, -1)
+    with torch.no_grad():
+        h, keys, values = model.hidden(clean, pos, masks.causal_mask(S))
+        clean_logits = model.lm_head(h)
+        ce_ar = F.cross_entropy(clean_logits.flatten(0, 1).float(), x[:, 1:].flatten())
+        labels = clean if draft_target == "data" else self_targets(clean_logits, x)
+        del clean_logits, h
+    keep = torch.arange(S) % block_size != 0  # the draft slots 1..b-1 of every block
+    allow = masks.train_mask(S, block_size)[S:][None, None]  # [1, 1, S, 2S]: mask rows over [clean | mask]
+    hid = model.model.embed_tokens(torch.full_like(clean, model.cfg.mask_token_id))
+    cos, sin = rope_cos_sin(pos, model.cfg.head_dim, model.cfg.rope_theta, hid.dtype)
+    for i, layer in enumerate(model.model.layers):
+        hid, _, _ = layer(hid, cos, sin, allow, keys[i], values[i], None, "slice", model.adapter.for_layer(i), S)
+    logits = model.lm_head(model.model.norm(hid[:, keep]))
+    ce_diff = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, keep].flatten())
+    return ce_diff, ce_ar, ce_diff
+
+
 def batch_windows(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
     """The windows [B, S+1] of step `step`: a pure function of (seed, step), so resuming needs no sampler state."""
     import numpy as np
@@ -295,7 +351,7 @@ def init_weights(model: TiDARModel, seed: int) -> None:
 def make_optimizer(model: TiDARModel, s: TrainSettings) -> torch.optim.AdamW:
     import torch
 
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # an adapter run: the adapter only
     decay = [p for _, p in named if p.dim() >= 2]
     other = [p for _, p in named if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
@@ -337,15 +393,20 @@ def load_optimizer_tensors(opt: torch.optim.AdamW, tensors: dict[str, torch.Tens
 
 
 def save_run(folder: Path, model: TiDARModel, opt: torch.optim.AdamW, state: dict, tokenizer_dir: Path,
-             extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Checkpoint (importer format) + resume state (plus `extra` tensors: the rollout pool), swapped in atomically."""
+             extra: dict[str, torch.Tensor] | None = None, base: str | None = None) -> None:
+    """Checkpoint (importer format) + resume state (plus `extra` tensors: the rollout pool), swapped in atomically.
+
+    base: an adapter run's frozen checkpoint, whose weight files are linked (or copied) instead of written."""
     from safetensors.torch import save_file
 
-    from tidar_export.model.checkpoint import write_checkpoint_files
+    from tidar_export.model.checkpoint import write_checkpoint_files, write_adapter_checkpoint
 
     staging = fileio.staging_dir(folder)
     try:
-        write_checkpoint_files(model, staging, tokenizer_from=tokenizer_dir)
+        if base is None:
+            write_checkpoint_files(model, staging, tokenizer_from=tokenizer_dir)
+        else:
+            write_adapter_checkpoint(model, staging, base, tokenizer_from=tokenizer_dir)
         tensors, steps = optimizer_tensors(opt)
         save_file(tensors | (extra or {}), str(staging / STATE_TENSORS))
         (staging / STATE_JSON).write_text(json.dumps(state | {"optimizer_steps": steps}, indent=1) + "\n")
@@ -465,6 +526,17 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
                                      f"only {model.cfg.vocab_size}")
             else:
                 model = _fresh_model(s, tok, tok.get_vocab_size())
+        acfg = s.adapter_config(model.cfg.num_layers)
+        if acfg is not None:
+            from tidar_export.model.adapter import attach
+
+            if model.adapter is None:  # a fresh run (a resumed one loaded its own)
+                torch.manual_seed(s.seed)
+                attach(model, acfg)
+            elif model.adapter.acfg != acfg:
+                raise TiDARError(f"{out}: its adapter's config differs from the run settings")
+            model.requires_grad_(False)
+            model.adapter.requires_grad_(True)
         model.train()
         cfg = model.cfg
         eos_id = cfg.eos_ids[0] if cfg.eos_ids else data.special_id(tok, data.EOS_TOKEN)
@@ -490,7 +562,9 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
                     "threads": torch.get_num_threads(), "python": sys.version.split()[0]}
 
         end = s.steps if stop_at is None else min(stop_at, s.steps)
-        log(f"{s.mode} training: {cfg.num_params() / 1e6:.2f}M params, {stream.numel():,} train tokens "
+        what = (f"draft adapter ({model.adapter.num_params() / 1e6:.2f}M params) on a frozen "
+                if acfg is not None else "")
+        log(f"{s.mode} training: {what}{cfg.num_params() / 1e6:.2f}M params, {stream.numel():,} train tokens "
             f"({len(corpus.train)} files, {len(corpus.heldout)} held out), S={s.seq_len} b={s.block_size} "
             f"batch={s.batch_size}, steps {step}->{end} of {s.steps}, {torch.get_num_threads()} threads, "
             f"setup {time.perf_counter() - t_setup:.1f}s")
@@ -510,6 +584,7 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
             return {} if pool is None else {"rollout.windows": pool[0].contiguous(),
                                             "rollout.real_len": pool[1].contiguous()}
 
+        base = s.init_from if acfg is not None else None
         t_log = time.perf_counter()
         while step < end:
             t0 = time.perf_counter()
@@ -522,11 +597,14 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
                 if pool is None or step % s.rollout_every == 0:
                     pool = make_rollout_pool(model, stream, step, s)
                 x, real_len = rollout_batch(x, pool, step, s)
-            total, ce_ar, ce_diff = losses(model, x, s.mode, s.block_size, s.ar_weight, s.draft_target, real_len)
+            if acfg is not None:
+                total, ce_ar, ce_diff = adapter_losses(model, x, s.block_size, s.draft_target)
+            else:
+                total, ce_ar, ce_diff = losses(model, x, s.mode, s.block_size, s.ar_weight, s.draft_target, real_len)
             opt.zero_grad(set_to_none=True)
             total.backward()
             if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], s.grad_clip)
             opt.step()
             step += 1
             tokens_seen += x.shape[0] * s.seq_len
@@ -553,12 +631,12 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
                 t_log = time.perf_counter()
             if step % save_every == 0 or step == end:
                 model.eval()
-                save_run(out, model, opt, snapshot(), tok_dir, extra())
+                save_run(out, model, opt, snapshot(), tok_dir, extra(), base)
                 model.train()
         if bar is not None:
             bar.close()
         if not resume and not (out / STATE_JSON).is_file():  # nothing to run: still leave a run folder
-            save_run(out, model.eval(), opt, snapshot(), tok_dir)
+            save_run(out, model.eval(), opt, snapshot(), tok_dir, base=base)
         return snapshot()
 
 
