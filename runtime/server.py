@@ -176,7 +176,7 @@ def parse_chat_completion(body, model_name: str, chat: ChatTemplate | None) -> G
     end-of-turn and eos tokens."""
     check_body(body, model_name)
     if chat is None:
-        raise FieldError("messages", "need a chat template: this model has none (chat_template.jinja); "
+        raise FieldError("messages", "cannot be rendered: this model has no chat template (chat_template.jinja); "
                                      "use /v1/completions")
     try:
         prompt = chat.encode(check_messages(body.get("messages")))

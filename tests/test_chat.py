@@ -29,7 +29,8 @@ from tidar_runtime.backends.ort import OrtBackend  # noqa: E402
 from tidar_runtime.chat import ChatTemplate, artifact_chat, check_messages  # noqa: E402
 from tidar_runtime.engine import open_engine  # noqa: E402
 from tidar_runtime.errors import TiDARError  # noqa: E402
-from tidar_runtime.server import BadRequest, bind, create_app, make_server, parse_chat_completion  # noqa: E402
+from tidar_runtime.errors import FieldError  # noqa: E402
+from tidar_runtime.server import bind, create_app, make_server, parse_chat_completion  # noqa: E402
 from tidar_runtime.tokenizer import folder_tokenizer, load_tokenizer  # noqa: E402
 
 MODEL = "demo-chat"
@@ -261,8 +262,8 @@ def test_errors_in_openai_shape(server):
 
 
 def test_chat_without_template_is_a_client_error(reference):
-    with pytest.raises(BadRequest, match="no chat template") as e:
+    with pytest.raises(FieldError, match="no chat template") as e:  # a 400 naming the field
         parse_chat_completion({"messages": MESSAGES}, MODEL, None)
-    assert e.value.status == 400
+    assert e.value.field == "messages"
     req = parse_chat_completion({"messages": MESSAGES, "max_tokens": 5}, MODEL, reference.chat)
-    assert req["stop_tokens"] == [DEMO_EOS, END_OF_TURN] and req["prompt"] == reference.chat.encode(MESSAGES)
+    assert req.stop_tokens == (DEMO_EOS, END_OF_TURN) and req.prompt == tuple(reference.chat.encode(MESSAGES))
