@@ -131,7 +131,7 @@ def request_options(body: dict, default_max_tokens: int = DEFAULT_MAX_TOKENS) ->
     are refused unless neutral. Unknown fields are ignored, as OpenAI's API does."""
     for name in ("n", "best_of", "echo", "logprobs", "suffix", "presence_penalty", "frequency_penalty", "logit_bias"):
         if not _neutral(name, body.get(name)):
-            raise FieldError(name, f"={json.dumps(body.get(name))[:40]} is not supported")
+            raise FieldError(name, f"is not supported (got {json.dumps(body.get(name))[:40]}; only its default)")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise FieldError("stream_options", "must be an object")
