@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -23,11 +22,11 @@ for _mod, _why in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("prometheus_
 
 import httpx  # noqa: E402
 
-from tests.serve_fixtures import BATCH, demo_batch_artifact  # noqa: E402
+from tests.serve_fixtures import BATCH, demo_batch_artifact, serving  # noqa: E402
 from tidar_runtime import SamplingParams, generate_tidar  # noqa: E402
 from tidar_runtime.backends.ort import OrtBackend  # noqa: E402
 from tidar_runtime.engine import open_engine  # noqa: E402
-from tidar_runtime.server import bind, create_app, make_server  # noqa: E402
+from tidar_runtime.server import bind, create_app  # noqa: E402
 from tidar_runtime.tokenizer import folder_tokenizer  # noqa: E402
 
 MODEL = "demo-b4"
@@ -56,21 +55,9 @@ def reference(art):
 @pytest.fixture(scope="module")
 def server(art):
     engine = open_engine(art, max_queue=MAX_QUEUE)
-    app = create_app(engine, MODEL)
-    sock = bind("127.0.0.1", 0)
-    srv = make_server(app)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield url, engine
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(engine, MODEL)) as url:
+        yield url, engine
     engine.close()
-    sock.close()
 
 
 def _post(url, body, **kw):
