@@ -16,7 +16,8 @@ def cmd_quantize(args) -> int:
     out = quantize_artifact(args.artifact, args.output, args.precision, calibration=args.calibration,
                             samples=args.samples, max_new_tokens=args.max_new_tokens, method=args.method,
                             percentile=args.percentile, block_size=args.block_size,
-                            quantize_tables=not args.keep_tables, accuracy_level=args.accuracy_level,
+                            quantize_tables=not args.keep_tables, table_bits=args.table_bits,
+                            accuracy_level=args.accuracy_level,
                             seed=args.seed, log=print, force=args.force)
     print_written(args.precision, out, t0)
     return 0
@@ -35,14 +36,19 @@ def register(subparsers) -> None:
                    help="calibration prompts, each after a line '# %%%%' (default: calibration/prompts.txt)")
     p.add_argument("--samples", type=int, default=64, help="calibration inputs kept per graph (default 64)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens decoded per calibration prompt")
-    p.add_argument("--method", choices=INT8_METHODS + WO_METHODS,
-                   help="int8/fp8 activation ranges: minmax (default) or percentile; int4/int8-wo weight scales: "
-                        "awq (default, calibrated) or rtn (round to nearest, no calibration)")
+    p.add_argument("--method", choices=tuple(dict.fromkeys(INT8_METHODS + WO_METHODS)),
+                   help="int8/fp8 activation ranges: minmax (default) or percentile; int4/int8-wo weight grids: "
+                        "minmax (default on ort: each block's min..max with a zero point, no calibration), "
+                        "awq (default on TensorRT targets: symmetric, calibrated scales) or rtn (symmetric, "
+                        "round to nearest)")
     p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE, help="for --method percentile")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
                    help=f"weight-only: input channels per scale (default {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--keep-tables", action="store_true",
                    help="weight-only: leave the embedding table and the LM head in the exported precision")
+    p.add_argument("--table-bits", type=int, choices=(4, 8),
+                   help="weight-only on target ort: bits of the embedding table and LM head (default: the "
+                        "precision's)")
     p.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="0..4",
                    help="weight-only on target ort: MatMulNBits accuracy_level (0/1: fp32 compute, the default; "
                         "4: int8 activations, faster)")

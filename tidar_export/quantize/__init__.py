@@ -49,7 +49,7 @@ from tidar_export.quantize.qdq import (  # noqa: F401 (the package's API)
 )
 from tidar_export.quantize.weight_only import (  # noqa: F401 (the package's API)
     AWQ_ALPHAS, BLOCK_DQ_MIN_OPSET, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, WEIGHT_ONLY_BITS, WO_METHODS,
-    block_dequantize, block_quantize, externalize_packed, unshare_weights, weight_only_graph,
+    block_dequantize, block_quantize, block_quantize_minmax, externalize_packed, unshare_weights, weight_only_graph,
 )
 from tidar_export.quantize.awq import (  # noqa: F401 (the package's API)
     AwqGroup, awq_folded_weights, awq_groups, awq_search, output_bias, output_columns,
@@ -59,5 +59,6 @@ from tidar_export.quantize.artifact import (  # noqa: F401 (the package's API)
     QUANTIZER_VERSION, SIDECAR, default_method, quantize_artifact, quantize_graph,
 )
 from tidar_export.quantize.metrics import (  # noqa: F401 (the package's API)
-    common_prefix, greedy_agreement, teacher_forced, teacher_forced_ar_loss, token_agreement,
+    AGREEMENT_WARNING, agreement_with_source, common_prefix, greedy_agreement, teacher_forced,
+    teacher_forced_ar_loss, token_agreement,
 )
