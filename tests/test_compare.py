@@ -162,7 +162,7 @@ def weight_only(tmp_path_factory):
 
 
 @pytest.mark.parametrize("target, precision, kwargs", [
-    ("ort", "int8-wo", {}),  # AWQ: MatMulNBits, GatherBlockQuantized, a V cache holding V / s
+    ("ort", "int8-wo", {"method": "awq"}),  # MatMulNBits, GatherBlockQuantized, a V cache holding V / s
     ("trt-10.15", "int4", {"method": "rtn", "block_size": 64}),  # block-quantized INT4 DequantizeLinear
 ])
 def test_weight_only_artifact_compares_ok(weight_only, target, precision, kwargs):
@@ -184,7 +184,7 @@ def test_awq_value_cache_is_compared_in_the_reference_units(weight_only, monkeyp
     from tidar_export.engines import compare
 
     ckpt, get = weight_only
-    art = get("ort", "int8-wo")
+    art = get("ort", "int8-wo", method="awq")
     assert compare.value_cache_scales(art, load_manifest(art))
     logs = []
     assert all(rep.ok for rep in compare_artifact(art, ckpt, use_trt=False, log=logs.append))

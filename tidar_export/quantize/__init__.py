@@ -33,8 +33,9 @@ graphs is stored once); the manifest says `precision: <p>` and names `<kind>.<p>
 """
 
 from tidar_export.quantize.calibration import (  # noqa: F401 (the package's API)
-    DEFAULT_CALIBRATION, PROMPT_SEPARATOR, RecordingBackend, collect_calibration_inputs,
-    fit_prompts, read_prompt_file, tokenize_prompts,
+    DEFAULT_CALIBRATION, DEFAULT_CALIBRATION_NEW_TOKENS, DEFAULT_CALIBRATION_PROMPTS, DEFAULT_SAMPLES,
+    PROMPT_SEPARATOR, RecordingBackend, collect_calibration_inputs, fit_prompts, full_feed, read_prompt_file,
+    tokenize_prompts,
 )
 from tidar_export.quantize.graph import (  # noqa: F401 (the package's API)
     EXCLUDED_SCOPES, Linear, TableUse, activation_roles, drop_unused, initializer_array,

@@ -17,7 +17,7 @@ import numpy as np
 
 from tidar_export.errors import TiDARError
 from tidar_export.quantize.calibration import (
-    DEFAULT_CALIBRATION, collect_calibration_inputs, read_prompt_file, tokenize_prompts,
+    DEFAULT_CALIBRATION, DEFAULT_CALIBRATION_NEW_TOKENS, DEFAULT_CALIBRATION_PROMPTS, DEFAULT_SAMPLES, collect_calibration_inputs, read_prompt_file, tokenize_prompts,
 )
 from tidar_export.quantize.graph import linear_layers
 from tidar_export.quantize.stats import activation_stats
@@ -101,7 +101,8 @@ def quantize_graph(kind: str, model, precision: str, *, scales=None, block: int 
 
 def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, precision: str = "int8", *,
                       calibration: str | os.PathLike | None = None, prompts: Sequence[Sequence[int]] | None = None,
-                      samples: int = 64, max_new_tokens: int = 48, method: str | None = None,
+                      samples: int = DEFAULT_SAMPLES, max_new_tokens: int = DEFAULT_CALIBRATION_NEW_TOKENS,
+                      calibration_prompts: int = DEFAULT_CALIBRATION_PROMPTS, method: str | None = None,
                       percentile: float = DEFAULT_PERCENTILE, block_size: int = DEFAULT_BLOCK_SIZE,
                       quantize_tables: bool = True, table_bits: int | None = None, accuracy_level: int = 0,
                       seed: int = 0, check_prompts: Sequence[Sequence[int]] | None = None,
@@ -129,8 +130,8 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
     artifact, output = Path(artifact), Path(output)
     if table_bits not in (None, 4, 8):
         raise TiDARError(f"--table-bits must be 4 or 8, got {table_bits}")
-    if samples < 1 or max_new_tokens < 1:
-        raise TiDARError("--samples and --max-new-tokens must be >= 1")
+    if samples < 1 or max_new_tokens < 1 or calibration_prompts < 1:
+        raise TiDARError("--samples, --max-new-tokens and --calibration-prompts must be >= 1")
     if not 50.0 < percentile <= 100.0:
         raise TiDARError(f"--percentile must be in (50, 100], got {percentile}")
     if accuracy_level not in (0, 1, 2, 3, 4):
@@ -159,6 +160,7 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
             source = calibration.name
         else:
             source = "token ids"
+        prompts = prompts[:calibration_prompts]
         log(f"calibrating {precision} ({method}) on {len(prompts)} prompts from {source} "
             f"(up to {samples} inputs per graph, {max_new_tokens} new tokens per decode, TiDAR and AR)")
         if feeds is None:

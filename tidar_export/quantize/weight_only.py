@@ -11,7 +11,6 @@ which TensorRT's INT4 weights require.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from tidar_export.quantize.graph import (
