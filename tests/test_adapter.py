@@ -50,11 +50,11 @@ def step_inputs(model, b=4):
 def test_ar_rows_bitwise_unchanged_mask_rows_changed():
     base, adapted = random_model(seed=4), with_random_adapter(random_model(seed=4), layers=())
     ids, pos, mask, k, v, L = step_inputs(base)
-    want, _, _ = base(ids, pos, mask, k, v, L, kv_write="concat", draft_rows=4)
-    got, _, _ = adapted(ids, pos, mask, k, v, L, kv_write="concat", draft_rows=4)
+    want, _, _ = base(ids, pos, mask, k, v, L, kv_update="slice", draft_rows=4)
+    got, _, _ = adapted(ids, pos, mask, k, v, L, kv_update="slice", draft_rows=4)
     assert torch.equal(got[:, :4], want[:, :4])  # the drafts (AR rows): the very same values
     assert not torch.allclose(got[:, 4:], want[:, 4:], atol=1e-3)  # the proposal block: adapted
-    none, _, _ = adapted(ids, pos, mask, k, v, L, kv_write="concat")  # draft_rows 0: no adapter anywhere
+    none, _, _ = adapted(ids, pos, mask, k, v, L, kv_update="slice")  # draft_rows 0: no adapter anywhere
     assert torch.equal(none, want)
 
 
