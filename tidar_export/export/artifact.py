@@ -312,8 +312,9 @@ def staged_artifact(output: str | os.PathLike, force: bool = False) -> Iterator[
 
 
 def seal(folder: Path) -> None:
-    """Record the BLAKE2b digests of the graphs, weights and tokenizer (and its vocabulary size) in the manifest of a finished
-    artifact folder, and read it back through the full validation (`load_manifest`)."""
+    """Record the BLAKE2b digests of the graphs, weights and tokenizer (and its vocabulary size) in
+    the manifest of a finished artifact folder, and read it back through the full validation
+    (`load_manifest`)."""
     from tidar_runtime.manifest import Manifest, file_digest, load_manifest, read_json, sample_digest
 
     m = Manifest.from_dict(read_json(folder / MANIFEST_FILE))
