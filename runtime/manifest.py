@@ -348,10 +348,12 @@ def verify_digests(artifact_dir: str | os.PathLike, m: "Manifest", full: bool = 
             raise TiDARError(f"{artifact_dir}: {g.file} does not match its digest in the manifest "
                              "(corrupt or modified after export)")
     tok = m.tokenizer
-    if tok.get("file") is not None and tok.get("blake2b") is not None and \
-            file_digest(artifact_dir / tok["file"]) != tok["blake2b"]:
-        raise TiDARError(f"{artifact_dir}: {tok['file']} does not match its digest in the manifest "
-                         "(replaced or modified after export)")
+    if tok.get("file") is not None and tok.get("blake2b") is not None:
+        if not (artifact_dir / tok["file"]).is_file():
+            raise TiDARError(f"{artifact_dir}: tokenizer file {tok['file']} named by the manifest is missing")
+        if file_digest(artifact_dir / tok["file"]) != tok["blake2b"]:
+            raise TiDARError(f"{artifact_dir}: {tok['file']} does not match its digest in the manifest "
+                             "(replaced or modified after export)")
     if m.weights:
         w = artifact_dir / m.weights["file"]
         whole = m.weights.get("blake2b")
