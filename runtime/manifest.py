@@ -295,7 +295,7 @@ def validate(d, where: str) -> "Manifest":
         check_name(tok["file"], f"{where}: tokenizer.file")
     for key in ("eos_token_id", "bos_token_id"):
         f.int(f"tokenizer.{key}", tok.get(key), 0, vocab - 1, none=True)
-    f.int("tokenizer.vocab_size", tok.get("vocab_size"), 1, vocab, none=True)
+    f.int("tokenizer.vocab_size", tok.get("vocab_size"), 1, LIMITS["vocab_size"], none=True)
     f.str("tokenizer.blake2b", tok.get("blake2b"), none=True, max_len=128)
     weights = f.obj("weights", d.get("weights", {}), none=True)
     if weights:
