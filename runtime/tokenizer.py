@@ -47,7 +47,8 @@ def artifact_tokenizer(artifact_dir: str | Path, manifest):
     tok = load_tokenizer(confined(artifact_dir, name, f"{artifact_dir}: tokenizer file"))
     size, model_vocab = tok.get_vocab_size(with_added_tokens=True), manifest.model["vocab_size"]
     recorded = manifest.tokenizer.get("vocab_size")
-    if (size != recorded) if recorded is not None else size > model_vocab:
+    wrong = size != recorded if recorded is not None else size > model_vocab
+    if wrong:
         want = f"{recorded}, as recorded at export" if recorded is not None else f"at most the model's {model_vocab}"
         raise TiDARError(f"{artifact_dir}: {name} has a vocabulary of {size} tokens, the manifest says {want} "
                          "(a tokenizer of another model?)")
