@@ -179,7 +179,8 @@ def main() -> int:
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tidar_export", "serve", args.artifact, "--port", "0",
-                             "--mode", args.mode, "--max-queue", "256", "--drain-timeout", "5"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--mode", args.mode, "--max-queue", "256", "--drain-timeout", "5"],
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = "http://127.0.0.1:" + re.search(r":(\d+)/v1", proc.stderr.readline()).group(1)
         for _ in range(600):

@@ -283,7 +283,7 @@ def validate(d, where: str) -> "Manifest":
         f.int("tokenizer.eos_token_id", eos, 0, vocab - 1, none=True)
     if tok.get("chat_template") is not None:
         check_name(tok["chat_template"], f"{where}: tokenizer.chat_template")
-    f.int("tokenizer.vocab_size", tok.get("vocab_size"), 1, vocab, none=True)
+    f.int("tokenizer.vocab_size", tok.get("vocab_size"), 1, BOUNDS["vocab_size"][1], none=True)  # the tokenizer's own
     for key in TOKENIZER_DIGESTS.values():
         f.str(f"tokenizer.{key}", tok.get(key), none=True, max_len=128)
     weights = f.obj("weights", d.get("weights", {}), none=True)
@@ -421,8 +421,11 @@ def verify_digests(artifact_dir: str | os.PathLike, m: "Manifest", full: bool = 
                              "(corrupt or modified after export)")
     tok = m.tokenizer
     for key, digest in TOKENIZER_DIGESTS.items():  # tokenizer.json, chat_template.jinja
-        if tok.get(key) is not None and tok.get(digest) is not None and \
-                file_digest(artifact_dir / tok[key]) != tok[digest]:
+        if tok.get(key) is None or tok.get(digest) is None:
+            continue
+        if not (artifact_dir / tok[key]).is_file():
+            raise TiDARError(f"{artifact_dir}: tokenizer {key} {tok[key]} named by the manifest is missing")
+        if file_digest(artifact_dir / tok[key]) != tok[digest]:
             raise TiDARError(f"{artifact_dir}: {tok[key]} does not match its digest in the manifest "
                              "(replaced or modified after export)")
     if m.weights:

@@ -37,8 +37,8 @@ def folder_tokenizer(folder: str | Path):
 
 def artifact_tokenizer(artifact_dir: str | Path, manifest):
     """The tokenizer an artifact's manifest names (None when it names none), checked against the
-    manifest: its vocabulary must fit the model's (ids it makes index the embedding) and equal
-    the size recorded at export. Its digest is checked by `load_manifest` with the other files."""
+    manifest: its vocabulary must equal the size recorded at export (in an older artifact without
+    one: fit the model's). Its digest is checked by `load_manifest` with the other files."""
     from tidar_runtime.paths import confined
 
     name = manifest.tokenizer.get("file")
@@ -47,7 +47,8 @@ def artifact_tokenizer(artifact_dir: str | Path, manifest):
     tok = load_tokenizer(confined(artifact_dir, name, f"{artifact_dir}: tokenizer file"))
     size, model_vocab = tok.get_vocab_size(with_added_tokens=True), manifest.vocab_size
     recorded = manifest.tokenizer.get("vocab_size")
-    if size > model_vocab or (recorded is not None and size != recorded):
+    wrong = size != recorded if recorded is not None else size > model_vocab
+    if wrong:
         want = f"{recorded}, as recorded at export" if recorded is not None else f"at most the model's {model_vocab}"
         raise TiDARError(f"{artifact_dir}: {name} has a vocabulary of {size} tokens, the manifest says {want} "
                          "(a tokenizer of another model?)")
