@@ -118,6 +118,13 @@ def test_sandbox_and_template_errors(tiny_ckpt, source, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_template_helpers(tiny_ckpt):
+    chat = ChatTemplate("{{ bos_token }} {{ eos_token }} {{ strftime_now('%Y') }}", load_tokenizer(tiny_ckpt),
+                        bos_id=IM_END, eos_ids=[EOS])
+    bos, eos, year = chat.render([]).split(" ")
+    assert (bos, eos) == ("<|im_end|>", "<|endoftext|>") and year.isdigit() and len(year) == 4
+
+
 def test_check_messages():
     assert check_messages([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]) \
         == [{"role": "user", "content": "ab"}]
