@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tidar_runtime.contract import (BOUNDS, DIMS, DYNAMIC_DIMS, FLOAT_PRECISIONS, GRAPH_KINDS, KV_UPDATES,
+from tidar_runtime.contract import (AR_STEPS, BOUNDS, DIMS, DYNAMIC_DIMS, FLOAT_PRECISIONS, GRAPH_KINDS, KV_UPDATES,
                                     MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, PAST_PREFIX, PRECISIONS,
                                     PRESENT_PREFIX, DTYPES, TensorSpec, graph_io, graph_rows, n_out, past_names,
                                     present_names, step_len)
@@ -44,7 +44,6 @@ CONFIG_DIMS = {"vocab_size": "vocab", "num_layers": "num_layers", "num_kv_heads"
                "block_size": "block_size"}
 CONFIG_EXPORT = ("mask_token_id",)
 CONFIG_TOKENIZER = ("bos_token_id", "eos_token_id")
-AR_STEPS = ("gqa", "attention")  # the AR step's attention: ONNX Runtime's GroupQueryAttention, or the step's op
 
 
 def model_record(config: dict) -> dict:
