@@ -1,6 +1,6 @@
 """Quantized artifacts of a real pretrained model against its fp32 artifact, on held-out prompts.
 
-    python benchmarks/quant_real.py FP32_ARTIFACT QUANTIZED_ARTIFACT [...] [--max-new-tokens 32] [--json OUT]
+    python benchmarks/quant_real.py FP32_ARTIFACT QUANTIZED_ARTIFACT [...] [--max-new-tokens 24] [--json OUT]
 
 The prompts (below) are general text and code, none of them in calibration/prompts.txt. Per
 artifact, on ONNX Runtime CPU with one thread, greedy AR decodes (TiDAR decodes the same
@@ -68,10 +68,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("fp32")
     ap.add_argument("quantized", nargs="*")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--json")
+    ap.add_argument("--reference", help="the --json of an earlier run: reuse its fp32 decodes")
     args = ap.parse_args()
-    ref = decode_all(Path(args.fp32), args.max_new_tokens)
+    if args.reference:
+        ref = json.loads(Path(args.reference).read_text())[0]
+    else:
+        ref = decode_all(Path(args.fp32), args.max_new_tokens)
     rows = [ref]
     print(f"fp32: {ref['tokens_per_s']:.1f} tokens/s; {PROMPTS[0]!r} -> {ref['first']!r}")
     for q in args.quantized:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tidar_runtime import stamps
-from tidar_runtime.contract import (BOUNDS, DIMS, DYNAMIC_DIMS, FLOAT_PRECISIONS, GRAPH_KINDS, KV_UPDATES,
+from tidar_runtime.contract import (AR_STEPS, BOUNDS, DIMS, DYNAMIC_DIMS, FLOAT_PRECISIONS, GRAPH_KINDS, KV_UPDATES,
                                     MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, PAST_PREFIX, PRECISIONS,
                                     PRESENT_PREFIX, DTYPES, TensorSpec, graph_io, graph_rows, n_out, past_names,
                                     present_names, step_len)
@@ -46,7 +46,6 @@ CONFIG_DIMS = {"vocab_size": "vocab", "num_layers": "num_layers", "num_kv_heads"
 CONFIG_EXPORT = ("mask_token_id",)
 CONFIG_TOKENIZER = ("bos_token_id", "eos_token_id")
 TOKENIZER_DIGESTS = {"file": "blake2b", "chat_template": "chat_template_blake2b"}  # tokenizer file key -> its digest key
-AR_STEPS = ("gqa", "attention")  # the AR step's attention: ONNX Runtime's GroupQueryAttention, or the step's op
 
 
 def model_record(config: dict) -> dict:

@@ -199,7 +199,7 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
             weights.externalize_proto(model)
             name = f"{kind}.{precision}.onnx"
             onnx.save_model(model, str(tmp / name))
-            new.graphs[kind] = dataclasses.replace(spec, file=name, bytes=(tmp / name).stat().st_size,
+            new.graphs[kind] = dataclasses.replace(spec, file=name, bytes=(tmp / name).stat().st_size, digest=None,
                                                    engine=None, engine_info={})
             log(f"{kind}: {done[kind]['nodes']} MatMuls quantized to {precision}")
         weights.close()
