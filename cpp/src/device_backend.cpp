@@ -70,7 +70,7 @@ struct DeviceBackend::Impl {
     }
   }
 
-  void setup_prefill() {  // sized for the longest prompt the cache admits: P + b <= max_len
+  void setup_prefill() {  // sized for the longest prompt a row admits (max_len, in AR mode) plus b mask slots
     prefill.kind = "prefill";
     prefill.rows = c.block_size;
     prefill.ids = runner->alloc(static_cast<std::size_t>(c.max_len) * 8);
@@ -78,8 +78,9 @@ struct DeviceBackend::Impl {
     runner->set_address("prefill", "input_ids", prefill.ids);
     runner->set_address("prefill", "token_ids", prefill.token_ids);
     runner->set_address("prefill", "logits", prefill.logits);
+    const auto slots = static_cast<std::size_t>(c.max_len + c.block_size);
     for (const auto& name : c.present_names) {
-      prefill.present.push_back(runner->alloc(static_cast<std::size_t>(c.kv_heads) * c.max_len * slot_bytes()));
+      prefill.present.push_back(runner->alloc(static_cast<std::size_t>(c.kv_heads) * slots * slot_bytes()));
       runner->set_address("prefill", name, prefill.present.back());
     }
   }

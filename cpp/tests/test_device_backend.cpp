@@ -162,6 +162,15 @@ TEST(DeviceBackend, SampledDecodingAtALowTemperatureIsGreedy) {
   EXPECT_EQ(res[1].tokens, chain::continuation({2, 9}, 6));
 }
 
+TEST(DeviceBackend, AnArPromptThatFillsTheCache) {
+  // AR admits a prompt of max_len - 1 tokens; the prefill graph still writes b mask slots past it
+  tidar::DeviceBackend backend(manifest(), std::make_unique<StandInRunner>());
+  const std::vector<std::int64_t> prompt(kSlots - 1, 3);
+  auto res = tidar::generate_batch(backend, "ar", {prompt}, 4)[0];
+  EXPECT_EQ(res.tokens, chain::continuation(prompt, 2));  // the prefill's token and one step's
+  EXPECT_EQ(res.finish_reason, "cache_full");
+}
+
 TEST(DeviceBackend, InplaceNeedsAnEngineThatAliasesTheCache) {
   auto runner = std::make_unique<StandInRunner>();
   runner->alias = false;
