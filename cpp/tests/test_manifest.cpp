@@ -135,7 +135,7 @@ TEST(Manifest, KvUpdatePerGraph) {
   m["graphs"]["step"]["kv_update"] = "inplace";
   EXPECT_EQ(tail(load_error(m)),
             "malformed manifest (graphs.step.outputs[2] (present.0.key) shape and dtype must be float32 ['batch', "
-            "'kv_heads', 'max_seq_len', 'head_dim'], got ['float32', ['batch', 'kv_heads', 'q_len', 'head_dim'])");
+            "'kv_heads', 'max_seq_len', 'head_dim'], got ['float32', ['batch', 'kv_heads', 'q_len', 'head_dim']])");
   for (auto& t : m["graphs"]["step"]["outputs"])
     if (t["name"].get<std::string>().rfind("present.", 0) == 0) t["shape"][2] = "max_seq_len";
   EXPECT_EQ(tidar::load_manifest(fixture::write(m)).kv_update_of("step"), "inplace");
