@@ -144,8 +144,10 @@ def test_errors_are_the_python_lines(tiny, tmp_path):
     art = _copy(tiny, tmp_path)
     manifest = json.loads((art / "manifest.json").read_text())
     cases = [
-        lambda m: m.update(version=2),  # says re-export
-        lambda m: m.update(max_batch=0),
+        lambda m: m.update(version=1),  # an artifact of format version 1: says re-export
+        lambda m: m["dims"].update(batch=0),
+        lambda m: m["graphs"]["ar_step"].update(kv_update=None),
+        lambda m: m["tokenizer"].update(eos_token_id=[1, 256]),
         lambda m: m["graphs"]["step"].update(file="../step.onnx"),
         lambda m: m["graphs"]["step"].update(digest="0" * 32),
         lambda m: m["graphs"]["step"]["outputs"].pop(0),
@@ -179,6 +181,25 @@ def test_device_backends_decode_as_the_cpu_backend_or_say_why_not(tiny, backend)
     else:
         assert res.returncode == 1 and res.stdout == ""
         assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_an_eos_list_stops_on_every_id(tiny, tmp_path):
+    """A manifest whose eos_token_id is a list: without --stop-ids, the C++ tool stops where
+    `tidar-export generate` does, on the first generated token that is any of the ids."""
+    prompt = [5, 17, 42, 9]
+    [free] = _cpp(tiny, "--max-new-tokens", 16, "--stop-ids", "", prompts=[prompt])  # no stop ids
+    tokens = free["token_ids"]
+    k = next(i for i in range(2, len(tokens)) if tokens[i] not in tokens[:i])  # a first appearance, not at the start
+    unused = next(t for t in range(256) if t not in tokens)
+    art = _copy(tiny, tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    m["tokenizer"]["eos_token_id"] = [unused, tokens[k]]
+    (art / "manifest.json").write_text(json.dumps(m))
+    for mode in ("tidar", "ar"):
+        [cpp] = _cpp(art, "--mode", mode, "--max-new-tokens", 16, prompts=[prompt])
+        _same(cpp, _python_cli(art, "--mode", mode, "--max-new-tokens", 16, prompt=prompt))
+        if mode == "tidar":
+            assert cpp["token_ids"] == tokens[:k] and cpp["finish_reason"] == "stop"
 
 
 def test_service_example_links_the_library(demo):

@@ -6,38 +6,33 @@
 namespace tidar {
 namespace {
 
-Error disagree(const std::string& what) {
-  return Error("the manifest disagrees with itself (" + what + "): re-export the artifact");
-}
-
-/// The static size of dimension `axis` of a binding, or Error when the manifest leaves it open.
+/// The static size of dimension `axis` of a binding (load_manifest has checked that it is one).
 int static_dim(const Manifest& m, const TensorSpec& t, std::size_t axis, const std::string& kind) {
   auto shape = m.resolve(t.shape);
   if (axis >= shape.size() || !shape[axis])
-    throw disagree("graphs." + kind + " " + t.name + " has no static dimension " + std::to_string(axis));
+    throw Error("graphs." + kind + " " + t.name + " has no static dimension " + std::to_string(axis) +
+                ": re-export the artifact");
   return static_cast<int>(*shape[axis]);
 }
 
-CachedGraph cached(const Manifest& m, const std::string& kind, const std::string& ids_input, int width, int rows) {
+/// The names of a graph's cache bindings with `prefix`, in the manifest's order.
+std::vector<std::string> cache_names(const std::vector<TensorSpec>& specs, const std::string& prefix) {
+  std::vector<std::string> names;
+  for (const auto& t : specs)
+    if (t.name.rfind(prefix + ".", 0) == 0) names.push_back(t.name);
+  return names;
+}
+
+CachedGraph cached(const Manifest& m, const std::string& kind) {
   const GraphSpec& g = m.graphs.at(kind);
   CachedGraph c;
   c.kind = kind;
   c.file = g.file;
-  c.ids_input = ids_input;
-  c.width = static_dim(m, *g.input(ids_input), 1, kind);
-  c.rows = static_dim(m, *g.output("token_ids"), 1, kind);
-  if (c.width != width) throw disagree("graphs." + kind + " " + ids_input + " has width " + std::to_string(c.width) +
-                                       ", the layout " + std::to_string(width));
-  if (c.rows != rows) throw disagree("graphs." + kind + " token_ids has " + std::to_string(c.rows) +
-                                     " rows, the layout " + std::to_string(rows));
+  c.ids_input = ids_input(kind);
+  c.width = static_dim(m, *g.input(c.ids_input), 1, kind);
+  c.rows = static_cast<int>(g.rows.size());
   c.inplace = m.kv_update_of(kind) == "inplace";
-  const TensorSpec& present = *g.output(std::string(kPresentPrefix) + ".0.key");
-  c.new_len = static_dim(m, present, 2, kind);
-  if (c.inplace && c.new_len != m.max_seq_len)
-    throw disagree("graphs." + kind + " is inplace but its present.* hold " + std::to_string(c.new_len) + " slots");
-  for (const auto& name : past_names(static_cast<int>(m.model.num_layers)))
-    if (static_dim(m, *g.input(name), 0, kind) != m.max_batch)
-      throw disagree("graphs." + kind + " " + name + " is not of max_batch rows");
+  c.new_len = static_dim(m, *g.output(cache_names(g.outputs, kPresentPrefix).at(0)), 2, kind);
   return c;
 }
 
@@ -47,31 +42,22 @@ Contract contract_of(const Manifest& m) {
   Contract c;
   c.block_size = m.block_size;
   c.proposals = m.proposals;
-  c.step_len = step_len(m.block_size, m.proposals);
+  c.step_len = m.step_len;
   c.max_len = m.max_seq_len;
   c.max_batch = m.max_batch;
-  c.kv_heads = static_cast<int>(m.model.num_kv_heads);
-  c.head_dim = static_cast<int>(m.model.head_dim);
-  c.num_layers = static_cast<int>(m.model.num_layers);
-  c.vocab_size = m.model.vocab_size;
+  c.kv_heads = static_cast<int>(m.num_kv_heads);
+  c.head_dim = static_cast<int>(m.head_dim);
+  c.num_layers = static_cast<int>(m.num_layers);
+  c.vocab_size = m.vocab_size;
   c.mask_token_id = m.mask_token_id;
-  c.past_names = past_names(c.num_layers);
-  c.present_names = present_names(c.num_layers);
+  const GraphSpec& step = m.graphs.at("step");
+  c.past_names = cache_names(step.inputs, kPastPrefix);
+  c.present_names = cache_names(step.outputs, kPresentPrefix);
   c.prefill_file = m.graphs.at("prefill").file;
-  c.kv_dtype = m.graphs.at("step").input(c.past_names[0])->dtype;
-  c.logits_dtype = m.graphs.at("step").output("logits")->dtype;
-  for (const auto& kind : kGraphKinds) {
-    const GraphSpec& g = m.graphs.at(kind);
-    for (const auto& name : c.present_names)
-      if (g.output(name)->dtype != c.kv_dtype) throw disagree("graphs." + kind + " " + name + " is not " + c.kv_dtype);
-    if (g.output("logits")->dtype != c.logits_dtype)
-      throw disagree("graphs." + kind + " logits is not " + c.logits_dtype);
-  }
-  c.step = cached(m, "step", "draft_ids", m.block_size, n_out(m.block_size, m.proposals));
-  c.ar_step = cached(m, "ar_step", "input_ids", 1, 1);
-  if (!c.step.inplace && c.step.new_len != c.step_len)
-    throw disagree("graphs.step present.* hold " + std::to_string(c.step.new_len) + " slots, a step writes " +
-                   std::to_string(c.step_len));
+  c.kv_dtype = step.input(c.past_names.at(0))->dtype;
+  c.logits_dtype = step.output("logits")->dtype;
+  c.step = cached(m, "step");
+  c.ar_step = cached(m, "ar_step");
   return c;
 }
 

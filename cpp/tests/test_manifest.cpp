@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <functional>
 
 #include "fixture.h"
 #include "tidar/blake2b.h"
@@ -29,69 +30,131 @@ TEST(Manifest, LoadsWhatTheExporterWrites) {
   EXPECT_EQ(m.block_size, 2);
   EXPECT_EQ(m.proposals, (std::vector<int>{1, 2}));
   EXPECT_EQ(m.max_seq_len, 16);
-  EXPECT_EQ(m.model.vocab_size, 32);
-  EXPECT_EQ(*m.eos_token_id, 30);
+  EXPECT_EQ(m.max_batch, 2);
+  EXPECT_EQ(m.step_len, 6);
+  EXPECT_EQ(m.n_out, 4);
+  EXPECT_EQ(m.vocab_size, 32);
+  EXPECT_EQ(m.mask_token_id, 31);
+  EXPECT_EQ(m.ar_step, "gqa");
+  EXPECT_EQ(m.eos_ids, (std::vector<std::int64_t>{30}));
   EXPECT_EQ(m.kv_update_of("step"), "slice");
   EXPECT_EQ(m.kv_update_of("ar_step"), "inplace");
   EXPECT_EQ(m.kv_update_of("prefill"), "");
+  EXPECT_EQ(m.graphs.at("step").rows.size(), 4u);
+  EXPECT_EQ(m.graphs.at("step").rows[2].block, 1);
+  EXPECT_EQ(m.graphs.at("prefill").rows[1].block, 0);
   EXPECT_EQ(m.graph_order, (std::vector<std::string>{"prefill", "step", "ar_step"}));
 }
 
-TEST(Manifest, UnknownVersionSaysReExport) {
+TEST(Manifest, EosIsAnIdOrAList) {
   Json m = fixture::manifest();
-  m["version"] = 2;
+  m["tokenizer"]["eos_token_id"] = {30, 2};
+  EXPECT_EQ(tidar::load_manifest(fixture::write(m)).eos_ids, (std::vector<std::int64_t>{30, 2}));
+  m["tokenizer"]["eos_token_id"] = nullptr;
+  EXPECT_TRUE(tidar::load_manifest(fixture::write(m)).eos_ids.empty());
+  m["tokenizer"]["eos_token_id"] = {30, 32};
+  EXPECT_EQ(tail(load_error(m)), "malformed manifest (tokenizer.eos_token_id[1] must be an integer in 0..31, got 32)");
+}
+
+TEST(Manifest, AnotherVersionSaysReExport) {
+  Json m = fixture::manifest();
+  m["version"] = 1;
   EXPECT_EQ(tail(load_error(m)),
-            "manifest version 2 is not supported by this runtime (it reads version 1); re-export the artifact or "
-            "upgrade tidar-export");
+            "manifest version 1 is not supported by this runtime (it reads version 2): re-export the artifact with "
+            "this version of tidar-export");
+  m["version"] = 2.0;  // Python's == holds
+  EXPECT_EQ(load_error(m), "");
   m["format"] = "other";
   EXPECT_EQ(tail(load_error(m)), "not a TiDAR manifest");
 }
 
 TEST(Manifest, MissingAndUnknownFields) {
-  Json m = fixture::manifest();
-  m.erase("max_batch");
-  EXPECT_EQ(tail(load_error(m)), "malformed manifest (missing field 'max_batch')");
-  m = fixture::manifest();
-  m["extra"] = 1;
-  EXPECT_EQ(tail(load_error(m)), "malformed manifest (unknown field 'extra')");
-  m = fixture::manifest();
-  m["graphs"]["step"]["wat"] = 1;
-  EXPECT_EQ(tail(load_error(m)), "malformed manifest (unknown field graphs.step.wat)");
+  const std::vector<std::pair<std::function<void(Json&)>, std::string>> cases = {
+      {[](Json& m) { m.erase("export"); }, "missing field 'export'"},
+      {[](Json& m) { m["dims"].erase("batch"); }, "missing field 'dims.batch'"},
+      {[](Json& m) { m["export"].erase("ar_step"); }, "missing field 'export.ar_step'"},
+      {[](Json& m) { m["extra"] = 1; }, "unknown field 'extra'"},
+      {[](Json& m) { m["dims"]["wat"] = 1; }, "unknown field dims.wat"},
+      {[](Json& m) { m["graphs"]["step"]["wat"] = 1; }, "unknown field graphs.step.wat"},
+  };
+  for (const auto& [edit, want] : cases) {
+    Json m = fixture::manifest();
+    edit(m);
+    EXPECT_EQ(tail(load_error(m)), "malformed manifest (" + want + ")");
+  }
 }
 
 TEST(Manifest, BoundsAndTypes) {
   struct Case {
-    std::string key;
+    std::string section, key;
     Json value;
     std::string want;
   };
   const std::vector<Case> cases = {
-      {"block_size", 0, "malformed manifest (block_size must be an integer in 1..1024, got 0)"},
-      {"block_size", true, "malformed manifest (block_size must be an integer in 1..1024, got True)"},
-      {"max_batch", 2.0, "malformed manifest (max_batch must be an integer in 1..4096, got 2.0)"},
-      {"proposals", {2}, "malformed manifest (proposals must be ascending distinct integers in 1..2 starting with 1, got [2])"},
-      {"proposals", {1, 1}, "malformed manifest (proposals must be ascending distinct integers in 1..2 starting with 1, got [1, 1])"},
-      {"max_seq_len", 6, "malformed manifest (max_seq_len must be an integer in 7..64, got 6)"},
-      {"mask_token_id", 32, "malformed manifest (mask_token_id must be an integer in 0..31, got 32)"},
-      {"precision", "fp64", "malformed manifest (precision must be one of fp32, fp16, bf16, int8, fp8, int4, int8-wo, got 'fp64')"},
-      {"kv_update", "copy", "malformed manifest (kv_update must be one of slice, inplace, got 'copy')"},
-      {"dims", Json::array(), "malformed manifest (dims must be an object, got [])"},
+      {"dims", "block_size", 0, "dims.block_size must be an integer in 1..1024, got 0"},
+      {"dims", "batch", true, "dims.batch must be an integer in 1..4096, got True"},
+      {"dims", "batch", 2.0, "dims.batch must be an integer in 1..4096, got 2.0"},
+      {"dims", "prompt_len", 3, "dims.prompt_len must be null (a dynamic dim), got 3"},
+      {"dims", "n_out", 5, "dims.n_out must be 4 (block_size 2, proposals [1, 2]), got 5"},
+      {"dims", "q_len", 7, "dims.q_len must be 6 (block_size 2, proposals [1, 2]), got 7"},
+      {"dims", "max_seq_len", 6, "dims.max_seq_len must be at least q_len + 1 = 7, got 6"},
+      {"dims", "max_seq_len", 65, "dims.max_seq_len must be at most the model's max_position_embeddings 64, got 65"},
+      {"dims", "kv_heads", 3, "dims.kv_heads must be a divisor of num_heads 2, got 3"},
+      {"export", "proposals", {2}, "export.proposals must be ascending distinct integers in 1..2 starting with 1, got [2]"},
+      {"export", "proposals", {1, 1},
+       "export.proposals must be ascending distinct integers in 1..2 starting with 1, got [1, 1]"},
+      {"export", "mask_token_id", 32, "export.mask_token_id must be an integer in 0..31, got 32"},
+      {"export", "precision", "fp64",
+       "export.precision must be one of fp32, fp16, bf16, int8, fp8, int4, int8-wo, got 'fp64'"},
+      {"export", "ar_step", "x", "export.ar_step must be one of gqa, attention, got 'x'"},
+      {"model", "head_dim", 1, "model.head_dim must be an integer in 2..1024, got 1"},
+      {"tokenizer", "blake2b", 1, "tokenizer.blake2b must be a non-empty string, got 1"},
   };
   for (const auto& c : cases) {
     Json m = fixture::manifest();
-    m[c.key] = c.value;
-    EXPECT_EQ(tail(load_error(m)), c.want) << c.key;
+    m[c.section][c.key] = c.value;
+    EXPECT_EQ(tail(load_error(m)), "malformed manifest (" + c.want + ")") << c.section << "." << c.key;
   }
   Json m = fixture::manifest();
-  m["model"]["num_kv_heads"] = 3;
-  EXPECT_EQ(tail(load_error(m)), "malformed manifest (model.num_kv_heads must be a divisor of num_heads 2, got 3)");
-  m = fixture::manifest();
-  m["model"].erase("vocab_size");
-  EXPECT_EQ(tail(load_error(m)), "malformed manifest (model.vocab_size must be an integer in 1..16777216, got None)");
+  m["adapter"] = Json::array();
+  EXPECT_EQ(tail(load_error(m)), "malformed manifest (adapter must be an object, got [])");
 }
 
-TEST(Manifest, BindingsAndShapes) {
+TEST(Manifest, KvUpdatePerGraph) {
   Json m = fixture::manifest();
+  m["graphs"]["step"]["kv_update"] = "copy";
+  EXPECT_EQ(tail(load_error(m)), "malformed manifest (graphs.step.kv_update must be one of slice, inplace, got 'copy')");
+  m["graphs"]["step"]["kv_update"] = nullptr;
+  EXPECT_EQ(tail(load_error(m)), "malformed manifest (graphs.step.kv_update must be one of slice, inplace, got None)");
+  m = fixture::manifest();
+  m["graphs"]["prefill"]["kv_update"] = "slice";
+  EXPECT_EQ(tail(load_error(m)),
+            "malformed manifest (graphs.prefill.kv_update must be null (the prefill graph has no cache input), got "
+            "'slice')");
+  m = fixture::manifest();  // an inplace step returns the whole cache
+  m["graphs"]["step"]["kv_update"] = "inplace";
+  EXPECT_EQ(tail(load_error(m)),
+            "malformed manifest (graphs.step.outputs[2] (present.0.key) shape and dtype must be float32 ['batch', "
+            "'kv_heads', 'max_seq_len', 'head_dim'], got ['float32', ['batch', 'kv_heads', 'q_len', 'head_dim']])");
+  for (auto& t : m["graphs"]["step"]["outputs"])
+    if (t["name"].get<std::string>().rfind("present.", 0) == 0) t["shape"][2] = "max_seq_len";
+  EXPECT_EQ(tidar::load_manifest(fixture::write(m)).kv_update_of("step"), "inplace");
+}
+
+TEST(Manifest, RowsAndBindingsAreTheContracts) {
+  Json m = fixture::manifest();
+  m["graphs"]["step"]["rows"].erase(3);
+  EXPECT_EQ(tail(load_error(m)),
+            "malformed manifest (graphs.step.rows must be the contract's rows [{\"ar\": 0}, {\"ar\": 1}, {\"block\": 1, "
+            "\"slot\": 1}, {\"block\": 2, \"slot\": 1}], got [{'ar': 0}, {'ar': 1}, {'block': 1, 'slot': 1}])");
+  m = fixture::manifest();
+  m["graphs"]["ar_step"]["rows"][0]["ar"] = true;  // Python: True == 1, not 0
+  EXPECT_EQ(tail(load_error(m)),
+            "malformed manifest (graphs.ar_step.rows must be the contract's rows [{\"ar\": 0}], got [{'ar': True}])");
+  m = fixture::manifest();
+  m["graphs"]["step"]["rows"][2] = {{"slot", 1}, {"block", 1.0}};  // Python's ==: key order and 1.0 do not matter
+  EXPECT_EQ(load_error(m), "");
+  m = fixture::manifest();
   m["graphs"]["step"]["inputs"].erase(0);
   EXPECT_EQ(tail(load_error(m)), "malformed manifest (graphs.step.inputs lacks the binding 'draft_ids')");
   m = fixture::manifest();
@@ -99,20 +162,27 @@ TEST(Manifest, BindingsAndShapes) {
   EXPECT_EQ(tail(load_error(m)),
             "malformed manifest (graphs.step.outputs has 'present.1.key', which a 1-layer model does not have)");
   m = fixture::manifest();
+  m["graphs"]["step"]["outputs"].push_back(fixture::tensor("extra", "float32", {1}));
+  EXPECT_EQ(tail(load_error(m)),
+            "malformed manifest (graphs.step.outputs must be the 4 bindings of the contract, got ['token_ids', "
+            "'logits', 'present.0.key', 'present.0.value', )");
+  m = fixture::manifest();
   m["graphs"]["step"]["inputs"][0]["shape"] = {"batch", "nope"};
-  EXPECT_EQ(tail(load_error(m)), "malformed manifest (graphs.step.inputs[0].shape must be ints or names of dims, got 'nope')");
+  EXPECT_EQ(tail(load_error(m)),
+            "malformed manifest (graphs.step.inputs[0] (draft_ids) shape and dtype must be int64 ['batch', "
+            "'block_size'], got ['int64', ['batch', 'nope']])");
   m = fixture::manifest();
   m["graphs"]["step"]["inputs"][0]["dtype"] = "float64";
-  EXPECT_NE(tail(load_error(m)).find("graphs.step.inputs[0].dtype must be one of int64"), std::string::npos);
-  m = fixture::manifest();
-  m["dims"]["max_seq_len"] = 15;
   EXPECT_EQ(tail(load_error(m)),
-            "malformed manifest (graphs.step.inputs past_key_values.0.key shape must be [2, 1, 16, 4] (batch, kv heads, "
-            "max_seq_len, head_dim), got [2, 1, 15, 4])");
+            "malformed manifest (graphs.step.inputs[0].dtype must be one of float32, float16, bfloat16, int64, int32, "
+            "int8, uint8, bool, float8e4m3fn, got 'float64')");
   m = fixture::manifest();
-  m["graphs"]["prefill"]["kv_update"] = "slice";
+  for (auto& g : m["graphs"])
+    for (auto& t : g["outputs"])
+      if (t["name"].get<std::string>().rfind("present.", 0) == 0) t["dtype"] = "int8";
   EXPECT_EQ(tail(load_error(m)),
-            "malformed manifest (graphs.prefill.kv_update must be absent (the prefill graph has no cache input), got 'slice')");
+            "malformed manifest (graphs.prefill.outputs present.0.key dtype must be one of float32, float16, bfloat16, "
+            "got 'int8')");
 }
 
 TEST(Manifest, FileNamesStayInTheArtifact) {
@@ -154,6 +224,25 @@ TEST(Manifest, FilesSizesAndDigests) {
   EXPECT_EQ(error_of([&] { tidar::load_manifest(dir); }), "");  // quick: the whole-file digest is not read
   EXPECT_EQ(error_of([&] { tidar::load_manifest(dir, tidar::Verify::full); }),
             dir + ": weights.bin does not match its digest in the manifest (corrupt or modified after export)");
+}
+
+TEST(Manifest, TokenizerAndChatTemplateDigests) {
+  Json m = fixture::manifest();
+  m["tokenizer"]["file"] = "tokenizer.json";
+  m["tokenizer"]["chat_template"] = "chat_template.jinja";
+  const std::string dir = fixture::write(m);
+  std::ofstream(dir + "/tokenizer.json") << "{}";
+  std::ofstream(dir + "/chat_template.jinja") << "{{ messages }}";
+  m["tokenizer"]["blake2b"] = tidar::file_digest(dir + "/tokenizer.json");
+  m["tokenizer"]["chat_template_blake2b"] = tidar::file_digest(dir + "/chat_template.jinja");
+  std::ofstream(dir + "/manifest.json") << m.dump(2);
+  EXPECT_EQ(error_of([&] { tidar::load_manifest(dir); }), "");
+  std::ofstream(dir + "/chat_template.jinja") << "{{ other }}";
+  EXPECT_EQ(error_of([&] { tidar::load_manifest(dir); }),
+            dir + ": chat_template.jinja does not match its digest in the manifest (replaced or modified after export)");
+  EXPECT_EQ(error_of([&] { tidar::load_manifest(dir, tidar::Verify::none); }), "");
+  m["tokenizer"]["chat_template"] = "../t.jinja";
+  EXPECT_EQ(tail(load_error(m)), "tokenizer.chat_template: '../t.jinja' points outside its folder (absolute or '..'): refused");
 }
 
 TEST(Manifest, NotAnArtifact) {

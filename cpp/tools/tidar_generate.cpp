@@ -156,7 +156,7 @@ int run(int argc, char** argv) {
         m, a.backend == "trt" ? tidar::make_tensorrt_runner(a.artifact, m) : tidar::make_ort_cuda_runner(a.artifact, m));
   std::set<std::int64_t> stop;
   if (a.stop_ids) stop.insert(a.stop_ids->begin(), a.stop_ids->end());
-  else if (m.eos_token_id) stop.insert(*m.eos_token_id);  // the default: the tokenizer's eos
+  else stop.insert(m.eos_ids.begin(), m.eos_ids.end());  // the default: the tokenizer's eos ids (every one stops)
   const auto results = tidar::generate_batch(*backend, a.mode, a.prompts, static_cast<int>(a.max_new_tokens), a.params, stop);
   for (const auto& r : results) {
     tidar::Json report = tidar::Json::object();

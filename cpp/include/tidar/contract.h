@@ -1,7 +1,7 @@
 // The contract a backend runs an artifact by, taken from its manifest alone: binding names, dtypes,
-// buffer shapes, output rows, and how each cached graph writes the cache. Nothing here is
-// re-derived from a model; where the manifest states a fact twice (a dims entry and the layout),
-// the two must agree, else the artifact is refused with a one-line error that says re-export.
+// buffer shapes, output rows, and how each cached graph writes the cache (its own kv_update).
+// Nothing here is re-derived from a model; load_manifest has already checked that each graph's
+// bindings and rows are the contract's (layout.h), so this only reads them.
 #pragma once
 
 #include <cstdint>
@@ -19,7 +19,7 @@ struct CachedGraph {
   std::string ids_input;  // "draft_ids" (step) or "input_ids" (ar_step): [batch, width] int64
   std::string len_input = "cache_len";  // [batch] int64
   int width = 0;          // ids per row: b for the step, 1 for the AR step
-  int rows = 0;           // output rows per batch row (token_ids [batch, rows], logits [batch, rows, vocab])
+  int rows = 0;           // output rows per batch row: the manifest's rows (token_ids [batch, rows])
   int new_len = 0;        // "slice": K/V slots the graph returns per row ([batch, kv, new_len, hd])
   bool inplace = false;   // "inplace": present.* alias past_key_values.* (the whole cache)
 };
@@ -27,7 +27,7 @@ struct CachedGraph {
 struct Contract {
   int block_size = 0;
   std::vector<int> proposals;
-  int step_len = 0;        // slots one TiDAR step writes from L
+  int step_len = 0;        // slots one TiDAR step writes from L (dims.q_len)
   int max_len = 0;         // cache slots per row
   int max_batch = 0;       // rows of the cached graphs
   int kv_heads = 0, head_dim = 0, num_layers = 0;
@@ -44,7 +44,7 @@ struct Contract {
   }
 };
 
-/// The contract of a loaded manifest; Error (saying re-export) where its entries disagree.
+/// The contract of a loaded (checked) manifest.
 Contract contract_of(const Manifest& m);
 
 }  // namespace tidar
