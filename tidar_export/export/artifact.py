@@ -148,6 +148,8 @@ def _streamed_weights(source, weights: WeightFile, target: str):
     import tidar_graphs
     import torch
 
+    from tidar_export.export.layers import layer_name
+
     ir_dtype = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
                 torch.bfloat16: ir.DataType.BFLOAT16}[source.dtype]
 
@@ -158,6 +160,25 @@ def _streamed_weights(source, weights: WeightFile, target: str):
             super().__init__(lambda: _ir_tensor(source.tensor(name), transposed), dtype=ir_dtype,
                              shape=ir.Shape(shape), name=name + (".T" if transposed else ""))
             self.source_key = (*source.location(name), transposed)
+            self.source_name, self.transposed = name, transposed
+
+    recipes: dict[str, ir.TensorProtocol] = {}  # initializer name -> its lazy tensor, before it is written
+
+    def relayered(tensor, k: int):
+        """The same lazy tensor made from layer k's checkpoint tensors (None: not a checkpoint weight)."""
+        if isinstance(tensor, ShardTensor):
+            name = layer_name(tensor.source_name, k)
+            return ShardTensor(name, tensor.transposed) if name in source else None
+        parts = getattr(tensor, "parts", None)  # tidar_graphs' fused q/k/v weight
+        if parts is not None:
+            new = [relayered(t, k) for t in parts]
+            return None if None in new else type(tensor)(new, layer_name(tensor.name, k))
+        return None
+
+    def layer_weight(value, k: int):
+        """Layer k's tensor for layer 1's initializer `value` (`layers.repeat_last_layer`)."""
+        recipe = recipes.get(value.name)
+        return None if recipe is None else relayered(recipe, k)
 
     def _ir_tensor(t: torch.Tensor, transposed: bool):
         if transposed:
@@ -196,9 +217,54 @@ def _streamed_weights(source, weights: WeightFile, target: str):
                 # a placeholder no checkpoint tensor replaced: exporting it would write a constant weight
                 raise RuntimeError(f"initializer {value.name} is a weight placeholder with no checkpoint tensor")
         tidar_graphs.prepare_weights(model, target)
+        recipes.update((v.name, v.const_value) for v in g.initializers.values() if v.const_value is not None)
         weights.externalize_ir(model)
 
+    prepare.layer_weight = layer_weight
     return prepare
+
+
+def _traced_and_lowered(model, plan, kind: str, source, weights: WeightFile):
+    """Graph `kind` traced and lowered for the plan's target, its weights in `weights`, and how it
+    was made: from a two-layer template whose last layer is repeated (`layers`), or, for a
+    model of at most two layers or a graph the repetition does not recognise, traced whole."""
+    import logging
+
+    import onnx_ir as ir
+    import tidar_graphs
+
+    from tidar_export.export import layers
+    from tidar_export.export.tracing import graph_io, trace
+
+    n = model.cfg.num_layers
+    if n > layers.TEMPLATE_LAYERS:
+        prepare = _streamed_weights(source, weights, plan.target)
+        lowered = _lower(trace(layers.first_layers(model), plan, kind, prepare=prepare), plan.target, weights)
+        graph = ir.serde.deserialize_model(lowered)
+        try:
+            layers.repeat_last_layer(graph, n, prepare.layer_weight)
+            names = [[v.name for v in values] for values in (graph.graph.inputs, graph.graph.outputs)]
+            want = [[t.name for t in specs] for specs in graph_io(model.cfg, plan, kind)]
+            if names != want:
+                raise layers.CannotRepeat(f"the repeated graph's bindings {names} are not the plan's {want}")
+        except layers.CannotRepeat as e:
+            logging.getLogger(__name__).warning("%s: tracing all %d layers (%s)", kind, n, e)
+        else:
+            weights.externalize_ir(graph)
+            proto = ir.serde.serialize_model(graph)
+            proto.ir_version = lowered.ir_version
+            return proto, f"{layers.TEMPLATE_LAYERS} layers traced, repeated to {n}"
+    prepare = _streamed_weights(source, weights, plan.target)
+    return _lower(trace(model, plan, kind, prepare=prepare), plan.target, weights), f"{n} layers traced"
+
+
+def _lower(traced, target: str, weights: WeightFile):
+    """A traced onnx_ir model, its weights written, lowered for `target` (a ModelProto)."""
+    import onnx_ir as ir
+    import tidar_graphs
+
+    weights.externalize_ir(traced)
+    return tidar_graphs.lower(ir.serde.serialize_model(traced), target)
 
 
 # --------------------------------------------------------------------------- artifact
@@ -242,11 +308,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
         opsets: dict[str, int] = {}
         for kind in GRAPH_KINDS:
             t0 = time.perf_counter()
-            traced = trace(model, plan, kind, prepare=_streamed_weights(source, weights, target))
-            weights.externalize_ir(traced)
-            proto = ir.serde.serialize_model(traced)
-            del traced
-            lowered = tidar_graphs.lower(proto, target)
+            lowered, how = _traced_and_lowered(model, plan, kind, source, weights)
             weights.externalize_proto(lowered)
             onnx.save_model(lowered, str(tmp / f"{kind}.onnx"))
             opsets.update({imp.domain or "ai.onnx": imp.version for imp in lowered.opset_import})
@@ -255,7 +317,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
             graphs[kind] = GraphSpec(kind=kind, file=f"{kind}.onnx", inputs=inputs, outputs=outputs,
                                      bytes=(tmp / f"{kind}.onnx").stat().st_size,
                                      kv_update=own if own is not None and own != plan.kv_update else None)
-            log(f"{kind}: traced and lowered for {target} in {time.perf_counter() - t0:.1f}s")
+            log(f"{kind}: traced and lowered for {target} in {time.perf_counter() - t0:.1f}s ({how})")
         weights.close()
         tokenizer = {"file": None, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
         src = confined(checkpoint, "tokenizer.json", f"{checkpoint}: tokenizer", root=checkpoint_root(checkpoint))
