@@ -13,6 +13,7 @@ from tests.conftest import random_model
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
 from tidar_export.export.artifact import export_artifact
+from tidar_export.engines.quantize import quantized_nodes
 from tidar_export.export.check import check_artifact
 from tidar_export.model import masks
 from tidar_export.model.adapter import AdapterConfig, attach, parse_layers, read_adapter
@@ -110,8 +111,13 @@ def test_exported_adapter_matches_torch_and_keeps_ar_step(checkpoints, tmp_path,
     plain = export_artifact(base, tmp_path / "b", target=target, max_seq_len=MAX_SEQ_LEN, max_batch=2)
     a_step, p_step = (onnx.load(str(d / "ar_step.onnx"), load_external_data=False) for d in (art, plain))
     assert [n.op_type for n in a_step.graph.node] == [n.op_type for n in p_step.graph.node]
-    assert len(onnx.load(str(art / "step.onnx"), load_external_data=False).graph.node) > \
-        len(onnx.load(str(plain / "step.onnx"), load_external_data=False).graph.node)
+    step = onnx.load(str(art / "step.onnx"), load_external_data=False)
+    assert len(step.graph.node) > len(onnx.load(str(plain / "step.onnx"), load_external_data=False).graph.node)
+    # the adapter's MatMuls carry its module path (quantize keeps them float by that name)
+    assert {n.name.split("/")[3] for n in step.graph.node if n.name.startswith("/adapter/layers.1/")
+            and n.op_type == "MatMul"} >= {"q_proj", "down_proj"}
+    picked = quantized_nodes(step)
+    assert picked and not any("/adapter/" in n for n in picked)  # the base is quantized, the adapter kept float
     # decoding through ORT: TiDAR with the adapter == AR == the adapter-free artifact's TiDAR
     got = generate_tidar_batch(OrtBackend(art), PROMPTS, 30)
     ar = generate_ar_batch(OrtBackend(art), PROMPTS, 30)
