@@ -13,7 +13,7 @@ from tests.conftest import random_model
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
 from tidar_export.export.artifact import export_artifact
-from tidar_export.engines.quantize import quantized_nodes
+from tidar_export.quantize import quantized_nodes
 from tidar_export.export.check import check_artifact
 from tidar_export.model import masks
 from tidar_export.model.adapter import AdapterConfig, attach, parse_layers, read_adapter
@@ -73,11 +73,14 @@ def test_tidar_greedy_equals_base_greedy_with_an_adapter():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """(base checkpoint, the same with a random adapter beside its config.json)."""
+    """(base checkpoint, the same with a random adapter beside its config.json). Three layers, the
+    adapter on the last two: more layers than the exporter's two-layer template, whose repetition
+    must not drop the adapter."""
     from tokenizers import Tokenizer, models
 
     out = []
-    for name, model in (("base", random_model(seed=3)), ("adapted", with_random_adapter(random_model(seed=3)))):
+    for name, model in (("base", random_model(seed=3, num_layers=3)),
+                        ("adapted", with_random_adapter(random_model(seed=3, num_layers=3), layers=(1, 2)))):
         folder = save_checkpoint(model, tmp_path_factory.mktemp(name) / "ckpt")
         Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
         out.append(folder)
@@ -88,7 +91,7 @@ def test_adapter_files_round_trip(checkpoints):
     base, adapted = checkpoints
     assert not (base / "adapter.json").exists()
     acfg, tensors = read_adapter(adapted)
-    assert acfg.layers == (1,) and acfg.rank == 2
+    assert acfg.layers == (1, 2) and acfg.rank == 2
     model = load_checkpoint(adapted)
     assert model.adapter is not None and torch.equal(model.adapter.tensors()["layers.1.q_proj.lora_B"],
                                                      tensors["layers.1.q_proj.lora_B"])
