@@ -169,6 +169,15 @@ def test_errors_are_the_python_lines(tiny, tmp_path):
     assert big.returncode == 1 and big.stderr.strip() == "error: prompt token id 999999 is outside the vocabulary (0..255)"
 
 
+def test_service_example_links_the_library(demo):
+    """The minimal service (cpp/examples/service.cpp) answers a prompt as the Python runtime does."""
+    res = subprocess.run([str(_tool("tidar-service-example")), str(demo)], input=",".join(map(str, DEMO_PROMPT)) + "\n",
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    want = generate_tidar_batch(OrtBackend(demo), [DEMO_PROMPT], 32, stop_tokens=[0])[0]
+    assert res.stdout.split("(")[0].split() == [str(t) for t in want.tokens]
+
+
 def test_an_eos_list_stops_on_every_id(tiny, tmp_path):
     """A manifest whose eos_token_id is a list: without --stop-ids, the C++ tool stops where
     `tidar-export generate` does, on the first generated token that is any of the ids."""
@@ -186,12 +195,3 @@ def test_an_eos_list_stops_on_every_id(tiny, tmp_path):
         _same(cpp, _python_cli(art, "--mode", mode, "--max-new-tokens", 16, prompt=prompt))
         if mode == "tidar":
             assert cpp["token_ids"] == tokens[:k] and cpp["finish_reason"] == "stop"
-
-
-def test_service_example_links_the_library(demo):
-    """The minimal service (cpp/examples/service.cpp) answers a prompt as the Python runtime does."""
-    res = subprocess.run([str(_tool("tidar-service-example")), str(demo)], input=",".join(map(str, DEMO_PROMPT)) + "\n",
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    want = generate_tidar_batch(OrtBackend(demo), [DEMO_PROMPT], 32, stop_tokens=[0])[0]
-    assert res.stdout.split("(")[0].split() == [str(t) for t in want.tokens]
