@@ -1,12 +1,15 @@
 """Peer benchmark: onnxruntime-genai's export of a checkpoint against ours, ONNX Runtime CPU.
 
     python benchmarks/peer_cpu.py --workdir DIR [--checkpoint CKPT] [--artifact ART ...]
+                                  [--peer-precision fp32|int4] [--gguf FILE] [--ar-only]
                                   [--threads 1] [--num-prompts 8] [--prompt-len 32]
                                   [--max-new-tokens 96] [--repeats 5] [--json OUT]
 
 What it does:
 1. Builds the peer's model from the same checkpoint (once, into DIR/peer):
-   `python -m onnxruntime_genai.models.builder -i CKPT -o DIR/peer -p fp32 -e cpu`.
+   `python -m onnxruntime_genai.models.builder -i CKPT -o DIR/peer -p fp32 -e cpu`
+   (`--peer-precision int4`: `-p int4` into DIR/peer-int4, to set against an int4 artifact of ours
+   given with `--artifact`).
    onnxruntime-genai is optional (`pip install onnxruntime-genai==0.18.0`); without it the
    script says so in one line and exits 1.
 2. Exports our artifact from the same checkpoint into DIR/ours (`tidar-export export`) unless
@@ -16,6 +19,12 @@ What it does:
    prompt the modes run in a rotating order, so that load changes on a shared machine hit
    every mode alike. No stop token (the peer's EOS is set to the mask token, which is never
    predicted), so every decode produces exactly --max-new-tokens tokens.
+
+With `--gguf FILE` llama.cpp (llama-cpp-python, optional: `pip install llama-cpp-python`)
+decodes that GGUF file itself, greedily from the same token ids, as one more mode (a model
+imported from that file has the same tokenizer). `--ar-only` leaves out our TiDAR decode.
+Greedy agreement with the peer's AR is reported per mode: the share of prompts whose output
+equals it, and the mean share of each output before the first differing token.
 
 Tokens/s (per repeat, median and spread over repeats) is the runtime's definition
 (tidar_runtime.stats): the tokens after the first over the decode time, the prefill pass
@@ -43,11 +52,11 @@ def fail(msg: str) -> int:
     return 1
 
 
-def build_peer(checkpoint: Path, out: Path) -> None:
+def build_peer(checkpoint: Path, out: Path, precision: str = "fp32") -> None:
     if (out / "genai_config.json").is_file():
         return
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
-           "-p", "fp32", "-e", "cpu"]
+           "-p", precision, "-e", "cpu"]
     print("$ " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -82,12 +91,51 @@ class Peer:
         return [int(t) for t in seq], t1 - t0, t2 - t1
 
 
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) decoding a GGUF file greedily from token ids, `threads` threads."""
+
+    def __init__(self, gguf: Path, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                         n_batch=n_ctx, verbose=False)
+
+    def decode(self, prompt: list[int], max_new: int) -> tuple[list[int], float, float]:
+        """(new tokens, prefill seconds, decode seconds): the first token comes with the prompt's pass."""
+        out: list[int] = []
+        t0 = time.perf_counter()
+        t1 = t0
+        for tok in self.llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                     reset=True):
+            out.append(int(tok))
+            if len(out) == 1:
+                t1 = time.perf_counter()
+            if len(out) == max_new:
+                break
+        return out, t1 - t0, time.perf_counter() - t1
+
+
+def agreement(outputs: dict[int, list[int]], ref: dict[int, list[int]]) -> dict:
+    """Greedy agreement with `ref`: equal outputs, and the mean share before the first difference."""
+    equal, prefix = [], []
+    for i, want in ref.items():
+        got = outputs.get(i, [])
+        n = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        equal.append(got == want)
+        prefix.append(n / max(1, len(want)))
+    return {"equal_outputs": round(float(np.mean(equal)), 3), "mean_prefix": round(float(np.mean(prefix)), 3)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="folder for the peer's model and our export")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the embedded demo model)")
     p.add_argument("--artifact", action="append", default=[],
                    help="our artifact(s) from that checkpoint (default: export one into WORKDIR/ours)")
+    p.add_argument("--peer-precision", default="fp32", choices=["fp32", "int4"],
+                   help="the peer's build (-p of its builder); set an int4 artifact of ours against int4")
+    p.add_argument("--gguf", help="also decode this GGUF file with llama.cpp (llama-cpp-python)")
+    p.add_argument("--ar-only", action="store_true", help="leave out our TiDAR decode")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=32)
@@ -110,7 +158,8 @@ def main() -> int:
     ckpt = Path(args.checkpoint or demo_model_path())
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    build_peer(ckpt, work / "peer")
+    peer_dir = work / ("peer" if args.peer_precision == "fp32" else f"peer-{args.peer_precision}")
+    build_peer(ckpt, peer_dir, args.peer_precision)
     arts = [Path(a) for a in args.artifact]
     if not arts:
         arts = [work / "ours"]
@@ -124,7 +173,7 @@ def main() -> int:
     tok = artifact_tokenizer(arts[0], first.manifest)
     prompts, source = default_prompts(tok, first.vocab_size, first.mask_token_id, args.num_prompts,
                                       args.prompt_len, args.max_new_tokens)
-    peer = Peer(og, work / "peer", args.threads, first.mask_token_id)
+    peer = Peer(og, peer_dir, args.threads, first.mask_token_id)
 
     def ours(fn, be):
         def run(prompt, n):
@@ -133,8 +182,17 @@ def main() -> int:
         return run
 
     modes = {"peer_ar": lambda prompt, n: peer.decode(prompt, n) + (None,), "ar": ours(generate_ar_batch, first)}
-    labels = {"peer_ar": "onnxruntime-genai AR", "ar": "ours AR"}
+    labels = {"peer_ar": f"onnxruntime-genai AR ({args.peer_precision})", "ar": f"ours AR ({first.manifest.precision})"}
+    if args.gguf:
+        try:
+            llama = LlamaCpp(Path(args.gguf), args.threads, args.prompt_len + args.max_new_tokens + 8)
+        except ImportError:
+            return fail("llama-cpp-python is not installed: pip install llama-cpp-python")
+        modes["llama_cpp"] = lambda prompt, n: llama.decode(prompt, n) + (None,)
+        labels["llama_cpp"] = f"llama.cpp AR ({Path(args.gguf).suffixes[-2].lstrip('.') if len(Path(args.gguf).suffixes) > 1 else 'gguf'})"
     for a, be in zip(arts, backends):
+        if args.ar_only:
+            break
         key = f"tidar_b{be.block_size}_" + "-".join(map(str, be.proposals))
         modes[key] = ours(generate_tidar_batch, be)
         labels[key] = f"ours TiDAR b={be.block_size} proposals={{{','.join(map(str, be.proposals))}}}"
@@ -182,19 +240,20 @@ def main() -> int:
             "ratio_to_peer_ar": spread(ratio),
             "tokens_per_forward": round(sum(acc) / len(acc), 3) if acc else 1.0,
             "equal_to_peer": tokens[name] == ref,
+            "agreement_with_peer": agreement(tokens[name], ref),
         }
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
     print(text)
-    print("\n| mode | tokens/s median [min, max] | ratio to peer AR median [min, max] | T/NFE | greedy = peer |")
+    print("\n| mode | tokens/s median [min, max] | ratio to peer AR median [min, max] | T/NFE | greedy = peer (outputs, prefix) |")
     print("|---|---|---|---|---|")
     for name in names:
         m = result["modes"][name]
         t, r = m["tokens_per_s"], m["ratio_to_peer_ar"]
         print(f"| {m['label']} | {t['median']:.1f} [{t['min']:.1f}, {t['max']:.1f}] | "
               f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] | {m['tokens_per_forward']:.2f} | "
-              f"{'yes' if m['equal_to_peer'] else 'no'} |")
+              f"{m['agreement_with_peer']['equal_outputs']:.2f}, {m['agreement_with_peer']['mean_prefix']:.2f} |")
     return 0
 
 

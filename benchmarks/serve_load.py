@@ -179,7 +179,8 @@ def main() -> int:
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tidar_export", "serve", args.artifact, "--port", "0",
-                             "--mode", args.mode, "--max-queue", "256"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--mode", args.mode, "--max-queue", "256", "--drain-timeout", "5"],
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = "http://127.0.0.1:" + re.search(r":(\d+)/v1", proc.stderr.readline()).group(1)
         for _ in range(600):
@@ -233,8 +234,8 @@ def main() -> int:
                 return 1
         return 0
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.terminate()  # drains (at most 5 s), then exits
+        proc.wait(timeout=60)
 
 
 if __name__ == "__main__":

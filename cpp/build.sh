@@ -52,7 +52,8 @@ fi
 ort_lib="${ORT_LIBRARY:-}"
 if [ -z "$ort_lib" ]; then
     py="$(command -v python || command -v python3)"
-    capi="$("$py" -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi"))')"
+    capi="$("$py" -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi"))' \
+        2>/dev/null)" || { echo "error: $py cannot import onnxruntime (pip install onnxruntime), or set ORT_LIBRARY" >&2; exit 1; }
     ort_lib="$(ls "$capi"/libonnxruntime.so.1.* 2>/dev/null | head -n 1 || true)"
     [ -n "$ort_lib" ] || { echo "error: no libonnxruntime.so.1.* in $capi (pip install onnxruntime)" >&2; exit 1; }
 fi

@@ -387,9 +387,10 @@ class _Concatenated(ir.LazyTensor):
     """The concatenation of `parts` along the last axis, read only when it is serialized or
     written (the exporter writes it to its weights file; the parts are never read otherwise)."""
 
-    __slots__ = ("source_key",)
+    __slots__ = ("parts", "source_key")
 
     def __init__(self, parts: list, name: str):
+        self.parts = list(parts)  # read by the exporter to make the same tensor of another layer
         shape = [*parts[0].shape.numpy()[:-1], sum(int(t.shape.numpy()[-1]) for t in parts)]
         dtype = parts[0].dtype
         super().__init__(lambda: ir.Tensor(np.concatenate([np.asarray(t.numpy()) for t in parts], axis=-1),

@@ -24,7 +24,8 @@ from tidar_runtime.sampling import SamplingParams
 from tidar_runtime.engine import Completion, Engine, Event, Handle, QueueFull, open_engine
 
 __all__ = [
-    "Backend", "Completion", "GenerationRequest", "Decoder", "DecodeResult", "DecodeStats", "Engine", "Event", "Handle", "Outputs",
+    "Backend", "Completion", "Decoder", "DecodeResult", "DecodeStats", "Engine", "Event", "GenerationRequest",
+    "Handle", "Outputs",
     "QueueFull", "SamplingParams", "TiDARError",
     "generate_ar", "generate_ar_batch", "generate_tidar", "generate_tidar_batch", "stream_ar", "stream_tidar",
     "open_engine", "text_pieces",

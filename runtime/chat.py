@@ -6,7 +6,8 @@ file's tokenizer.chat_template) and an artifact copies beside its tokenizer.json
 manifest's `tokenizer.chat_template`). It is rendered in Jinja's immutable sandbox: a template
 is code from the model's publisher, and the sandbox gives it no access to Python internals
 and no way to change its inputs. The variables are those transformers gives a template:
-`messages`, `add_generation_prompt`, `bos_token`, `eos_token`, and the `raise_exception` helper.
+`messages`, `add_generation_prompt`, `bos_token`, `eos_token`, and the `raise_exception` and
+`strftime_now` helpers.
 
 The turn ends where the template says: `end_of_turn_ids` renders a finished two-turn
 conversation and takes the special tokens that follow the assistant's text (ChatML's
@@ -16,6 +17,7 @@ conversation and takes the special tokens that follow the assistant's text (Chat
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 
 from tidar_runtime.errors import TiDARError
@@ -34,6 +36,7 @@ class ChatTemplate:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama 3.x templates date the prompt
         try:
             self._template = env.from_string(source)
         except TemplateError as e:

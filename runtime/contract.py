@@ -37,6 +37,7 @@ TOKEN_IDS, LOGITS = "token_ids", "logits"
 OUTPUTS = (TOKEN_IDS, LOGITS)  # the non-cache outputs of every graph, in binding order
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values", "present"
 KV_UPDATES = ("slice", "inplace")
+AR_STEPS = ("gqa", "attention")  # the AR step's attention: ONNX Runtime's GroupQueryAttention, or the step's op
 
 
 def ids_input(kind: str) -> str:

@@ -68,6 +68,7 @@ from tidar_runtime.loop import Backend, DecodeStats, Decoder, SeqState
 from tidar_runtime.request import GenerationRequest
 from tidar_runtime.sampling import SamplingParams, row_rng
 from tidar_runtime.text import TextAssembler
+from tidar_runtime.tokenizer import count_for_limit, prompt_char_limit
 
 FINISH_REASONS = ("stop", "length", "cache_full", "abort", "error")
 
@@ -215,6 +216,8 @@ class Engine:
         self.stop_tokens = tuple(int(t) for t in stop_tokens)
         self.max_queue = max_queue
         self._decoder = Decoder(backend, mode)
+        # a text prompt longer than this cannot fit the cache: refused before it is tokenized
+        self._char_limit = None if tokenizer is None else prompt_char_limit(tokenizer, backend.max_len)
         self._waiting: deque[_Live] = deque()
         self._live: dict[str, _Live] = {}  # waiting and running, by id
         self._running: dict[int, _Live] = {}  # row -> request
@@ -284,6 +287,11 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise FieldError("prompt", "as text needs the artifact's tokenizer.json; send token ids")
+            limit, whole = self._char_limit
+            if count_for_limit(prompt, whole) > limit:
+                raise FieldError("prompt", f"of {len(prompt)} characters cannot fit the KV cache of "
+                                 f"{self.backend.max_len} slots (at most {limit} "
+                                 f"{'characters' if whole else 'characters other than whitespace'})")
             prompt = self.tokenizer.encode(prompt).ids
         return self._decoder.check_prompt(prompt)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tidar_runtime import stamps
-from tidar_runtime.contract import (BOUNDS, DIMS, DYNAMIC_DIMS, FLOAT_PRECISIONS, GRAPH_KINDS, KV_UPDATES,
+from tidar_runtime.contract import (AR_STEPS, BOUNDS, DIMS, DYNAMIC_DIMS, FLOAT_PRECISIONS, GRAPH_KINDS, KV_UPDATES,
                                     MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, PAST_PREFIX, PRECISIONS,
                                     PRESENT_PREFIX, DTYPES, TensorSpec, graph_io, graph_rows, n_out, past_names,
                                     present_names, step_len)
@@ -46,7 +46,6 @@ CONFIG_DIMS = {"vocab_size": "vocab", "num_layers": "num_layers", "num_kv_heads"
 CONFIG_EXPORT = ("mask_token_id",)
 CONFIG_TOKENIZER = ("bos_token_id", "eos_token_id")
 TOKENIZER_DIGESTS = {"file": "blake2b", "chat_template": "chat_template_blake2b"}  # tokenizer file key -> its digest key
-AR_STEPS = ("gqa", "attention")  # the AR step's attention: ONNX Runtime's GroupQueryAttention, or the step's op
 
 
 def model_record(config: dict) -> dict:
@@ -283,7 +282,7 @@ def validate(d, where: str) -> "Manifest":
         f.int("tokenizer.eos_token_id", eos, 0, vocab - 1, none=True)
     if tok.get("chat_template") is not None:
         check_name(tok["chat_template"], f"{where}: tokenizer.chat_template")
-    f.int("tokenizer.vocab_size", tok.get("vocab_size"), 1, vocab, none=True)
+    f.int("tokenizer.vocab_size", tok.get("vocab_size"), 1, BOUNDS["vocab_size"][1], none=True)  # the tokenizer's own
     for key in TOKENIZER_DIGESTS.values():
         f.str(f"tokenizer.{key}", tok.get(key), none=True, max_len=128)
     weights = f.obj("weights", d.get("weights", {}), none=True)
@@ -421,8 +420,11 @@ def verify_digests(artifact_dir: str | os.PathLike, m: "Manifest", full: bool = 
                              "(corrupt or modified after export)")
     tok = m.tokenizer
     for key, digest in TOKENIZER_DIGESTS.items():  # tokenizer.json, chat_template.jinja
-        if tok.get(key) is not None and tok.get(digest) is not None and \
-                file_digest(artifact_dir / tok[key]) != tok[digest]:
+        if tok.get(key) is None or tok.get(digest) is None:
+            continue
+        if not (artifact_dir / tok[key]).is_file():
+            raise TiDARError(f"{artifact_dir}: tokenizer {key} {tok[key]} named by the manifest is missing")
+        if file_digest(artifact_dir / tok[key]) != tok[digest]:
             raise TiDARError(f"{artifact_dir}: {tok[key]} does not match its digest in the manifest "
                              "(replaced or modified after export)")
     if m.weights:

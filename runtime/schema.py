@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from tidar_runtime.contract import (BOUNDS, DIMS, DTYPES, DYNAMIC_DIMS, GRAPH_KINDS, KV_UPDATES, MANIFEST_FORMAT,
+from tidar_runtime.contract import (AR_STEPS, BOUNDS, DIMS, DTYPES, DYNAMIC_DIMS, GRAPH_KINDS, KV_UPDATES, MANIFEST_FORMAT,
                                     MANIFEST_VERSION, PRECISIONS)
 
 SCHEMA_FILE = "manifest.schema.json"
@@ -107,7 +107,7 @@ def manifest_schema() -> dict:
                            "proposals": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1},
                                          "description": "acceptance levels with a drafted block, ascending, from 1"},
                            "mask_token_id": _int(0, BOUNDS["vocab_size"][1] - 1),
-                           "ar_step": {"enum": ["gqa", "attention"]}}},
+                           "ar_step": {"enum": list(AR_STEPS)}}},
             "dims": _dims(),
             "graphs": {"type": "object", "additionalProperties": False, "required": list(GRAPH_KINDS),
                        "properties": {kind: _graph(kind) for kind in GRAPH_KINDS}},

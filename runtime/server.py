@@ -131,7 +131,7 @@ def request_options(body: dict, default_max_tokens: int = DEFAULT_MAX_TOKENS) ->
     are refused unless neutral. Unknown fields are ignored, as OpenAI's API does."""
     for name in ("n", "best_of", "echo", "logprobs", "suffix", "presence_penalty", "frequency_penalty", "logit_bias"):
         if not _neutral(name, body.get(name)):
-            raise FieldError(name, f"={json.dumps(body.get(name))[:40]} is not supported")
+            raise FieldError(name, f"is not supported (got {json.dumps(body.get(name))[:40]}; only its default)")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise FieldError("stream_options", "must be an object")
@@ -176,7 +176,7 @@ def parse_chat_completion(body, model_name: str, chat: ChatTemplate | None) -> G
     end-of-turn and eos tokens."""
     check_body(body, model_name)
     if chat is None:
-        raise FieldError("messages", "need a chat template: this model has none (chat_template.jinja); "
+        raise FieldError("messages", "cannot be rendered: this model has no chat template (chat_template.jinja); "
                                      "use /v1/completions")
     try:
         prompt = chat.encode(check_messages(body.get("messages")))

@@ -13,6 +13,7 @@ from tests.conftest import random_model
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
 from tidar_export.export.artifact import export_artifact
+from tidar_export.quantize import quantized_nodes
 from tidar_export.export.check import check_artifact
 from tidar_export.model import masks
 from tidar_export.model.adapter import AdapterConfig, attach, parse_layers, read_adapter
@@ -50,11 +51,11 @@ def step_inputs(model, b=4):
 def test_ar_rows_bitwise_unchanged_mask_rows_changed():
     base, adapted = random_model(seed=4), with_random_adapter(random_model(seed=4), layers=())
     ids, pos, mask, k, v, L = step_inputs(base)
-    want, _, _ = base(ids, pos, mask, k, v, L, kv_write="concat", draft_rows=4)
-    got, _, _ = adapted(ids, pos, mask, k, v, L, kv_write="concat", draft_rows=4)
+    want, _, _ = base(ids, pos, mask, k, v, L, kv_update="slice", draft_rows=4)
+    got, _, _ = adapted(ids, pos, mask, k, v, L, kv_update="slice", draft_rows=4)
     assert torch.equal(got[:, :4], want[:, :4])  # the drafts (AR rows): the very same values
     assert not torch.allclose(got[:, 4:], want[:, 4:], atol=1e-3)  # the proposal block: adapted
-    none, _, _ = adapted(ids, pos, mask, k, v, L, kv_write="concat")  # draft_rows 0: no adapter anywhere
+    none, _, _ = adapted(ids, pos, mask, k, v, L, kv_update="slice")  # draft_rows 0: no adapter anywhere
     assert torch.equal(none, want)
 
 
@@ -72,11 +73,14 @@ def test_tidar_greedy_equals_base_greedy_with_an_adapter():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """(base checkpoint, the same with a random adapter beside its config.json)."""
+    """(base checkpoint, the same with a random adapter beside its config.json). Three layers, the
+    adapter on the last two: more layers than the exporter's two-layer template, whose repetition
+    must not drop the adapter."""
     from tokenizers import Tokenizer, models
 
     out = []
-    for name, model in (("base", random_model(seed=3)), ("adapted", with_random_adapter(random_model(seed=3)))):
+    for name, model in (("base", random_model(seed=3, num_layers=3)),
+                        ("adapted", with_random_adapter(random_model(seed=3, num_layers=3), layers=(1, 2)))):
         folder = save_checkpoint(model, tmp_path_factory.mktemp(name) / "ckpt")
         Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
         out.append(folder)
@@ -87,7 +91,7 @@ def test_adapter_files_round_trip(checkpoints):
     base, adapted = checkpoints
     assert not (base / "adapter.json").exists()
     acfg, tensors = read_adapter(adapted)
-    assert acfg.layers == (1,) and acfg.rank == 2
+    assert acfg.layers == (1, 2) and acfg.rank == 2
     model = load_checkpoint(adapted)
     assert model.adapter is not None and torch.equal(model.adapter.tensors()["layers.1.q_proj.lora_B"],
                                                      tensors["layers.1.q_proj.lora_B"])
@@ -110,8 +114,13 @@ def test_exported_adapter_matches_torch_and_keeps_ar_step(checkpoints, tmp_path,
     plain = export_artifact(base, tmp_path / "b", target=target, max_seq_len=MAX_SEQ_LEN, max_batch=2)
     a_step, p_step = (onnx.load(str(d / "ar_step.onnx"), load_external_data=False) for d in (art, plain))
     assert [n.op_type for n in a_step.graph.node] == [n.op_type for n in p_step.graph.node]
-    assert len(onnx.load(str(art / "step.onnx"), load_external_data=False).graph.node) > \
-        len(onnx.load(str(plain / "step.onnx"), load_external_data=False).graph.node)
+    step = onnx.load(str(art / "step.onnx"), load_external_data=False)
+    assert len(step.graph.node) > len(onnx.load(str(plain / "step.onnx"), load_external_data=False).graph.node)
+    # the adapter's MatMuls carry its module path (quantize keeps them float by that name)
+    assert {n.name.split("/")[3] for n in step.graph.node if n.name.startswith("/adapter/layers.1/")
+            and n.op_type == "MatMul"} >= {"q_proj", "down_proj"}
+    picked = quantized_nodes(step)
+    assert picked and not any("/adapter/" in n for n in picked)  # the base is quantized, the adapter kept float
     # decoding through ORT: TiDAR with the adapter == AR == the adapter-free artifact's TiDAR
     got = generate_tidar_batch(OrtBackend(art), PROMPTS, 30)
     ar = generate_ar_batch(OrtBackend(art), PROMPTS, 30)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 
 import pytest
 
@@ -22,14 +20,16 @@ for _mod in ("fastapi", "uvicorn", "httpx"):
 import httpx  # noqa: E402
 
 from tests.gguf_files import CHATML, EOS, IM_END, MASK, write_gguf  # noqa: E402
-from tests.serve_fixtures import demo_batch_artifact  # noqa: E402
+from tests.serve_fixtures import demo_batch_artifact, serving  # noqa: E402
 from tidar_export import cli  # noqa: E402
 from tidar_runtime import SamplingParams, generate_tidar  # noqa: E402
 from tidar_runtime.backends.ort import OrtBackend  # noqa: E402
 from tidar_runtime.chat import ChatTemplate, artifact_chat, check_messages  # noqa: E402
 from tidar_runtime.engine import open_engine  # noqa: E402
+from tidar_runtime.manifest import load_manifest  # noqa: E402
 from tidar_runtime.errors import TiDARError  # noqa: E402
-from tidar_runtime.server import BadRequest, bind, create_app, make_server, parse_chat_completion  # noqa: E402
+from tidar_runtime.errors import FieldError  # noqa: E402
+from tidar_runtime.server import create_app, parse_chat_completion  # noqa: E402
 from tidar_runtime.tokenizer import folder_tokenizer, load_tokenizer  # noqa: E402
 
 MODEL = "demo-chat"
@@ -118,6 +118,13 @@ def test_sandbox_and_template_errors(tiny_ckpt, source, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_template_helpers(tiny_ckpt):
+    chat = ChatTemplate("{{ bos_token }} {{ eos_token }} {{ strftime_now('%Y') }}", load_tokenizer(tiny_ckpt),
+                        bos_id=IM_END, eos_ids=[EOS])
+    bos, eos, year = chat.render([]).split(" ")
+    assert (bos, eos) == ("<|im_end|>", "<|endoftext|>") and year.isdigit() and len(year) == 4
+
+
 def test_check_messages():
     assert check_messages([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]) \
         == [{"role": "user", "content": "ab"}]
@@ -134,8 +141,11 @@ def test_import_keeps_template_of_hf_folders(tiny_ckpt, tmp_path):
     (src / "chat_template.jinja").unlink()
     config = json.loads((src / "tokenizer_config.json").read_text())
     (src / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CHATML}))
+    hf = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(hf | {"eos_token_id": [EOS, IM_END]}))
     assert cli.main(["import", str(src), "-o", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "chat_template.jinja").read_text() == CHATML  # from tokenizer_config.json
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["eos_token_id"] == [EOS, IM_END]  # kept whole
     (src / "tokenizer_config.json").write_text(json.dumps(config))
     (src / "chat_template.jinja").write_text(TEMPLATE)
     assert cli.main(["import", str(src), "-o", str(tmp_path / "b")]) == 0
@@ -176,6 +186,9 @@ def test_eos_list_stops_on_every_id(demo, tmp_path, capsys):
     assert cli.main(["generate", str(art), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "12",
                      "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == free[:k]
+    bad = with_manifest(demo, tmp_path / "bad", eos_token_id=[DEMO_EOS, 10**6])
+    with pytest.raises(TiDARError, match=r"tokenizer.eos_token_id\[1\]"):
+        load_manifest(bad)
 
 
 # --------------------------------------------------------------------------- serve
@@ -184,20 +197,9 @@ def test_eos_list_stops_on_every_id(demo, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def server(art):
     engine = open_engine(art)
-    app = create_app(engine, MODEL, chat=artifact_chat(art, engine.tokenizer))
-    sock = bind("127.0.0.1", 0)
-    srv = make_server(app)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(engine, MODEL, chat=artifact_chat(art, engine.tokenizer))) as url:
+        yield url
     engine.close()
-    sock.close()
 
 
 def _sse(lines) -> list:
@@ -261,8 +263,8 @@ def test_errors_in_openai_shape(server):
 
 
 def test_chat_without_template_is_a_client_error(reference):
-    with pytest.raises(BadRequest, match="no chat template") as e:
+    with pytest.raises(FieldError, match="no chat template") as e:  # a 400 naming the field
         parse_chat_completion({"messages": MESSAGES}, MODEL, None)
-    assert e.value.status == 400
+    assert e.value.field == "messages"
     req = parse_chat_completion({"messages": MESSAGES, "max_tokens": 5}, MODEL, reference.chat)
-    assert req["stop_tokens"] == [DEMO_EOS, END_OF_TURN] and req["prompt"] == reference.chat.encode(MESSAGES)
+    assert req.stop_tokens == (DEMO_EOS, END_OF_TURN) and req.prompt == tuple(reference.chat.encode(MESSAGES))

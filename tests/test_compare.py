@@ -88,6 +88,29 @@ def test_a_corrupted_layer_is_found(exported, tmp_path):
     assert "first divergence at /model/layers.1/mlp" in format_report([rep])
     assert not [p for p in art.iterdir() if p.name.startswith(".compare.")]  # marked copies removed
 
+    # the command's error: one short line (the worst few failures per output), every failure in a file
+    report = tmp_path / "report.txt"
+    err = _one_line(main, ["compare", str(art), "--checkpoint", str(ckpt), "--graphs", "step", "--no-trt",
+                           "--report", str(report)])
+    failed = [r for r in rep.results if not r.ok]
+    assert err.count("step [") <= 3 * len({r.output.rsplit(".", 1)[-1] for r in failed}), err
+    assert f"every failure and module error in {report}" in err and len(err) < 4000, len(err)
+    detail = report.read_text()
+    assert "first divergence at /model/layers.1/mlp" in detail
+    assert all(r.failure() in detail for r in rep.results if not r.ok)
+
+
+def _one_line(main, argv) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 1
+    err = buf.getvalue().strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
 
 def test_cli(exported, capsys, tmp_path):
     ckpt, art = exported
@@ -139,7 +162,7 @@ def weight_only(tmp_path_factory):
 
 
 @pytest.mark.parametrize("target, precision, kwargs", [
-    ("ort", "int8-wo", {}),  # AWQ: MatMulNBits, GatherBlockQuantized, a V cache holding V / s
+    ("ort", "int8-wo", {"method": "awq"}),  # MatMulNBits, GatherBlockQuantized, a V cache holding V / s
     ("trt-10.15", "int4", {"method": "rtn", "block_size": 64}),  # block-quantized INT4 DequantizeLinear
 ])
 def test_weight_only_artifact_compares_ok(weight_only, target, precision, kwargs):
@@ -161,7 +184,7 @@ def test_awq_value_cache_is_compared_in_the_reference_units(weight_only, monkeyp
     from tidar_export.engines import compare
 
     ckpt, get = weight_only
-    art = get("ort", "int8-wo")
+    art = get("ort", "int8-wo", method="awq")
     assert compare.value_cache_scales(art, load_manifest(art))
     logs = []
     assert all(rep.ok for rep in compare_artifact(art, ckpt, use_trt=False, log=logs.append))

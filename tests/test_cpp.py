@@ -169,13 +169,18 @@ def test_errors_are_the_python_lines(tiny, tmp_path):
     assert big.returncode == 1 and big.stderr.strip() == "error: prompt token id 999999 is outside the vocabulary (0..255)"
 
 
-def test_service_example_links_the_library(demo):
-    """The minimal service (cpp/examples/service.cpp) answers a prompt as the Python runtime does."""
-    res = subprocess.run([str(_tool("tidar-service-example")), str(demo)], input=",".join(map(str, DEMO_PROMPT)) + "\n",
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    want = generate_tidar_batch(OrtBackend(demo), [DEMO_PROMPT], 32, stop_tokens=[0])[0]
-    assert res.stdout.split("(")[0].split() == [str(t) for t in want.tokens]
+@pytest.mark.parametrize("backend", ["ort-cuda", "trt"])
+def test_device_backends_decode_as_the_cpu_backend_or_say_why_not(tiny, backend):
+    """Where this build and machine have them (CUDA and a GPU; TensorRT and built engines), the device
+    backends decode what the CPU backend decodes; elsewhere one line says why, exit status 1."""
+    prompt = [5, 17, 42, 9]
+    argv = [str(_tool("tidar-generate")), str(tiny), "--json", "--max-new-tokens", "8", "--prompt-ids", "5,17,42,9"]
+    res = subprocess.run(argv + ["--backend", backend], capture_output=True, text=True, timeout=120)
+    if res.returncode == 0:
+        assert json.loads(res.stdout)["token_ids"] == _cpp(tiny, "--max-new-tokens", 8, prompts=[prompt])[0]["token_ids"]
+    else:
+        assert res.returncode == 1 and res.stdout == ""
+        assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
 
 
 def test_an_eos_list_stops_on_every_id(tiny, tmp_path):
@@ -195,3 +200,12 @@ def test_an_eos_list_stops_on_every_id(tiny, tmp_path):
         _same(cpp, _python_cli(art, "--mode", mode, "--max-new-tokens", 16, prompt=prompt))
         if mode == "tidar":
             assert cpp["token_ids"] == tokens[:k] and cpp["finish_reason"] == "stop"
+
+
+def test_service_example_links_the_library(demo):
+    """The minimal service (cpp/examples/service.cpp) answers a prompt as the Python runtime does."""
+    res = subprocess.run([str(_tool("tidar-service-example")), str(demo)], input=",".join(map(str, DEMO_PROMPT)) + "\n",
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    want = generate_tidar_batch(OrtBackend(demo), [DEMO_PROMPT], 32, stop_tokens=[0])[0]
+    assert res.stdout.split("(")[0].split() == [str(t) for t in want.tokens]

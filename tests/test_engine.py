@@ -202,3 +202,22 @@ def test_threaded_engine_serves_concurrent_submitters(art, backend, tok):
     late = engine.submit(PROMPTS[0], max_tokens=200)
     engine.close()  # aborts what is left and joins the thread
     assert late.result(timeout=10).finish_reason == "abort" and not engine._thread.is_alive()
+
+
+def test_drain_lets_live_requests_finish_then_ends_the_rest(art):
+    """drain(timeout): new requests are refused (QueueFull), live ones finish within the timeout;
+    with no time left, what still runs ends with finish_reason "abort"."""
+    engine = open_engine(art, max_queue=4)
+    short = engine.submit(PROMPTS[0], max_tokens=5)
+    done = []
+    drainer = threading.Thread(target=lambda: done.append(engine.drain(60)))
+    drainer.start()
+    with pytest.raises(QueueFull, match="shutting down"):
+        for _ in range(1000):  # until the drain has begun
+            engine.submit(PROMPTS[1], max_tokens=2).abort()
+    drainer.join(timeout=120)
+    assert done == [0] and short.result(timeout=0).finish_reason == "length"
+    engine = open_engine(art, max_queue=4)
+    long = engine.submit(PROMPTS[0], max_tokens=200)
+    next(iter(long))  # decoding
+    assert engine.drain(0) == 1 and long.result(timeout=10).finish_reason == "abort"

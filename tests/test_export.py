@@ -339,7 +339,7 @@ def test_failure_mid_export_keeps_the_old_artifact_and_no_temp(artifacts, checkp
     shutil.copytree(artifacts("ort"), out)
     before = sorted(p.name for p in out.iterdir())
 
-    def failing_lower(model, target):
+    def failing_lower(model, target, *form):
         raise RuntimeError("lowering failed")
 
     monkeypatch.setattr(tidar_graphs, "lower", failing_lower)

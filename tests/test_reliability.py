@@ -2,8 +2,8 @@
 nothing outside the named output written, deleted or read (docs/RELIABILITY.md).
 
 One tiny checkpoint and one artifact exported from it are built per module; each case copies
-what it breaks. The 13 kinds of issue 17 each have a table or a test below (kind N in the
-comments). Commands run in-process through tidar_export.cli.main.
+what it breaks. The 13 kinds of bad input of docs/RELIABILITY.md each have a table or a test
+below (kind N in the comments). Commands run in-process through tidar_export.cli.main.
 """
 
 from __future__ import annotations

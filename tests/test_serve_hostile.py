@@ -114,6 +114,7 @@ def _wait(cond, timeout=30.0):
     ({"prompt": "x", "top_k": "4"}, 400, "top_k", "must be an integer"),
     ({"prompt": "x", "seed": -1}, 400, "seed", "must lie in"),
     ({"prompt": "x " * 300}, 400, "prompt", "does not fit the KV cache"),
+    ({"prompt": "x " * 30000}, 400, "prompt", "cannot fit the KV cache"),  # refused before tokenizing
 ], ids=lambda v: None if isinstance(v, (str, dict)) else str(v)[:24])
 def test_client_errors_are_4xx_naming_the_json_field(server, body, status, param, message):
     url, *_ = server

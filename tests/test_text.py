@@ -83,5 +83,6 @@ def test_request_model_names_the_field():
     assert e.value.field == "stop"
     with pytest.raises(FieldError) as e:
         GenerationRequest("x", include_usage="no")
-    assert e.value.field == "stream_options.include_usage" and e.value.named("include_usage").startswith("include_usage")
+    assert e.value.field == "stream_options.include_usage"
+    assert e.value.named("include_usage").startswith("include_usage must be")
     assert GenerationRequest([1, 2], stop="x").stop == ("x",)

@@ -217,10 +217,14 @@ struct OrtBackend::Impl {
 
 };
 
-OrtBackend::OrtBackend(const std::string& artifact_dir, OrtOptions options) : impl_(std::make_unique<Impl>()) {
+OrtBackend::OrtBackend(const std::string& artifact_dir, OrtOptions options)
+    : OrtBackend(artifact_dir, load_manifest(artifact_dir), options) {}
+
+OrtBackend::OrtBackend(const std::string& artifact_dir, Manifest manifest, OrtOptions options)
+    : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   m.dir = py_path(artifact_dir);
-  m.manifest = load_manifest(artifact_dir);
+  m.manifest = std::move(manifest);
   m.c = contract_of(m.manifest);
   m.options = options;
   m.kv_size = element_size(m.c.kv_dtype);

@@ -1,4 +1,4 @@
-// The TensorRT + CUDA runner of TrtBackend: one execution context per engine, one stream, device
+// The TensorRT + CUDA runner of DeviceBackend: one execution context per engine, one stream, device
 // memory from cudaMalloc, and CUDA-graph replay of the static passes. Written against TensorRT's
 // public C++ API (NvInferRuntime.h) of 10.3 to 11.x and the CUDA runtime API.
 #include <NvInferRuntime.h>
@@ -10,7 +10,7 @@
 #include <sstream>
 
 #include "tidar/error.h"
-#include "tidar/trt_backend.h"
+#include "tidar/device_backend.h"
 
 // ICudaEngine::getAliasedInputTensor (an output written into an input's memory, e.g. KVCacheUpdate)
 #if NV_TENSORRT_MAJOR > 10 || (NV_TENSORRT_MAJOR == 10 && NV_TENSORRT_MINOR >= 15)

@@ -1,6 +1,6 @@
 // make_tensorrt_runner where the library was built without TensorRT.
 #include "tidar/error.h"
-#include "tidar/trt_backend.h"
+#include "tidar/device_backend.h"
 
 namespace tidar {
 

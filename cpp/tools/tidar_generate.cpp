@@ -1,12 +1,14 @@
 // tidar-generate: the decode loop over an exported artifact, as `tidar-export generate --json`.
 //
 //   tidar-generate ARTIFACT --prompt-ids IDS [--prompt-ids IDS ...] [--mode tidar|ar]
-//                  [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-//                  [--stop-ids IDS] [--threads N] [--json]
+//                  [--backend ort|ort-cuda|trt] [--max-new-tokens N] [--temperature T] [--top-k K]
+//                  [--top-p P] [--seed S] [--stop-ids IDS] [--threads N] [--json]
 //
 // Each --prompt-ids adds a row of one batch (rows finish independently). With --json, one JSON
 // object per row (one line each) with the keys of `tidar-export generate --json`; "text" is null
-// (this tool has no tokenizer). Errors: one line "error: ...", exit status 1.
+// (this tool has no tokenizer). --backend: ort (ONNX Runtime CPU, the default), ort-cuda (ONNX
+// Runtime's CUDA provider) and trt (the built TensorRT engines) where this build has them.
+// Errors: one line "error: ...", exit status 1.
 #include <cerrno>
 #include <cstdlib>
 #include <iostream>
@@ -17,7 +19,8 @@
 namespace {
 
 const char* kUsage =
-    "usage: tidar-generate ARTIFACT --prompt-ids IDS [--prompt-ids IDS ...] [--mode tidar|ar] [--max-new-tokens N]\n"
+    "usage: tidar-generate ARTIFACT --prompt-ids IDS [--prompt-ids IDS ...] [--mode tidar|ar] [--backend ort|ort-cuda|trt]\n"
+    "                      [--max-new-tokens N]"
     "                      [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop-ids IDS] [--threads N] "
     "[--json]\n";
 
@@ -25,6 +28,7 @@ struct Args {
   std::string artifact;
   std::vector<std::vector<std::int64_t>> prompts;
   std::string mode = "tidar";
+  std::string backend = "ort";
   long max_new_tokens = 64;
   tidar::SamplingParams params;
   std::optional<std::vector<std::int64_t>> stop_ids;
@@ -115,6 +119,10 @@ Args parse(int argc, char** argv) {
       if (value != "tidar" && value != "ar")
         throw arg_error(flag, "invalid choice: " + tidar::py_str(value) + " (choose from 'tidar', 'ar')");
       a.mode = value;
+    } else if (flag == "--backend") {
+      if (value != "ort" && value != "ort-cuda" && value != "trt")
+        throw arg_error(flag, "invalid choice: " + tidar::py_str(value) + " (choose from 'ort', 'ort-cuda', 'trt')");
+      a.backend = value;
     } else if (flag == "--max-new-tokens") a.max_new_tokens = static_cast<long>(int_arg(flag, value));
     else if (flag == "--temperature") a.params.temperature = float_arg(flag, value);
     else if (flag == "--top-k") a.params.top_k = int_arg(flag, value);
@@ -139,16 +147,21 @@ int run(int argc, char** argv) {
     throw tidar::Error("--max-new-tokens must be at least 1, got " + std::to_string(a.max_new_tokens));
   tidar::check_sampling(a.params);
   if (a.threads < 0) throw tidar::Error("--threads must be at least 0, got " + std::to_string(a.threads));
-  tidar::OrtBackend backend(a.artifact, tidar::OrtOptions{a.threads});
-  const auto& m = backend.manifest();
+  const tidar::Manifest m = tidar::load_manifest(a.artifact);
+  std::unique_ptr<tidar::Backend> backend;
+  if (a.backend == "ort")
+    backend = std::make_unique<tidar::OrtBackend>(a.artifact, m, tidar::OrtOptions{a.threads});
+  else
+    backend = std::make_unique<tidar::DeviceBackend>(
+        m, a.backend == "trt" ? tidar::make_tensorrt_runner(a.artifact, m) : tidar::make_ort_cuda_runner(a.artifact, m));
   std::set<std::int64_t> stop;
   if (a.stop_ids) stop.insert(a.stop_ids->begin(), a.stop_ids->end());
   else stop.insert(m.eos_ids.begin(), m.eos_ids.end());  // the default: the tokenizer's eos ids (every one stops)
-  const auto results = tidar::generate_batch(backend, a.mode, a.prompts, static_cast<int>(a.max_new_tokens), a.params, stop);
+  const auto results = tidar::generate_batch(*backend, a.mode, a.prompts, static_cast<int>(a.max_new_tokens), a.params, stop);
   for (const auto& r : results) {
     tidar::Json report = tidar::Json::object();
     report["mode"] = a.mode;
-    report["backend"] = "ort";
+    report["backend"] = a.backend;
     report["text"] = nullptr;
     report["token_ids"] = r.tokens;
     const tidar::Json summary = tidar::summarize(r);
@@ -158,7 +171,7 @@ int run(int argc, char** argv) {
     } else {
       for (std::size_t i = 0; i < r.tokens.size(); ++i) std::cout << (i ? "," : "") << r.tokens[i];
       std::cout << "\n";
-      std::cerr << "[" << a.mode << "/ort] " << report["new_tokens"] << " tokens, " << report["tokens_per_forward"]
+      std::cerr << "[" << a.mode << "/" << a.backend << "] " << report["new_tokens"] << " tokens, " << report["tokens_per_forward"]
                 << " tokens/forward, " << report["tokens_per_s"] << " tokens/s, finish: "
                 << report["finish_reason"].get<std::string>() << "\n";
     }

@@ -106,7 +106,7 @@ def stale_reason(artifact_dir: Path, checkpoint: Path, digest: str, setting: dic
             "block_size": setting["block_size"], "proposals": list(setting["proposals"]),
             "target": EXPORT_OPTIONS["target"], "precision": EXPORT_OPTIONS["precision"],
             "max_batch": EXPORT_OPTIONS["max_batch"]}
-    have = {k: getattr(manifest, k) for k in want}
+    have = {k: manifest.model_config() if k == "model" else getattr(manifest, k) for k in want}
     have["proposals"] = list(have["proposals"])
     differ = [k for k in want if want[k] != have[k]]
     return f"manifest differs ({', '.join(differ)})" if differ else None
@@ -211,7 +211,7 @@ def run_demo(artifact_dir: Path, max_new_tokens: int = 64, threads: int = 0, log
     cost = step_s / ar_step_s if step_s and ar_step_s else None
     return {
         "model": {"name": name, "arch": m.model["arch"], "block_size": m.block_size,
-                  "vocab_size": m.model["vocab_size"], "num_layers": m.model["num_layers"]},
+                  "vocab_size": m.vocab_size, "num_layers": m.num_layers},
         "setting": {"block_size": m.block_size, "proposals": list(m.proposals),
                     "width": step_len(m.block_size, m.proposals), "source": setting.get("source"),
                     "mode": setting.get("mode", "tidar")},

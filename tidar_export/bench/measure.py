@@ -335,7 +335,7 @@ def bench(artifact: str | os.PathLike, backend_name: str = "ort", threads: int =
     artifact = Path(artifact)
     m = load_manifest(artifact)
     tok = artifact_tokenizer(artifact, m)
-    vocab = m.model["vocab_size"]
+    vocab = m.vocab_size
     if prompts_file:
         prompts, source = load_prompts(prompts_file, tok, vocab), "file"
     else:
@@ -394,7 +394,7 @@ def bench(artifact: str | os.PathLike, backend_name: str = "ort", threads: int =
         "threads": threads,
         "machine": machine(),
         "versions": {"tidar_export": _version(), **{k: v for k, v in m.versions.items() if k in ("torch", "onnx")}},
-        "model": {k: m.model.get(k) for k in ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads",
+        "model": {k: m.model_config().get(k) for k in ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads",
                                                "num_kv_heads", "head_dim")},
         "block_size": m.block_size,
         "proposals": list(m.proposals),

@@ -72,7 +72,7 @@ def tune(artifact, checkpoint, backend_name: str = "ort", threads: int = 1, prom
     if write:  # before minutes of measuring: the artifact is ours to replace, and its folder writable
         artifact = fileio.prepare_output(artifact, "artifact", force)
     tok = B.artifact_tokenizer(artifact, m)
-    vocab = m.model["vocab_size"]
+    vocab = m.vocab_size
     if prompts_file:
         prompts, source = B.load_prompts(prompts_file, tok, vocab), "file"
     else:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from tidar_export.engines.compare import compare_artifact, format_report, has_tensorrt
+from pathlib import Path
+
+from tidar_export.engines.compare import compare_artifact, failures, format_report, has_tensorrt, worst_failures
 from tidar_export.export.check import ArtifactCheckError
 from tidar_runtime.contract import GRAPH_KINDS
+from tidar_runtime.fileio import write_atomic
 
 
 def cmd_compare(args) -> int:
@@ -15,14 +18,11 @@ def cmd_compare(args) -> int:
     reports = compare_artifact(args.artifact, args.checkpoint, graphs=graphs, use_trt=use_trt,
                                localize=args.localize, seed=args.seed, log=print)
     print(format_report(reports, args.verbose))
-    failures = [r.failure() for rep in reports for r in rep.results if not r.ok]
-    for rep in reports:
-        for pair in rep.layers:
-            d = rep.first_divergence(pair)
-            if d is not None and not rep.ok:
-                failures.append(f"{rep.kind} {pair[1]} vs {pair[0]} first diverges at {d.module}")
-    if failures:
-        raise ArtifactCheckError(failures)
+    if not all(rep.ok for rep in reports):
+        report = Path(args.report or f"compare-{Path(args.artifact).resolve().name}.txt")
+        detail = format_report(reports, verbose=True) + "\n\nfailures:\n" + "\n".join(failures(reports))
+        write_atomic(report, detail + "\n")
+        raise ArtifactCheckError(worst_failures(reports) + [f"every failure and module error in {report}"])
     print(f"ok: {sum(len(rep.results) for rep in reports)} comparisons passed")
     return 0
 
@@ -37,4 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-trt", action="store_true", help="skip TensorRT even where it is installed")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
     p.add_argument("--verbose", action="store_true", help="every present.* row and every marked module")
+    p.add_argument("--report", metavar="FILE", help="on failure, where every failure and module error is written "
+                   "(default: compare-<artifact name>.txt in the current directory); the error line shows the "
+                   "worst few per output")
     p.set_defaults(func=cmd_compare)

@@ -539,6 +539,44 @@ def compare_artifact(artifact_dir: str | os.PathLike, checkpoint=None, *, graphs
     return reports
 
 
+FAILURES_SHOWN = 3  # failures per output in the one-line error; every one goes to the report file
+FAILURE_CHARS = 200  # characters of one failure in the one-line error
+
+
+def _output_family(name: str) -> str:
+    """present.7.key -> present.*.key: the layers of one cache output count as one output."""
+    parts = name.split(".")
+    return f"{parts[0]}.*.{parts[-1]}" if name.startswith(PRESENT_PREFIX + ".") and len(parts) == 3 else name
+
+
+def failures(reports: list[GraphComparison]) -> list[str]:
+    """Every failure: one line per failing comparison, then where each runner pair first diverges."""
+    lines = [r.failure() for rep in reports for r in rep.results if not r.ok]
+    for rep in reports:
+        for pair in rep.layers:
+            d = rep.first_divergence(pair)
+            if d is not None and not rep.ok:
+                lines.append(f"{rep.kind} {pair[1]} vs {pair[0]} first diverges at {d.module}")
+    return lines
+
+
+def worst_failures(reports: list[GraphComparison], limit: int = FAILURES_SHOWN) -> list[str]:
+    """Per graph and output, the `limit` failures of largest max abs error (cut to FAILURE_CHARS),
+    and how many more there are; then where each runner pair first diverges."""
+    groups: dict[tuple[str, str], list] = {}
+    for rep in reports:
+        for r in rep.results:
+            if not r.ok:
+                groups.setdefault((r.graph, _output_family(r.output)), []).append(r)
+    lines = []
+    for (graph, output), rs in groups.items():
+        rs.sort(key=lambda r: -r.max_abs if r.max_abs == r.max_abs else float("-inf"))
+        lines += [r.failure()[:FAILURE_CHARS] for r in rs[:limit]]
+        if len(rs) > limit:
+            lines.append(f"{graph} {output}: {len(rs) - limit} more")
+    return lines + [line for line in failures(reports) if " first diverges at " in line]
+
+
 def format_report(reports: list[GraphComparison], verbose: bool = False) -> str:
     lines = [check.format_table([r for rep in reports for r in rep.results], verbose)]
     for rep in reports:

@@ -149,6 +149,8 @@ def _streamed_weights(source, weights: WeightFile, target: str):
     import tidar_graphs
     import torch
 
+    from tidar_export.export.layers import layer_name
+
     ir_dtype = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
                 torch.bfloat16: ir.DataType.BFLOAT16}[source.dtype]
 
@@ -159,6 +161,25 @@ def _streamed_weights(source, weights: WeightFile, target: str):
             super().__init__(lambda: _ir_tensor(source.tensor(name), transposed), dtype=ir_dtype,
                              shape=ir.Shape(shape), name=name + (".T" if transposed else ""))
             self.source_key = (*source.location(name), transposed)
+            self.source_name, self.transposed = name, transposed
+
+    recipes: dict[str, ir.TensorProtocol] = {}  # initializer name -> its lazy tensor, before it is written
+
+    def relayered(tensor, k: int):
+        """The same lazy tensor made from layer k's checkpoint tensors (None: not a checkpoint weight)."""
+        if isinstance(tensor, ShardTensor):
+            name = layer_name(tensor.source_name, k)
+            return ShardTensor(name, tensor.transposed) if name in source else None
+        parts = getattr(tensor, "parts", None)  # tidar_graphs' fused q/k/v weight
+        if parts is not None:
+            new = [relayered(t, k) for t in parts]
+            return None if None in new else type(tensor)(new, layer_name(tensor.name, k))
+        return None
+
+    def layer_weight(value, k: int):
+        """Layer k's tensor for layer 1's initializer `value` (`layers.repeat_last_layer`)."""
+        recipe = recipes.get(value.name)
+        return None if recipe is None else relayered(recipe, k)
 
     def _ir_tensor(t: torch.Tensor, transposed: bool):
         if transposed:
@@ -197,9 +218,55 @@ def _streamed_weights(source, weights: WeightFile, target: str):
                 # a placeholder no checkpoint tensor replaced: exporting it would write a constant weight
                 raise RuntimeError(f"initializer {value.name} is a weight placeholder with no checkpoint tensor")
         tidar_graphs.prepare_weights(model, target)
+        recipes.update((v.name, v.const_value) for v in g.initializers.values() if v.const_value is not None)
         weights.externalize_ir(model)
 
+    prepare.layer_weight = layer_weight
     return prepare
+
+
+def _traced_and_lowered(model, plan, kind: str, spec, source, weights: WeightFile):
+    """Graph `kind` traced and lowered for the plan's target, its weights in `weights`, and how it
+    was made: from a two-layer template whose last layer is repeated (`layers`), or traced whole
+    for a model of at most two layers, a model with a draft adapter (its layers differ: the
+    template carries none), or a graph the repetition does not recognise. `spec`: the graph's
+    entry of the manifest, whose bindings the repeated graph must have."""
+    import logging
+
+    import onnx_ir as ir
+
+    from tidar_export.export import layers
+    from tidar_export.export.tracing import trace
+
+    n = model.cfg.num_layers
+    if n > layers.TEMPLATE_LAYERS and model.adapter is None:
+        prepare = _streamed_weights(source, weights, plan.target)
+        lowered = _lower(trace(layers.first_layers(model), plan, kind, prepare=prepare), plan, kind, weights)
+        graph = ir.serde.deserialize_model(lowered)
+        try:
+            layers.repeat_last_layer(graph, n, prepare.layer_weight)
+            names = [[v.name for v in values] for values in (graph.graph.inputs, graph.graph.outputs)]
+            want = [[t.name for t in specs] for specs in (spec.inputs, spec.outputs)]
+            if names != want:
+                raise layers.CannotRepeat(f"the repeated graph's bindings {names} are not the manifest's {want}")
+        except layers.CannotRepeat as e:
+            logging.getLogger(__name__).warning("%s: tracing all %d layers (%s)", kind, n, e)
+        else:
+            weights.externalize_ir(graph)
+            proto = ir.serde.serialize_model(graph)
+            proto.ir_version = lowered.ir_version
+            return proto, f"{layers.TEMPLATE_LAYERS} layers traced, repeated to {n}"
+    prepare = _streamed_weights(source, weights, plan.target)
+    return _lower(trace(model, plan, kind, prepare=prepare), plan, kind, weights), f"{n} layers traced"
+
+
+def _lower(traced, plan, kind: str, weights: WeightFile):
+    """A traced onnx_ir model, its weights written, lowered for the plan's target (a ModelProto)."""
+    import onnx_ir as ir
+    import tidar_graphs
+
+    weights.externalize_ir(traced)
+    return tidar_graphs.lower(ir.serde.serialize_model(traced), plan.target, kind, plan.ar_step)
 
 
 # --------------------------------------------------------------------------- artifact
@@ -244,16 +311,12 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
         opsets: dict[str, int] = {}
         for kind, spec in manifest.graphs.items():
             t0 = time.perf_counter()
-            traced = trace(model, plan, kind, prepare=_streamed_weights(source, weights, target))
-            weights.externalize_ir(traced)
-            proto = ir.serde.serialize_model(traced)
-            del traced
-            lowered = tidar_graphs.lower(proto, target, kind, plan.ar_step)
+            lowered, how = _traced_and_lowered(model, plan, kind, spec, source, weights)
             weights.externalize_proto(lowered)
             onnx.save_model(lowered, str(tmp / spec.file))
             opsets.update({imp.domain or "ai.onnx": imp.version for imp in lowered.opset_import})
             spec.bytes = (tmp / spec.file).stat().st_size
-            log(f"{kind}: traced and lowered for {target} in {time.perf_counter() - t0:.1f}s")
+            log(f"{kind}: traced and lowered for {target} in {time.perf_counter() - t0:.1f}s ({how})")
         weights.close()
         for key, name in (("file", "tokenizer.json"), ("chat_template", CHAT_TEMPLATE_FILE)):
             src = confined(checkpoint, name, f"{checkpoint}: tokenizer", root=checkpoint_root(checkpoint))

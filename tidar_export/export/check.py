@@ -395,9 +395,9 @@ def float64_bound(res: OutputResult, got: dict, want: dict, exact: dict, precisi
     ok = bool(ort_err <= bound)  # NaN fails
     out = dataclasses.replace(res, ok=ok, tolerance=f"<= {REFERENCE_ERROR_FACTOR:g}x torch's own error "
                                                     f"vs float64 ({ref_err:.1e})")
-    out.detail = ("" if ok else f"max abs error vs float64 {ort_err:.3g} > {bound:.3g} = "
-                                f"{REFERENCE_ERROR_FACTOR:g}x torch's own ({ref_err:.3g}) + floor; "
-                                f"vs torch: {res.detail}")
+    out.detail = ("" if ok else f"max abs error vs float64 {ort_err:.3g} > {bound:.3g} "
+                                f"({REFERENCE_ERROR_FACTOR:g}x torch's own {ref_err:.3g} + floor), "
+                                f"vs torch {res.detail}")
     return out
 
 

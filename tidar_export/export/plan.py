@@ -12,8 +12,8 @@ import dataclasses
 from collections.abc import Sequence
 
 from tidar_export.errors import TiDARError
-from tidar_runtime.contract import FLOAT_PRECISIONS, GRAPH_KINDS, n_out, normalize_proposals, step_len
-from tidar_runtime.manifest import AR_STEPS, Manifest, new_manifest
+from tidar_runtime.contract import AR_STEPS, FLOAT_PRECISIONS, GRAPH_KINDS, n_out, normalize_proposals, step_len
+from tidar_runtime.manifest import Manifest, new_manifest
 
 DEFAULT_MAX_SEQ_LEN = 2048
 

@@ -46,11 +46,11 @@ from tidar_export.model.checkpoint import (HF_ARCH_NAMES, _check_names, check_te
 from tidar_export.model.config import TiDARConfig
 from tidar_export.model.transformer import TiDARModel
 from tidar_runtime import fileio
+from tidar_runtime.chat import CHAT_TEMPLATE_FILE
 
 GGUF_MAGIC = b"GGUF"
 GGUF_SOURCE_FILE = "gguf_source.json"
 GGUF_BLOCKS_FILE = "gguf_blocks.safetensors"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # Tensor types read (dequantized to float32 by gguf.quants.dequantize). Each is tested against
 # transformers' own GGUF reader (tests/test_gguf_import.py).

@@ -33,8 +33,9 @@ graphs is stored once); the manifest says `precision: <p>` and names `<kind>.<p>
 """
 
 from tidar_export.quantize.calibration import (  # noqa: F401 (the package's API)
-    DEFAULT_CALIBRATION, PROMPT_SEPARATOR, RecordingBackend, collect_calibration_inputs,
-    fit_prompts, read_prompt_file, tokenize_prompts,
+    DEFAULT_CALIBRATION, DEFAULT_CALIBRATION_NEW_TOKENS, DEFAULT_CALIBRATION_PROMPTS, DEFAULT_SAMPLES,
+    PROMPT_SEPARATOR, RecordingBackend, collect_calibration_inputs, fit_prompts, full_feed, read_prompt_file,
+    tokenize_prompts,
 )
 from tidar_export.quantize.graph import (  # noqa: F401 (the package's API)
     EXCLUDED_SCOPES, Linear, TableUse, activation_roles, drop_unused, initializer_array,
@@ -49,7 +50,7 @@ from tidar_export.quantize.qdq import (  # noqa: F401 (the package's API)
 )
 from tidar_export.quantize.weight_only import (  # noqa: F401 (the package's API)
     AWQ_ALPHAS, BLOCK_DQ_MIN_OPSET, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, WEIGHT_ONLY_BITS, WO_METHODS,
-    block_dequantize, block_quantize, externalize_packed, unshare_weights, weight_only_graph,
+    block_dequantize, block_quantize, block_quantize_minmax, externalize_packed, unshare_weights, weight_only_graph,
 )
 from tidar_export.quantize.awq import (  # noqa: F401 (the package's API)
     AwqGroup, awq_folded_weights, awq_groups, awq_search, output_bias, output_columns,
@@ -59,5 +60,6 @@ from tidar_export.quantize.artifact import (  # noqa: F401 (the package's API)
     QUANTIZER_VERSION, SIDECAR, default_method, quantize_artifact, quantize_graph,
 )
 from tidar_export.quantize.metrics import (  # noqa: F401 (the package's API)
-    common_prefix, greedy_agreement, teacher_forced, teacher_forced_ar_loss, token_agreement,
+    AGREEMENT_WARNING, agreement_with_source, common_prefix, greedy_agreement, teacher_forced,
+    teacher_forced_ar_loss, token_agreement,
 )

@@ -17,7 +17,7 @@ import numpy as np
 
 from tidar_export.errors import TiDARError
 from tidar_export.quantize.calibration import (
-    DEFAULT_CALIBRATION, collect_calibration_inputs, read_prompt_file, tokenize_prompts,
+    DEFAULT_CALIBRATION, DEFAULT_CALIBRATION_NEW_TOKENS, DEFAULT_CALIBRATION_PROMPTS, DEFAULT_SAMPLES, collect_calibration_inputs, read_prompt_file, tokenize_prompts,
 )
 from tidar_export.quantize.graph import linear_layers
 from tidar_export.quantize.stats import activation_stats
@@ -28,6 +28,9 @@ from tidar_export.quantize.qdq import (
 from tidar_export.quantize.weight_only import (
     BLOCK_DQ_MIN_OPSET, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, WEIGHT_ONLY_BITS, WO_METHODS, externalize_packed,
     unshare_weights, weight_only_graph,
+)
+from tidar_export.quantize.metrics import (
+    AGREEMENT_NEW_TOKENS, AGREEMENT_PROMPT_LEN, AGREEMENT_PROMPTS, AGREEMENT_WARNING, agreement_with_source,
 )
 from tidar_export.quantize.awq import awq_folded_weights, awq_groups, awq_search, value_cache_scales
 from tidar_runtime.contract import GRAPH_KINDS, QUANTIZED_PRECISIONS
@@ -46,8 +49,12 @@ def _fingerprint(prompts: Sequence[Sequence[int]]) -> str:
     return h.hexdigest()[:16]
 
 
-def default_method(precision: str) -> str:
-    return "awq" if precision in WEIGHT_ONLY_BITS else DEFAULT_INT8_METHOD
+def default_method(precision: str, target: str = "ort") -> str:
+    """int8 / fp8: min/max ranges. Weight-only: the asymmetric "minmax" grid where the target's
+    operator takes zero points (ort's MatMulNBits; no calibration), AWQ's symmetric grid elsewhere."""
+    if precision not in WEIGHT_ONLY_BITS:
+        return DEFAULT_INT8_METHOD
+    return "minmax" if target == "ort" else "awq"
 
 
 def _check_request(manifest: Manifest, artifact: Path, precision: str, method: str, block: int) -> None:
@@ -56,6 +63,9 @@ def _check_request(manifest: Manifest, artifact: Path, precision: str, method: s
     methods = WO_METHODS if precision in WEIGHT_ONLY_BITS else INT8_METHODS
     if method not in methods:
         raise TiDARError(f"--method {method} does not apply to {precision}: choose one of {', '.join(methods)}")
+    if method == "minmax" and precision in WEIGHT_ONLY_BITS and manifest.target != "ort":
+        raise TiDARError(f"--method minmax needs zero points (MatMulNBits, target ort); TensorRT's INT4 weights are "
+                         f"symmetric: use --method awq or rtn for {manifest.target}")
     if manifest.precision in QUANTIZED_PRECISIONS:
         raise TiDARError(f"{artifact} is already quantized ({manifest.precision}); quantize the artifact it came from")
     opset = manifest.versions.get("opsets", {}).get("ai.onnx")
@@ -76,12 +86,14 @@ def _check_request(manifest: Manifest, artifact: Path, precision: str, method: s
 
 
 def quantize_graph(kind: str, model, precision: str, *, scales=None, block: int = DEFAULT_BLOCK_SIZE,
-                   target: str = "ort", tables: bool = True, accuracy_level: int = 0, overrides=None) -> dict:
+                   target: str = "ort", tables: bool = True, accuracy_level: int = 0, overrides=None,
+                   minmax: bool = False, table_bits: int | None = None) -> dict:
     """Quantize one graph in place with the artifact's shared parameters; returns what was done."""
     if not linear_layers(model):
         raise TiDARError(f"{kind}: no linear-layer MatMul with a weight initializer to quantize")
     if precision in WEIGHT_ONLY_BITS:
-        return weight_only_graph(model, precision, block, target, tables, accuracy_level, overrides or {})
+        return weight_only_graph(model, precision, block, target, tables, accuracy_level, overrides or {}, minmax,
+                                 table_bits)
     n = qdq_graph(model, scales, precision)
     keep_bias_adds_unfused(model)
     return {"nodes": n}
@@ -89,9 +101,11 @@ def quantize_graph(kind: str, model, precision: str, *, scales=None, block: int 
 
 def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, precision: str = "int8", *,
                       calibration: str | os.PathLike | None = None, prompts: Sequence[Sequence[int]] | None = None,
-                      samples: int = 64, max_new_tokens: int = 48, method: str | None = None,
+                      samples: int = DEFAULT_SAMPLES, max_new_tokens: int = DEFAULT_CALIBRATION_NEW_TOKENS,
+                      calibration_prompts: int = DEFAULT_CALIBRATION_PROMPTS, method: str | None = None,
                       percentile: float = DEFAULT_PERCENTILE, block_size: int = DEFAULT_BLOCK_SIZE,
-                      quantize_tables: bool = True, accuracy_level: int = 0, seed: int = 0,
+                      quantize_tables: bool = True, table_bits: int | None = None, accuracy_level: int = 0,
+                      seed: int = 0, check_prompts: Sequence[Sequence[int]] | None = None,
                       feeds: dict[str, list[dict]] | None = None, log=None, force: bool = False) -> Path:
     """Write a quantized artifact at `output` from the fp32/fp16 artifact `artifact` (atomically).
 
@@ -101,6 +115,9 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
     Calibration prompts: `prompts` (token ids) if given, else the text file `calibration`
     (default: calibration/prompts.txt) tokenized with the artifact's tokenizer. `feeds`: the
     graph inputs `collect_calibration_inputs` recorded for these prompts, to reuse them.
+    Afterwards the new artifact's per-token agreement with `artifact` is measured on a few of
+    `check_prompts` (default: the calibration prompts; [] skips it), logged with a warning below
+    AGREEMENT_WARNING, and recorded in quantization.json.
     """
     import onnx
     import onnxruntime
@@ -111,14 +128,16 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
 
     log = log or (lambda msg: None)
     artifact, output = Path(artifact), Path(output)
-    method = method or default_method(precision)
-    if samples < 1 or max_new_tokens < 1:
-        raise TiDARError("--samples and --max-new-tokens must be >= 1")
+    if table_bits not in (None, 4, 8):
+        raise TiDARError(f"--table-bits must be 4 or 8, got {table_bits}")
+    if samples < 1 or max_new_tokens < 1 or calibration_prompts < 1:
+        raise TiDARError("--samples, --max-new-tokens and --calibration-prompts must be >= 1")
     if not 50.0 < percentile <= 100.0:
         raise TiDARError(f"--percentile must be in (50, 100], got {percentile}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise TiDARError(f"--accuracy-level must be 0..4 (MatMulNBits), got {accuracy_level}")
     manifest = load_manifest(artifact)
+    method = method or default_method(precision, manifest.target)
     _check_request(manifest, artifact, precision, method, block_size)
     if artifact.resolve() == output.resolve():
         raise TiDARError("the quantized artifact must go to another directory than its source (-o)")
@@ -141,6 +160,7 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
             source = calibration.name
         else:
             source = "token ids"
+        prompts = prompts[:calibration_prompts]
         log(f"calibrating {precision} ({method}) on {len(prompts)} prompts from {source} "
             f"(up to {samples} inputs per graph, {max_new_tokens} new tokens per decode, TiDAR and AR)")
         if feeds is None:
@@ -172,13 +192,14 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
         for kind in GRAPH_KINDS:
             spec, model = manifest.graphs[kind], graphs[kind]
             done[kind] = quantize_graph(kind, model, precision, scales=scales, block=block_size,
-                                        target=manifest.target, tables=quantize_tables,
+                                        target=manifest.target, tables=quantize_tables, table_bits=table_bits,
+                                        minmax=method == "minmax",
                                         accuracy_level=accuracy_level, overrides=overrides)
             externalize_packed(weights, model)
             weights.externalize_proto(model)
             name = f"{kind}.{precision}.onnx"
             onnx.save_model(model, str(tmp / name))
-            new.graphs[kind] = dataclasses.replace(spec, file=name, bytes=(tmp / name).stat().st_size,
+            new.graphs[kind] = dataclasses.replace(spec, file=name, bytes=(tmp / name).stat().st_size, digest=None,
                                                    engine=None, engine_info={})
             log(f"{kind}: {done[kind]['nodes']} MatMuls quantized to {precision}")
         weights.close()
@@ -203,7 +224,9 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
             recipe.update({
                 "format": "MatMulNBits" if manifest.target == "ort" else "block-quantized DequantizeLinear",
                 "weights": f"{WEIGHT_ONLY_BITS[precision]}-bit, blocks of {block_size} along the input dim, "
-                           f"symmetric (zero point 0)", "block_size": block_size,
+                           + ("asymmetric (each block's min..max; float scale and zero point)" if method == "minmax"
+                              else "symmetric (zero point 0)"), "block_size": block_size,
+                "table_bits": (table_bits or WEIGHT_ONLY_BITS[precision]) if quantize_tables else None,
                 "activations": "not quantized" + (f" (MatMulNBits accuracy_level {accuracy_level})"
                                                   if manifest.target == "ort" else ""),
                 "quantized_ops": "MatMul of every linear layer" + (
@@ -216,6 +239,27 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
             recipe["calibration"] = {"source": source, "prompts": len(prompts), "fingerprint": _fingerprint(prompts),
                                      "max_new_tokens": max_new_tokens, "samples_per_graph": samples, "seed": seed,
                                      "modes": ["tidar", "ar"]}
-        (tmp / SIDECAR).write_text(json.dumps(recipe, indent=2) + "\n")
         new.save(tmp)
+        if check_prompts is None:
+            check_prompts = prompts
+        if check_prompts is None and manifest.tokenizer.get("file"):
+            check_prompts = tokenize_prompts(artifact, manifest, read_prompt_file(DEFAULT_CALIBRATION))
+        if check_prompts:
+            recipe["agreement"] = _check_agreement(artifact, tmp, precision, check_prompts, log)
+        (tmp / SIDECAR).write_text(json.dumps(recipe, indent=2) + "\n")
     return output
+
+
+def _check_agreement(source: Path, quantized: Path, precision: str, prompts, log) -> dict:
+    """The per-token agreement of the new artifact with its source on a few prompts (logged, and a
+    warning below AGREEMENT_WARNING); the record quantization.json keeps of it."""
+    prompts = [list(p)[:AGREEMENT_PROMPT_LEN] for p in prompts[:AGREEMENT_PROMPTS]]
+    t0 = time.perf_counter()
+    value = agreement_with_source(source, quantized, prompts, AGREEMENT_NEW_TOKENS)
+    log(f"agreement with the source artifact: {value:.3f} per token ({len(prompts)} prompts, "
+        f"{AGREEMENT_NEW_TOKENS} greedy tokens each, {time.perf_counter() - t0:.1f}s)")
+    if value < AGREEMENT_WARNING:
+        log(f"warning: this {precision} artifact picks the source's greedy token at only {value:.0%} of positions "
+            f"(below {AGREEMENT_WARNING:.0%}); check it on your prompts (benchmarks/quant_real.py) or try "
+            f"--keep-tables, another --method or a wider precision (docs/QUANTIZATION.md)")
+    return {"per_token": round(value, 4), "prompts": len(prompts), "new_tokens": AGREEMENT_NEW_TOKENS}

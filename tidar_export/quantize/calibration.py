@@ -17,6 +17,11 @@ from tidar_runtime.manifest import Manifest
 
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "calibration" / "prompts.txt"
 PROMPT_SEPARATOR = "# %%"  # a line of its own before each prompt of a calibration text file
+# How much decoding calibration does by default: the first 16 prompts, 32 new tokens per decode
+# (in both modes), of which at most 64 inputs per graph are kept. Measured on SmolLM2-135M
+# (docs/QUANTIZATION.md): the old 40 prompts x 48 tokens took over 20 minutes on a busy 2-core
+# machine for the same 64 kept inputs.
+DEFAULT_CALIBRATION_PROMPTS, DEFAULT_CALIBRATION_NEW_TOKENS, DEFAULT_SAMPLES = 16, 32, 64
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
@@ -48,9 +53,6 @@ def tokenize_prompts(artifact_dir: Path, manifest: Manifest, texts: Sequence[str
                          "(quantize_artifact(..., prompts=[[ids], ...]))")
     tok = load_tokenizer(artifact_dir / file)
     return [enc.ids for enc in tok.encode_batch(list(texts), add_special_tokens=False)]
-
-
-
 
 
 class _Reservoir:
@@ -86,8 +88,11 @@ class RecordingBackend:
 
     def _cached(self, kind: str, feeds: dict) -> None:
         past = dict(zip(self.backend.past_names, self.backend.cache))
+        used = int(np.max(feeds[CACHE_LEN])) + self.backend.manifest.step_len  # slots a pass can see
+        # the used slots only (a kept sample of a 512-slot cache would otherwise copy it whole);
+        # `full_feed` pads them back with zeros, which the pass cannot see
         self.records[kind].offer(lambda: {**{k: np.array(v) for k, v in feeds.items()},
-                                          **{k: v.copy() for k, v in past.items()}})
+                                          **{k: v[:, :, :used].copy() for k, v in past.items()}})
 
     def _prompt(self, prompt) -> None:
         self.records["prefill"].offer(lambda: {INPUT_IDS: np.asarray(prompt, np.int64)[None].copy()})
@@ -109,6 +114,18 @@ class RecordingBackend:
         return self.backend.ar_step(tokens, cache_len, want_logits)
 
 
+def full_feed(feed: dict, session) -> dict:
+    """A recorded feed as `session` takes it: cache inputs zero-padded back to their static slot count."""
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    out = {}
+    for name, value in feed.items():
+        shape = shapes.get(name)
+        if shape is not None and value.ndim == 4 and isinstance(shape[2], int) and value.shape[2] < shape[2]:
+            value = np.pad(value, ((0, 0), (0, 0), (0, shape[2] - value.shape[2]), (0, 0)))
+        out[name] = value
+    return out
+
+
 def fit_prompts(prompts: Sequence[Sequence[int]], manifest: Manifest, max_new_tokens: int) -> list[list[int]]:
     """Prompts cut (from the left) so that prefill, `max_new_tokens` and one step fit the cache."""
     room = manifest.max_seq_len - manifest.step_len - max_new_tokens
@@ -121,8 +138,9 @@ def fit_prompts(prompts: Sequence[Sequence[int]], manifest: Manifest, max_new_to
     return out
 
 
-def collect_calibration_inputs(artifact_dir: Path, prompts: Sequence[Sequence[int]], *, samples: int = 64,
-                               max_new_tokens: int = 48, seed: int = 0, log=None) -> dict[str, list[dict]]:
+def collect_calibration_inputs(artifact_dir: Path, prompts: Sequence[Sequence[int]], *, samples: int = DEFAULT_SAMPLES,
+                               max_new_tokens: int = DEFAULT_CALIBRATION_NEW_TOKENS, seed: int = 0,
+                               log=None) -> dict[str, list[dict]]:
     """Real inputs of every graph, from greedy TiDAR and AR decodes of `prompts` on the artifact."""
     from tidar_runtime import SamplingParams, generate_ar, generate_tidar
     from tidar_runtime.backends.ort import OrtBackend

@@ -60,3 +60,24 @@ def token_agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence
     """Fraction of positions where two runs pick the same token (same inputs at every position)."""
     pairs = [(a, b) for r, o in zip(reference, other) for a, b in zip(r, o)]
     return sum(a == b for a, b in pairs) / max(1, len(pairs))
+
+
+AGREEMENT_WARNING = 0.9  # per-token agreement with the source artifact below which `quantize` warns
+AGREEMENT_PROMPTS, AGREEMENT_PROMPT_LEN, AGREEMENT_NEW_TOKENS = 4, 24, 16  # the check after quantizing
+
+
+def agreement_with_source(source_dir, quantized_dir, prompts: Sequence[Sequence[int]],
+                          max_new_tokens: int = AGREEMENT_NEW_TOKENS) -> float:
+    """Per-token agreement of a quantized artifact with its source on `prompts`: the source's greedy
+    AR continuation of each, then the argmax of both artifacts at every position of prompt +
+    continuation, fed the same tokens (`teacher_forced`)."""
+    from tidar_runtime import SamplingParams, generate_ar
+    from tidar_runtime.backends.ort import OrtBackend
+
+    source, quantized = OrtBackend(source_dir), OrtBackend(quantized_dir)
+    room = source.max_len - max_new_tokens - 1
+    prompts = [list(p)[-room:] for p in prompts if len(p)]
+    windows = [p + generate_ar(source, p, max_new_tokens, SamplingParams()).tokens for p in prompts]
+    _, want = teacher_forced(source, windows)
+    _, got = teacher_forced(quantized, windows)
+    return token_agreement(want, got)

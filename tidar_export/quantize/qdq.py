@@ -4,7 +4,6 @@ channel and activations per tensor role, symmetric (zero point 0, TensorRT's req
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from tidar_export.errors import TiDARError
@@ -87,7 +86,6 @@ def qdq_graph(model, scales: dict[str, float], precision: str) -> int:
     insert_before(model, plan)
     drop_unused(model)
     return len(linears)
-
 
 
 def keep_bias_adds_unfused(model) -> int:

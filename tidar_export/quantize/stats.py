@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tidar_export.quantize.calibration import full_feed
 from tidar_export.quantize.graph import activation_roles, linear_layers
 
 
@@ -67,7 +68,7 @@ def activation_stats(graphs: dict[str, object], feeds: dict[str, list[dict]], *,
     total_rows: dict[str, int] = {}
     for kind, (sess, names, roles) in sessions.items():
         for feed in feeds[kind]:
-            for name, x in zip(names, sess.run(names, feed)):
+            for name, x in zip(names, sess.run(names, full_feed(feed, sess))):
                 x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
                 s = stats.setdefault(roles[name], ActStats())
                 s.amax = max(s.amax, float(np.abs(x).max()))
@@ -88,7 +89,7 @@ def activation_stats(graphs: dict[str, object], feeds: dict[str, list[dict]], *,
     if histogram:
         for kind, (sess, names, roles) in sessions.items():
             for feed in feeds[kind]:
-                for name, x in zip(names, sess.run(names, feed)):
+                for name, x in zip(names, sess.run(names, full_feed(feed, sess))):
                     s = stats[roles[name]]
                     h, _ = np.histogram(np.abs(x), bins=HIST_BINS, range=(0.0, s.amax or 1.0))
                     s.hist = h if s.hist is None else s.hist + h

@@ -1,10 +1,15 @@
-"""Weight-only int4 / int8: block-wise symmetric quantization along the input dimension, lowered per
-target (`ort`: com.microsoft MatMulNBits / GatherBlockQuantized; TensorRT: block-quantized INT4
+"""Weight-only int4 / int8: block-wise quantization along the input dimension, lowered per target
+(`ort`: com.microsoft MatMulNBits / GatherBlockQuantized; TensorRT: block-quantized INT4
 DequantizeLinear, opset 21+).
+
+Two grids. "minmax" (the default on ort): each block's own [min, max] in 2**bits levels, a float
+scale and a float zero point per block (MatMulNBits takes both), so a block that holds at most
+2**bits evenly spaced values is kept exactly -- a checkpoint dequantized from GGUF Q4_1/Q4_0 blocks
+of 32 re-quantizes without error. "rtn" / "awq": symmetric levels around 0 (zero point fixed),
+which TensorRT's INT4 weights require.
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 
@@ -16,7 +21,7 @@ from tidar_export.quantize.graph import (
 WEIGHT_ONLY_BITS = {"int4": 4, "int8-wo": 8}
 BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK_SIZE = 32
-WO_METHODS = ("awq", "rtn")
+WO_METHODS = ("minmax", "awq", "rtn")
 AWQ_ALPHAS = tuple(i / 10 for i in range(11))  # alpha 0 is RTN: the search never does worse on its sample
 BLOCK_DQ_MIN_OPSET = 21  # DequantizeLinear's block_size attribute and the INT4 type
 
@@ -37,6 +42,20 @@ def block_quantize(wt: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, n
     return codes.reshape(n, kb * block), scales
 
 
+def block_quantize_minmax(wt: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric block quantization of `wt` [N, K] along K (the last block padded with its last
+    value): unsigned codes [N, ceil(K / block) * block] in [0, 2**bits - 1], scales and float zero
+    points [N, ceil(K / block)]; the weight is (code - zero point) * scale = min + code * scale."""
+    n, k = wt.shape
+    kb = -(-k // block)
+    blocks = np.pad(wt.astype(np.float32), ((0, 0), (0, kb * block - k)), mode="edge").reshape(n, kb, block)
+    levels = 2 ** bits - 1
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    scales = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32)
+    codes = np.clip(np.rint((blocks - lo[..., None]) / scales[..., None]), 0, levels).astype(np.uint8)
+    return codes.reshape(n, kb * block), scales, (-lo / scales).astype(np.float32)
+
+
 def block_dequantize(codes: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
     n, kp = codes.shape
     block = kp // scales.shape[1]
@@ -45,8 +64,8 @@ def block_dequantize(codes: np.ndarray, scales: np.ndarray, k: int) -> np.ndarra
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """Codes [N, Kp] -> unsigned, packed low nibble first (bits 4) as MatMulNBits/GatherBlockQuantized
-    read them (zero point 2**(bits-1), their default)."""
-    u = (codes.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
+    read them: signed codes get their default zero point 2**(bits-1), unsigned ones stay."""
+    u = codes if codes.dtype == np.uint8 else (codes.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
     return u if bits == 8 else (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
 
 
@@ -79,14 +98,16 @@ def unshare_weights(model) -> int:
 
 
 def weight_only_graph(model, precision: str, block: int, target: str, tables: bool, accuracy_level: int,
-                      overrides: dict[str, np.ndarray]) -> dict:
+                      overrides: dict[str, np.ndarray], minmax: bool = False, table_bits: int | None = None) -> dict:
     """Weight-only block quantization of every linear layer (and, with `tables`, of the embedding
-    table and the LM head), lowered for `target`: `ort` -> com.microsoft MatMulNBits (and
-    GatherBlockQuantized for the embedding); TensorRT targets -> block-quantized INT4
-    DequantizeLinear (opset 21+) on the weights, feeding the MatMul / Gather."""
+    table and the LM head, in `table_bits`, default the precision's), lowered for `target`: `ort` ->
+    com.microsoft MatMulNBits (and GatherBlockQuantized for the embedding); TensorRT targets ->
+    block-quantized INT4 DequantizeLinear (opset 21+) on the weights, feeding the MatMul / Gather.
+    minmax: the linear layers on the asymmetric grid (module doc; ort only)."""
     from onnx import helper
 
     bits = WEIGHT_ONLY_BITS[precision]
+    table_bits = table_bits or bits
     for name, array in overrides.items():
         replace_initializer(model, name, array)
     linears = linear_layers(model)
@@ -97,16 +118,21 @@ def weight_only_graph(model, precision: str, block: int, target: str, tables: bo
     if ort_target and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
-    def matmul_nbits(node, w_kn: np.ndarray, key: str):
+    def matmul_nbits(node, w_kn: np.ndarray, key: str, bits: int = bits, asym: bool = False):
         k, n = w_kn.shape
-        codes, scales = block_quantize(w_kn.T, bits, block)
-        b, sn = f"{key}_nbits", f"{key}_nbits_scale"
+        b, sn, zn = f"{key}_nbits", f"{key}_nbits_scale", f"{key}_nbits_zero_point"
+        if asym:
+            codes, scales, zero_points = block_quantize_minmax(w_kn.T, bits, block)
+        else:
+            codes, scales = block_quantize(w_kn.T, bits, block)
         if b not in made:
             new_inits.extend([tensor_proto(b, _pack(codes, bits).reshape(n, -1, block * bits // 8)),
                               tensor_proto(sn, scales.astype(w_kn.dtype))])
+            if asym:
+                new_inits.append(tensor_proto(zn, zero_points.astype(w_kn.dtype)))
             made.add(b)
-        new = helper.make_node("MatMulNBits", [node.input[0], b, sn], list(node.output), name=node.name,
-                               domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
+        new = helper.make_node("MatMulNBits", [node.input[0], b, sn] + ([zn] if asym else []), list(node.output),
+                               name=node.name, domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
                                accuracy_level=accuracy_level)
         node.CopyFrom(new)
 
@@ -132,7 +158,7 @@ def weight_only_graph(model, precision: str, block: int, target: str, tables: bo
         w = initializer_array(model, lin.weight)
         node = by_name[lin.node]
         if ort_target:
-            matmul_nbits(node, w, lin.weight)
+            matmul_nbits(node, w, lin.weight, asym=minmax)
         else:
             node.input[1] = block_dq(lin.node, w, 0, lin.weight)
     done = {"nodes": len(linears), "tables": []}
@@ -142,7 +168,7 @@ def weight_only_graph(model, precision: str, block: int, target: str, tables: bo
             w_kn = initializer_array(model, use.head_weight) if use.head_weight else initializer_array(model, use.head_table).T
             key = use.head_weight or f"{use.head_table}.T"
             if ort_target:
-                matmul_nbits(use.head, np.ascontiguousarray(w_kn), key)
+                matmul_nbits(use.head, np.ascontiguousarray(w_kn), key, bits=table_bits)
             else:
                 use.head.input[1] = block_dq(use.head.name, np.ascontiguousarray(w_kn), 0, key)
             done["tables"].append("lm_head")
@@ -152,13 +178,13 @@ def weight_only_graph(model, precision: str, block: int, target: str, tables: bo
         if use.gather is not None and ort_target:
             table = initializer_array(model, use.table)
             v, k = table.shape
-            codes, scales = block_quantize(table, bits, block)
+            codes, scales = block_quantize(table, table_bits, block)
             d, sn = f"{use.table}_gbq", f"{use.table}_gbq_scale"
-            new_inits.extend([tensor_proto(d, _pack(codes, bits)[:, : k * bits // 8].copy()),
+            new_inits.extend([tensor_proto(d, _pack(codes, table_bits)[:, : k * table_bits // 8].copy()),
                               tensor_proto(sn, scales.astype(table.dtype))])
             use.gather.CopyFrom(helper.make_node(
                 "GatherBlockQuantized", [d, use.gather.input[1], sn], list(use.gather.output), name=use.gather.name,
-                domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block, bits=bits))
+                domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block, bits=table_bits))
             done["tables"].append("embedding")
     model.graph.initializer.extend(new_inits)
     insert_before(model, plan)

@@ -23,6 +23,8 @@ class OrtBackend : public Backend {
  public:
   /// Load and check the artifact's manifest (quick digests); graphs load on first use.
   explicit OrtBackend(const std::string& artifact_dir, OrtOptions options = {});
+  /// Over a manifest already loaded from `artifact_dir`.
+  OrtBackend(const std::string& artifact_dir, Manifest manifest, OrtOptions options = {});
   ~OrtBackend() override;
 
   const Manifest& manifest() const;

@@ -3,6 +3,7 @@
 
 #include "tidar/backend.h"
 #include "tidar/contract.h"
+#include "tidar/device_backend.h"
 #include "tidar/error.h"
 #include "tidar/layout.h"
 #include "tidar/loop.h"

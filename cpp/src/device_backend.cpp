@@ -1,4 +1,4 @@
-#include "tidar/trt_backend.h"
+#include "tidar/device_backend.h"
 
 #include <algorithm>
 #include <cstring>
@@ -12,7 +12,7 @@ std::size_t element_size(const std::string& dtype) {
   if (dtype == "float32") return 4;
   if (dtype == "float16" || dtype == "bfloat16") return 2;
   if (dtype == "float8e4m3fn" || dtype == "float8_e4m3fn" || dtype == "int8" || dtype == "uint8") return 1;
-  throw Error("the TensorRT backend cannot hold a " + dtype + " cache");
+  throw Error("the device backend cannot hold a " + dtype + " cache");
 }
 
 /// The device buffers of one graph and the host copies of what a pass reads back.
@@ -28,7 +28,7 @@ struct Io {
 
 }  // namespace
 
-struct TrtBackend::Impl {
+struct DeviceBackend::Impl {
   Manifest manifest;
   Contract c;
   std::unique_ptr<Runner> runner;
@@ -70,7 +70,7 @@ struct TrtBackend::Impl {
     }
   }
 
-  void setup_prefill() {  // sized for the longest prompt the cache admits: P + b <= max_len
+  void setup_prefill() {  // sized for the longest prompt a row admits (max_len, in AR mode) plus b mask slots
     prefill.kind = "prefill";
     prefill.rows = c.block_size;
     prefill.ids = runner->alloc(static_cast<std::size_t>(c.max_len) * 8);
@@ -78,14 +78,15 @@ struct TrtBackend::Impl {
     runner->set_address("prefill", "input_ids", prefill.ids);
     runner->set_address("prefill", "token_ids", prefill.token_ids);
     runner->set_address("prefill", "logits", prefill.logits);
+    const auto slots = static_cast<std::size_t>(c.max_len + c.block_size);
     for (const auto& name : c.present_names) {
-      prefill.present.push_back(runner->alloc(static_cast<std::size_t>(c.kv_heads) * c.max_len * slot_bytes()));
+      prefill.present.push_back(runner->alloc(static_cast<std::size_t>(c.kv_heads) * slots * slot_bytes()));
       runner->set_address("prefill", name, prefill.present.back());
     }
   }
 
   Impl(Manifest m, std::unique_ptr<Runner> r) : manifest(std::move(m)), c(contract_of(manifest)), runner(std::move(r)) {
-    if (c.logits_dtype != "float32") throw Error("the TensorRT backend reads float32 logits, the artifact's are " + c.logits_dtype);
+    if (c.logits_dtype != "float32") throw Error("the device backend reads float32 logits, the artifact's are " + c.logits_dtype);
     kv_size = element_size(c.kv_dtype);
     for (std::size_t i = 0; i < c.past_names.size(); ++i) cache.push_back(runner->alloc(c.cache_elems() * kv_size));
     setup_prefill();
@@ -146,32 +147,32 @@ struct TrtBackend::Impl {
   }
 };
 
-TrtBackend::TrtBackend(const std::string& artifact_dir, std::unique_ptr<Runner> runner)
-    : TrtBackend(load_manifest(artifact_dir), std::move(runner)) {}
-TrtBackend::TrtBackend(Manifest manifest, std::unique_ptr<Runner> runner)
+DeviceBackend::DeviceBackend(const std::string& artifact_dir, std::unique_ptr<Runner> runner)
+    : DeviceBackend(load_manifest(artifact_dir), std::move(runner)) {}
+DeviceBackend::DeviceBackend(Manifest manifest, std::unique_ptr<Runner> runner)
     : impl_(std::make_unique<Impl>(std::move(manifest), std::move(runner))) {}
-TrtBackend::~TrtBackend() = default;
+DeviceBackend::~DeviceBackend() = default;
 
-const Contract& TrtBackend::contract() const { return impl_->c; }
-Runner& TrtBackend::runner() { return *impl_->runner; }
-int TrtBackend::block_size() const { return impl_->c.block_size; }
-const std::vector<int>& TrtBackend::proposals() const { return impl_->c.proposals; }
-int TrtBackend::max_len() const { return impl_->c.max_len; }
-int TrtBackend::max_batch() const { return impl_->c.max_batch; }
-std::int64_t TrtBackend::mask_token_id() const { return impl_->c.mask_token_id; }
-std::int64_t TrtBackend::vocab_size() const { return impl_->c.vocab_size; }
+const Contract& DeviceBackend::contract() const { return impl_->c; }
+Runner& DeviceBackend::runner() { return *impl_->runner; }
+int DeviceBackend::block_size() const { return impl_->c.block_size; }
+const std::vector<int>& DeviceBackend::proposals() const { return impl_->c.proposals; }
+int DeviceBackend::max_len() const { return impl_->c.max_len; }
+int DeviceBackend::max_batch() const { return impl_->c.max_batch; }
+std::int64_t DeviceBackend::mask_token_id() const { return impl_->c.mask_token_id; }
+std::int64_t DeviceBackend::vocab_size() const { return impl_->c.vocab_size; }
 
-Outputs TrtBackend::prefill(int row, const std::vector<std::int64_t>& prompt, bool want_logits) {
+Outputs DeviceBackend::prefill(int row, const std::vector<std::int64_t>& prompt, bool want_logits) {
   return impl_->run_prefill(row, prompt, want_logits, impl_->c.block_size);
 }
-Outputs TrtBackend::ar_prefill(int row, const std::vector<std::int64_t>& prompt, bool want_logits) {
+Outputs DeviceBackend::ar_prefill(int row, const std::vector<std::int64_t>& prompt, bool want_logits) {
   return impl_->run_prefill(row, prompt, want_logits, 1);
 }
-Outputs TrtBackend::step(const std::vector<std::int64_t>& drafts, const std::vector<std::int64_t>& cache_len,
+Outputs DeviceBackend::step(const std::vector<std::int64_t>& drafts, const std::vector<std::int64_t>& cache_len,
                          bool want_logits) {
   return impl_->run_cached(impl_->step, drafts, cache_len, want_logits);
 }
-Outputs TrtBackend::ar_step(const std::vector<std::int64_t>& tokens, const std::vector<std::int64_t>& cache_len,
+Outputs DeviceBackend::ar_step(const std::vector<std::int64_t>& tokens, const std::vector<std::int64_t>& cache_len,
                             bool want_logits) {
   return impl_->run_cached(impl_->ar, tokens, cache_len, want_logits);
 }

@@ -1,6 +1,8 @@
-// TensorRT backend (runtime/backends/trt.py), its logic written against a small runner interface so
-// that it is unit-tested without a GPU (tests/test_trt_backend.cpp runs it over a stand-in runner
-// whose device memory is host memory), as tests/fake_trt.py does for the Python backend.
+// The device backend (runtime/backends/device.py): the loop's passes over engines on a GPU, its logic
+// written against a small runner interface. Two runners: TensorRT's engines (make_tensorrt_runner,
+// runtime/backends/trt.py) and ONNX Runtime's CUDA provider (make_ort_cuda_runner,
+// runtime/backends/ort_cuda.py); the unit tests run it over a stand-in runner whose device memory is
+// host memory (tests/test_device_backend.cpp), as tests/fake_trt.py does for the Python backends.
 //
 // Buffer plan: every device buffer is allocated once, in the constructor: the KV cache (one
 // [B, kv, max_len, hd] buffer per layer and K/V), the inputs and outputs of every graph, the
@@ -44,12 +46,12 @@ class Runner {
   virtual void sync() = 0;
 };
 
-class TrtBackend : public Backend {
+class DeviceBackend : public Backend {
  public:
   /// The artifact's manifest (checked, quick digests) and a runner over its engines.
-  TrtBackend(const std::string& artifact_dir, std::unique_ptr<Runner> runner);
-  TrtBackend(Manifest manifest, std::unique_ptr<Runner> runner);
-  ~TrtBackend() override;
+  DeviceBackend(const std::string& artifact_dir, std::unique_ptr<Runner> runner);
+  DeviceBackend(Manifest manifest, std::unique_ptr<Runner> runner);
+  ~DeviceBackend() override;
 
   const Contract& contract() const;
   Runner& runner();
@@ -73,7 +75,11 @@ class TrtBackend : public Backend {
 };
 
 /// The TensorRT + CUDA runner over the artifact's built engines (graphs.*.engine); only where the
-/// library was built with TensorRT (TIDAR_WITH_TENSORRT), else a one-line Error saying so.
+/// library was built with TensorRT, else a one-line Error saying so.
 std::unique_ptr<Runner> make_tensorrt_runner(const std::string& artifact_dir, const Manifest& manifest, int device = 0);
+
+/// The ONNX Runtime CUDA-provider runner over the artifact's ONNX graphs; only where the library was
+/// built with CUDA (the provider itself is looked up when the runner is made), else a one-line Error.
+std::unique_ptr<Runner> make_ort_cuda_runner(const std::string& artifact_dir, const Manifest& manifest, int device = 0);
 
 }  // namespace tidar

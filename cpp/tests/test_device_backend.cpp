@@ -1,4 +1,4 @@
-// TrtBackend's buffers, bindings, K/V writes and synchronizations, over a stand-in runner whose
+// DeviceBackend's buffers, bindings, K/V writes and synchronizations, over a stand-in runner whose
 // "device memory" is host memory and whose "engines" compute the token chain of chain.h from the
 // bound buffers: the cache holds each slot's token in its K/V, so a K/V written at the wrong slot
 // (or a wrong committed length) changes the output.
@@ -10,7 +10,7 @@
 #include "chain.h"
 #include "fixture.h"
 #include "tidar/loop.h"
-#include "tidar/trt_backend.h"
+#include "tidar/device_backend.h"
 
 namespace {
 
@@ -128,10 +128,10 @@ class StandInRunner : public tidar::Runner {
 
 tidar::Manifest manifest() { return tidar::load_manifest(fixture::write(fixture::manifest())); }
 
-TEST(TrtBackend, DecodesTheChainWithOneSyncPerPassAndNoAllocationAfterSetup) {
+TEST(DeviceBackend, DecodesTheChainWithOneSyncPerPassAndNoAllocationAfterSetup) {
   auto owned = std::make_unique<StandInRunner>();
   StandInRunner& runner = *owned;
-  tidar::TrtBackend backend(manifest(), std::move(owned));
+  tidar::DeviceBackend backend(manifest(), std::move(owned));
   const int allocations = runner.allocations;
   const std::vector<std::vector<std::int64_t>> prompts = {{4, 7, 1}, {2, 9}};
   for (const char* mode : {"tidar", "ar"}) {
@@ -155,22 +155,31 @@ TEST(TrtBackend, DecodesTheChainWithOneSyncPerPassAndNoAllocationAfterSetup) {
   EXPECT_EQ(runner.replays["prefill"], 0);
 }
 
-TEST(TrtBackend, SampledDecodingAtALowTemperatureIsGreedy) {
-  tidar::TrtBackend backend(manifest(), std::make_unique<StandInRunner>());
+TEST(DeviceBackend, SampledDecodingAtALowTemperatureIsGreedy) {
+  tidar::DeviceBackend backend(manifest(), std::make_unique<StandInRunner>());
   auto res = tidar::generate_batch(backend, "tidar", {{4, 7, 1}, {2, 9}}, 6, tidar::SamplingParams{0.01, 0, 1.0, 3});
   EXPECT_EQ(res[0].tokens, chain::continuation({4, 7, 1}, 6));
   EXPECT_EQ(res[1].tokens, chain::continuation({2, 9}, 6));
 }
 
-TEST(TrtBackend, InplaceNeedsAnEngineThatAliasesTheCache) {
+TEST(DeviceBackend, AnArPromptThatFillsTheCache) {
+  // AR admits a prompt of max_len - 1 tokens; the prefill graph still writes b mask slots past it
+  tidar::DeviceBackend backend(manifest(), std::make_unique<StandInRunner>());
+  const std::vector<std::int64_t> prompt(kSlots - 1, 3);
+  auto res = tidar::generate_batch(backend, "ar", {prompt}, 4)[0];
+  EXPECT_EQ(res.tokens, chain::continuation(prompt, 2));  // the prefill's token and one step's
+  EXPECT_EQ(res.finish_reason, "cache_full");
+}
+
+TEST(DeviceBackend, InplaceNeedsAnEngineThatAliasesTheCache) {
   auto runner = std::make_unique<StandInRunner>();
   runner->alias = false;
-  EXPECT_EQ(fixture::error_of([&] { tidar::TrtBackend(manifest(), std::move(runner)); }),
+  EXPECT_EQ(fixture::error_of([&] { tidar::DeviceBackend(manifest(), std::move(runner)); }),
             "the ar_step engine does not alias present.0.key to past_key_values.0.key as its \"inplace\" kv_update "
             "needs: rebuild the engines (tidar-export build)");
 }
 
-TEST(TrtBackend, WithoutTensorRtTheRealRunnerSaysSo) {
+TEST(DeviceBackend, WithoutTensorRtTheRealRunnerSaysSo) {
 #ifndef TIDAR_WITH_TENSORRT
   EXPECT_NE(fixture::error_of([] { tidar::make_tensorrt_runner("x", manifest()); }).find("has no TensorRT"),
             std::string::npos);
