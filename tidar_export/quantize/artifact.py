@@ -224,7 +224,8 @@ def quantize_artifact(artifact: str | os.PathLike, output: str | os.PathLike, pr
             recipe.update({
                 "format": "MatMulNBits" if manifest.target == "ort" else "block-quantized DequantizeLinear",
                 "weights": f"{WEIGHT_ONLY_BITS[precision]}-bit, blocks of {block_size} along the input dim, "
-                           + ("asymmetric (each block's min..max; float scale and zero point)" if method == "minmax"
+                           + ("asymmetric (each block's min..max: MatMulNBits on the codes plus a float offset per block)"
+                              if method == "minmax"
                               else "symmetric (zero point 0)"), "block_size": block_size,
                 "table_bits": (table_bits or WEIGHT_ONLY_BITS[precision]) if quantize_tables else None,
                 "activations": "not quantized" + (f" (MatMulNBits accuracy_level {accuracy_level})"

@@ -110,6 +110,7 @@ def insert_before(model, plan: dict[str, list]) -> None:
         model.graph.node.extend(plan.get(n.name, []))
         model.graph.node.append(n)
 
+
 def tensor_proto(name: str, array: np.ndarray):
     from onnx import numpy_helper
 
