@@ -3,7 +3,8 @@
     manifest.json   prefill.onnx   step.onnx   ar_step.onnx   weights.bin   [tokenizer.json]   [chat_template.jinja]
 
 The three graphs are traced by tidar_export.export.tracing and lowered for the target by
-`tidar_graphs.lower`. Weights: every initializer of at least EXTERNAL_MIN_BYTES goes to
+`tidar_graphs.lower`, each from the model's first two layers, whose last layer is then repeated
+for the others (tidar_export.export.layers; a graph it does not recognise is traced whole). Weights: every initializer of at least EXTERNAL_MIN_BYTES goes to
 weights.bin, once per distinct content (the three graphs point at the same offsets), so models
 over 2 GB work and the data is stored once. The checkpoint's tensors are streamed: the traced
 model holds no weight data, and each tensor is read from its shard (transposed where the
@@ -291,12 +292,11 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
 
     import onnx
     import onnx_ir as ir
-    import tidar_graphs
     import torch
 
     import tidar_export
     from tidar_export.export.plan import make_plan
-    from tidar_export.export.tracing import EXPORT_OPSET, torch_dtype, trace
+    from tidar_export.export.tracing import EXPORT_OPSET, torch_dtype
     from tidar_export.model.adapter import describe as describe_adapter
     from tidar_export.model.checkpoint import open_streamed, read_config
 

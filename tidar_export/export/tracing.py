@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from tidar_export.model import masks
-from tidar_export.errors import TiDARError
 from tidar_export.model.transformer import TiDARModel
 from tidar_export.export.plan import ExportPlan
 from tidar_runtime.contract import FLOAT_PRECISIONS, INPUT_IDS, TensorSpec, prefill_out_rows
