@@ -380,7 +380,9 @@ def test_demo_setting_is_read_from_the_model_folder(tmp_path):
     assert demo_setting(ckpt) == {"block_size": b0, "proposals": list(range(1, b0 + 1)),
                                   "source": "checkpoint default"}
     (ckpt / SETTING_FILE).write_text(json.dumps({"block_size": 3, "proposals": [1], "tuned_on": "x"}))
-    assert demo_setting(ckpt) == {"block_size": 3, "proposals": [1], "source": SETTING_FILE}
+    assert demo_setting(ckpt) == {"block_size": 3, "proposals": [1], "source": SETTING_FILE, "mode": "tidar"}
+    (ckpt / SETTING_FILE).write_text(json.dumps({"block_size": 2, "proposals": [1], "mode": "ar"}))
+    assert demo_setting(ckpt)["mode"] == "ar"  # tuning found no TiDAR setting faster than AR
     (ckpt / SETTING_FILE).write_text(json.dumps({"block_size": 3, "proposals": [2]}))
     with pytest.raises(TiDARError, match="unreadable decode setting"):
         demo_setting(ckpt)
