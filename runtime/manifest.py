@@ -12,6 +12,8 @@ Optional fields added within version 1 (a manifest without them loads; they defa
 - `graphs.*.digest`, `weights.blake2b`, `weights.sample_blake2b` (written by export and
   quantize): BLAKE2b digests; a reader checks the graphs' and the sampled weights digest on
   every load and `tidar-export check` the whole weights file (docs/RELIABILITY.md).
+- `tokenizer.chat_template`: the chat template file beside tokenizer.json (runtime/chat.py);
+  `tokenizer.eos_token_id` may be a list of ids, each of which stops a sequence (`eos_ids`).
 - `tuning` (written by `tidar-export tune`): how block_size / proposals were chosen, e.g.
   {"chosen": {"block_size": 4, "proposals": [1, 2, 3, 4], "speedup": 1.6, ...}, "objective": ...,
   "backend": "ort", "threads": 1, "device": ..., "candidates": [...], "date": ...}. Informational:
