@@ -12,8 +12,9 @@ Each fact is recorded once:
   null for the prefill's dynamic dims.
 - `export`: the export options that are not sizes: target, precision, proposals, mask_token_id,
   ar_step ("gqa": the ort target's AR step as GroupQueryAttention; "attention").
-- `model`: the rest of the model config (architecture, widths, RoPE, ...); `tokenizer`: its file
-  and bos/eos ids.
+- `model`: the rest of the model config (architecture, widths, RoPE, ...); `tokenizer`: its file,
+  bos id, eos id or list of ids (each stops a sequence, `eos_ids`), the chat template file
+  (`chat_template`, runtime/chat.py), their digests and the tokenizer's vocabulary size.
 - `graphs.<kind>`: file, the cache-update mode `kv_update` (null for the prefill), `rows` (what
   each output row predicts, tidar_runtime.contract.graph_rows) and every binding with dtype and
   named shape (tidar_runtime.contract.graph_io); digests and sizes as written.
