@@ -39,7 +39,7 @@ PROMPTS = [
 ]
 
 
-def decode_all(artifact: Path, max_new: int, reference=None) -> dict:
+def decode_all(artifact: Path, max_new: int, reference=None, n_prompts: int = len(PROMPTS)) -> dict:
     from tidar_export.quantize import greedy_agreement, teacher_forced, token_agreement
     from tidar_export.train.data import load_tokenizer
     from tidar_runtime import SamplingParams, generate_ar
@@ -47,7 +47,7 @@ def decode_all(artifact: Path, max_new: int, reference=None) -> dict:
 
     backend = OrtBackend(artifact, intra_op_threads=1)
     tok = load_tokenizer(artifact / backend.manifest.tokenizer["file"])
-    prompts = [enc.ids for enc in tok.encode_batch(PROMPTS, add_special_tokens=False)]
+    prompts = [enc.ids for enc in tok.encode_batch(PROMPTS[:n_prompts], add_special_tokens=False)]
     t0 = time.perf_counter()
     outs = [generate_ar(backend, p, max_new, SamplingParams(), stop_tokens=()).tokens for p in prompts]
     seconds = time.perf_counter() - t0
@@ -69,20 +69,21 @@ def main() -> int:
     ap.add_argument("fp32")
     ap.add_argument("quantized", nargs="*")
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="the first N prompts (default all)")
     ap.add_argument("--json")
     ap.add_argument("--reference", help="the --json of an earlier run: reuse its fp32 decodes")
     args = ap.parse_args()
     if args.reference:
         ref = json.loads(Path(args.reference).read_text())[0]
     else:
-        ref = decode_all(Path(args.fp32), args.max_new_tokens)
+        ref = decode_all(Path(args.fp32), args.max_new_tokens, n_prompts=args.prompts)
     rows = [ref]
     print(f"fp32: {ref['tokens_per_s']:.1f} tokens/s; {PROMPTS[0]!r} -> {ref['first']!r}")
     for q in args.quantized:
-        row = decode_all(Path(q), args.max_new_tokens, ref)
+        row = decode_all(Path(q), args.max_new_tokens, ref, args.prompts)
         rows.append(row)
         print(f"{q}: first-difference {row['first_difference']:.3f}, per-token {row['per_token']:.3f}, "
-              f"exact {row['exact']}/{len(PROMPTS)}, {row['tokens_per_s']:.1f} tokens/s; -> {row['first']!r}")
+              f"exact {row['exact']}/{len(ref['outputs'])}, {row['tokens_per_s']:.1f} tokens/s; -> {row['first']!r}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

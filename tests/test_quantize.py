@@ -240,7 +240,7 @@ def test_failure_leaves_nothing_behind(artifacts, tmp_path, monkeypatch):
             raise TiDARError("step.onnx: injected failure")
         return real(kind, *args, **kwargs)
 
-    monkeypatch.setattr(quant, "quantize_graph", fail_on_step)
+    monkeypatch.setattr(quant.artifact, "quantize_graph", fail_on_step)  # where quantize_artifact looks it up
     with pytest.raises(TiDARError, match="injected"):
         quant.quantize_artifact(artifacts(TARGET), tmp_path / "q", "int8", prompts=[[3, 4, 5, 6]], samples=2,
                                 max_new_tokens=4)

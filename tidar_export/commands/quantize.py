@@ -53,8 +53,8 @@ def register(subparsers) -> None:
     p.add_argument("--keep-tables", action="store_true",
                    help="weight-only: leave the embedding table and the LM head in the exported precision")
     p.add_argument("--table-bits", type=int, choices=(4, 8),
-                   help="weight-only on target ort: bits of the embedding table and LM head (default: the "
-                        "precision's)")
+                   help="weight-only on target ort: bits of the embedding table and LM head (default: 8 for "
+                        "int4 --method minmax, else the precision's)")
     p.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="0..4",
                    help="weight-only on target ort: MatMulNBits accuracy_level (0/1: fp32 compute, the default; "
                         "4: int8 activations, faster)")
