@@ -200,7 +200,8 @@ def attach(model, acfg: AdapterConfig, tensors: dict[str, torch.Tensor] | None =
             for name, p in params.items():
                 t = tensors["embed_offset" if name.endswith("embed_offset") else name]
                 if tuple(t.shape) != tuple(p.shape):
-                    raise TiDARError(f"adapter tensor {name} has shape {tuple(t.shape)}, the model needs {tuple(p.shape)}")
+                    raise TiDARError(f"adapter tensor {name} has shape {tuple(t.shape)}, "
+                                     f"the model needs {tuple(p.shape)}")
                 if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                     raise TiDARError(f"adapter tensor {name} must hold finite floating-point values")
                 p.copy_(t)
