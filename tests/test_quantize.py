@@ -373,7 +373,7 @@ def test_block_quantize_round_trip_and_packing():
     back = quant.block_dequantize(codes, scales, 70)
     err = np.abs(back - w).reshape(5, -1)
     assert (err <= np.repeat(scales, 32, axis=1)[:, :70] / 2 + 1e-6).all()  # at most half a step
-    packed = quant._pack(codes, 4)
+    packed = quant.weight_only._pack(codes, 4)
     assert packed.shape == (5, 48)
     assert ((packed & 15).astype(np.int16) - 8 == codes[:, 0::2]).all()  # low nibble first, zero point 8
     assert ((packed >> 4).astype(np.int16) - 8 == codes[:, 1::2]).all()
