@@ -22,6 +22,7 @@ import numpy as np
 
 def main(argv=None) -> int:
     from tidar_runtime.backends.ort import OrtBackend
+    from tidar_runtime.contract import CACHE_LEN, ids_input
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("artifacts", nargs="+")
@@ -40,9 +41,9 @@ def main(argv=None) -> int:
             c[...] = rng.standard_normal(c.shape).astype(c.dtype)
         for kind in kinds:
             inputs = be._out[kind]["inputs"]
-            ids = "draft_ids" if kind == "step" else "input_ids"
+            ids = ids_input(kind)
             inputs[ids][...] = rng.integers(2, be.vocab_size, inputs[ids].shape)
-            inputs["cache_len"][...] = min(a.cache_len, be.max_len - inputs[ids].shape[1])
+            inputs[CACHE_LEN][...] = min(a.cache_len, be.max_len - inputs[ids].shape[1])
             sess, io = be.session(kind), be._binding(kind)
             for _ in range(50):
                 sess.run_with_iobinding(io)
