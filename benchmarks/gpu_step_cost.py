@@ -55,6 +55,7 @@ class GraphedTorchBackend:
         self.block_size = block_size
         self.proposals = normalize_proposals(block_size, proposals)
         self.max_len, self.max_batch, self.mask_token_id = max_len, 1, model.cfg.mask_token_id
+        self.vocab_size = model.cfg.vocab_size  # the Backend protocol: prompts are checked against it
         self.keys, self.values = model.new_cache(1, max_len, device=device)
         b = block_size
         self._masks = masks
