@@ -92,6 +92,6 @@ def test_repeated_layers_equal_the_whole_trace(loud, tmp_path, monkeypatch):
         for a in (art, whole):
             session = ort.InferenceSession(str(a / spec.file), providers=["CPUExecutionProvider"])
             outs.append(run_graph(session, {k: v.copy() for k, v in feeds.items()},
-                                  manifest.kv_update_of(kind) == "inplace"))
+                                  spec.kv_update == "inplace"))
         for name in outs[1]:
             np.testing.assert_array_equal(np.asarray(outs[0][name]), np.asarray(outs[1][name]), err_msg=f"{kind} {name}")
