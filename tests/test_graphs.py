@@ -361,7 +361,7 @@ def test_fuse_projections(name, tmp_path, monkeypatch):
     opts.log_severity_level = 3
     for kind in ("prefill", "step", "ar_step"):
         traced = ir.serde.serialize_model(trace(model, plan, kind))
-        lowered = tidar_graphs.lower(traced, "ort")
+        lowered = tidar_graphs.lower(traced, "ort", kind, plan.ar_step)  # as the exporter lowers it
         fired = json.loads({p.key: p.value for p in lowered.metadata_props}["tidar_graphs.passes"])
         assert fired["fuse_projections"] == L, (kind, fired)
         ops = _ops(lowered)
