@@ -278,7 +278,7 @@ def test_a_tokenizer_of_another_model_is_refused(art, tmp_path, capsys):
         assert "tokenizer.json does not match its digest" in one_line_error(capsys, argv)
     old = copy_art(art, tmp_path, "old")
     edit_manifest(old, lambda d: (d["tokenizer"].pop("blake2b"), d["tokenizer"].pop("vocab_size")))
-    vocab = json.loads((old / "manifest.json").read_text())["model"]["vocab_size"]
+    vocab = json.loads((old / "manifest.json").read_text())["dims"]["vocab"]
     _other_tokenizer(old / "tokenizer.json", vocab + 5)
     assert f"has a vocabulary of {vocab + 6} tokens" in one_line_error(
         capsys, ["generate", old, "--prompt-ids", "1,2"])
