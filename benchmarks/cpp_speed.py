@@ -62,17 +62,13 @@ def main() -> int:
     p.add_argument("--build", required=True, help="the folder cpp/build.sh built")
     p.add_argument("--workdir", required=True, help="folder for onnxruntime-genai's export")
     p.add_argument("--artifact", help="artifact of the demo model (default: the `tidar-export demo` cache)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--num-prompts", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", help="write the results here")
+    from peer_cpu import Peer, add_decode_flags, build_peer  # this folder's script (sys.path[0])
+
+    add_decode_flags(p)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import onnxruntime_genai as og
     from loop_overhead import loop_overhead
-    from peer_cpu import Peer, build_peer
 
     from tidar_export.bench.demo import default_artifact_dir, demo_model_path, ensure_demo_artifact
     from tidar_export.bench.measure import artifact_tokenizer, default_prompts, machine, spread

@@ -126,6 +126,16 @@ def agreement(outputs: dict[int, list[int]], ref: dict[int, list[int]]) -> dict:
     return {"equal_outputs": round(float(np.mean(equal)), 3), "mean_prefix": round(float(np.mean(prefix)), 3)}
 
 
+def add_decode_flags(p: argparse.ArgumentParser) -> None:
+    """The decode settings every peer comparison takes (this script's and cpp_speed.py's)."""
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="write the results here")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="folder for the peer's model and our export")
@@ -136,12 +146,7 @@ def main() -> int:
                    help="the peer's build (-p of its builder); set an int4 artifact of ours against int4")
     p.add_argument("--gguf", help="also decode this GGUF file with llama.cpp (llama-cpp-python)")
     p.add_argument("--ar-only", action="store_true", help="leave out our TiDAR decode")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--num-prompts", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", help="write the results here")
+    add_decode_flags(p)
     args = p.parse_args()
     try:
         import onnxruntime_genai as og
