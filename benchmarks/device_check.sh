@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Every GPU measurement of this project, in one run on one CUDA GPU (PyTorch with CUDA; no
-# TensorRT, no onnxruntime-gpu needed), in under 8 minutes:
+# TensorRT, no onnxruntime-gpu needed), in under 10 minutes:
 #
-#   1. curve  the step-cost curve of a Qwen2.5-1.5B-shaped bf16 model under CUDA graphs, widths
-#             1 (AR step) .. 272 (b = 16, dense proposals), plus the sparse proposal sets
-#             (benchmarks/gpu_step_cost.py --skip-demo)
-#   2. demo   the demo model's AR vs TiDAR tokens/s under CUDA graphs, at its own block size and
-#             b = 2, 4, 8 (benchmarks/gpu_step_cost.py, demo part only)
-#   3. cuda   the ctypes CUDA helper of the TensorRT/ORT-CUDA backends on the hardware: pinned
-#             round trip, strided 2-D copy, a captured graph replayed (tests/test_trt.py)
+#   1. curve     the step-cost curve of a Qwen2.5-1.5B-shaped bf16 model under CUDA graphs, widths
+#                1 (AR step) .. 272 (b = 16, dense proposals), plus the sparse proposal sets
+#                (benchmarks/gpu_step_cost.py --skip-demo)
+#   2. curve135  the same curve for the SmolLM2-135M shape (the model the project ships a draft
+#                adapter for), bf16, b = 2 .. 16 and the sparse sets of b = 2 and 3
+#   3. demo      the demo model's AR vs TiDAR tokens/s under CUDA graphs, at its own block size
+#                and b = 2, 4, 8 (benchmarks/gpu_step_cost.py, demo part only)
+#   4. cuda      the ctypes CUDA helper of the TensorRT/ORT-CUDA backends on the hardware: pinned
+#                round trip, strided 2-D copy, a captured graph replayed (tests/test_trt.py)
 #
 # Usage: benchmarks/device_check.sh [--dry-run] [OUT_DIR]      (OUT_DIR default: device-check-out)
 #
-# Each step has its own time limit (CURVE_S, DEMO_S, CUDA_S seconds; 300 + 120 + 60 by default)
+# Each step has its own time limit (CURVE_S, CURVE135_S, DEMO_S, CUDA_S seconds; 300 + 90 + 120 + 60
+# by default)
 # and a failed or timed-out step does not stop the others. OUT_DIR receives <step>.json,
 # <step>.md and <step>.log per step, and summary.json + summary.md: per step its status (ok,
 # failed, timeout, skipped), seconds, command and, when it did not pass, the last lines of its
@@ -45,12 +48,15 @@ trap '[ -n "$SHIM" ] && rm -rf "$SHIM"' EXIT
 
 if [ "$DRY" = 1 ]; then
     CURVE_ARGS=(--allow-cpu --preset tiny --dtype fp32 --max-len 64 --block-sizes 2-3 --sparse 4:1 --iters 2)
+    CURVE135_ARGS=(--allow-cpu --preset smollm2-135m --dtype fp32 --max-len 32 --block-sizes 2 --sparse 2:1 --iters 1)
     DEMO_ARGS=(--allow-cpu --num-prompts 1 --prompt-len 8 --max-new-tokens 8 --repeats 1 --demo-block-sizes 2)
-    CURVE_S="${CURVE_S:-120}"; DEMO_S="${DEMO_S:-120}"; CUDA_S="${CUDA_S:-120}"
+    CURVE_S="${CURVE_S:-120}"; CURVE135_S="${CURVE135_S:-120}"; DEMO_S="${DEMO_S:-120}"; CUDA_S="${CUDA_S:-120}"
 else
     CURVE_ARGS=(--preset qwen2.5-1.5b --dtype bf16 --max-len 2048 --block-sizes 2-16 --iters 50)
+    CURVE135_ARGS=(--preset smollm2-135m --dtype bf16 --max-len 2048 --block-sizes 2-16 --sparse 2:1 --sparse 3:1
+                   --sparse 3:1,2 --iters 50)
     DEMO_ARGS=(--demo-block-sizes 2,4,8,16 --num-prompts 8 --prompt-len 32 --max-new-tokens 96 --repeats 5)
-    CURVE_S="${CURVE_S:-300}"; DEMO_S="${DEMO_S:-120}"; CUDA_S="${CUDA_S:-60}"
+    CURVE_S="${CURVE_S:-300}"; CURVE135_S="${CURVE135_S:-90}"; DEMO_S="${DEMO_S:-120}"; CUDA_S="${CUDA_S:-60}"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
@@ -94,6 +100,8 @@ EOF
 
 run curve "$CURVE_S" "$PY" benchmarks/gpu_step_cost.py "${CURVE_ARGS[@]}" --skip-demo \
     --json "$OUT/curve.json" --markdown "$OUT/curve.md"
+run curve135 "$CURVE135_S" "$PY" benchmarks/gpu_step_cost.py "${CURVE135_ARGS[@]}" --skip-demo \
+    --json "$OUT/curve135.json" --markdown "$OUT/curve135.md"
 run demo "$DEMO_S" "$PY" benchmarks/gpu_step_cost.py "${DEMO_ARGS[@]}" --demo-only \
     --json "$OUT/demo.json" --markdown "$OUT/demo.md"
 if [ "$DRY" = 1 ]; then

@@ -102,7 +102,7 @@ def cmd_decode(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("init", help="write a randomly initialised checkpoint of a preset shape")
-    p.add_argument("--preset", default="tiny", help="tiny | qwen2.5-1.5b | qwen3-8b")
+    p.add_argument("--preset", default="tiny", help="tiny | qwen2.5-1.5b | smollm2-135m | qwen3-8b")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.add_argument("--block-size", type=int, help="TiDAR block size to record")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")

