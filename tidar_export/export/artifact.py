@@ -33,6 +33,7 @@ from tidar_runtime.contract import MANIFEST_FILE
 from tidar_runtime.paths import checkpoint_root, confined
 
 WEIGHTS_FILE = "weights.bin"
+BUILDERS = ("auto", "direct", "trace")  # how export_artifact makes the graphs (its `builder`)
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph (shapes, axes, small masks)
 
 
@@ -182,15 +183,6 @@ def _streamed_weights(source, weights: WeightFile, target: str):
         recipe = recipes.get(value.name)
         return None if recipe is None else relayered(recipe, k)
 
-    def _ir_tensor(t: torch.Tensor, transposed: bool):
-        if transposed:
-            t = t.t().contiguous()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return ir.Tensor(t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), dtype=ir.DataType.BFLOAT16)
-        return ir.Tensor(t.numpy())
-
     def prepare(model) -> None:
         g = model.graph
         for node in list(g):
@@ -224,6 +216,20 @@ def _streamed_weights(source, weights: WeightFile, target: str):
 
     prepare.layer_weight = layer_weight
     return prepare
+
+
+def _ir_tensor(t, transposed: bool = False):
+    """An onnx_ir tensor of the torch tensor `t` (transposed first where asked; bf16 through ml_dtypes)."""
+    import onnx_ir as ir
+    import torch
+
+    if transposed:
+        t = t.t().contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return ir.Tensor(t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), dtype=ir.DataType.BFLOAT16)
+    return ir.Tensor(t.numpy())
 
 
 def _traced_and_lowered(model, plan, kind: str, spec, source, weights: WeightFile):
@@ -270,6 +276,34 @@ def _lower(traced, plan, kind: str, weights: WeightFile):
     return tidar_graphs.lower(ir.serde.serialize_model(traced), plan.target, kind, plan.ar_step)
 
 
+def _use_direct(builder: str, cfg, plan, adapter, log) -> bool:
+    """Whether to build the graphs directly (`export_artifact`'s builder option)."""
+    from tidar_export.errors import TiDARError
+    from tidar_export.export.direct import unsupported
+
+    if builder not in BUILDERS:
+        raise TiDARError(f"unknown builder {builder!r}: choose one of {', '.join(BUILDERS)}")
+    if builder == "trace":
+        return False
+    why = unsupported(cfg, plan, adapter)
+    if why is not None and builder == "direct":
+        raise TiDARError(f"--builder direct does not cover this export: {why}")
+    if why is not None:
+        log(f"tracing the graphs: the direct builder does not cover {why}")
+    return why is None
+
+
+def _built(plan, kind: str, spec, dims: dict, cfg, source, weights: WeightFile):
+    """Graph `kind` built directly (tidar_export.export.direct), its weights in `weights` (a ModelProto)."""
+    import onnx_ir as ir
+
+    from tidar_export.export.direct import build_graph
+
+    graph = build_graph(kind, cfg, plan, spec, dims, source)
+    weights.externalize_ir(graph)
+    return ir.serde.serialize_model(graph)
+
+
 # --------------------------------------------------------------------------- artifact
 
 
@@ -282,11 +316,15 @@ def prepare_output(output: str | os.PathLike, force: bool = False, inputs=()) ->
 def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *, block_size: int | None = None,
                     proposals: Sequence[int] | None = None, target: str = "ort", precision: str = "fp32",
                     max_seq_len: int | None = None, max_batch: int = 1, mask_token_id: int | None = None,
-                    ar_step: str = "gqa", log=None, force: bool = False) -> Path:
+                    ar_step: str = "gqa", builder: str = "auto", log=None, force: bool = False) -> Path:
     """Export a checkpoint folder to an artifact directory (atomically: temp dir, then rename).
 
     An existing artifact directory at `output` is replaced; any other non-empty folder is refused
     unless `force` (fileio.prepare_output).
+
+    builder (BUILDERS): "direct" writes the graphs node by node (tidar_export.export.direct),
+    "trace" traces and lowers them, "auto" builds directly where the direct builder covers the
+    export and traces otherwise (one log line says why).
     """
     import dataclasses
 
@@ -306,17 +344,22 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     plan = make_plan(cfg, block_size, proposals, target, precision, max_seq_len, max_batch, ar_step)  # before loading
     model, source = open_streamed(checkpoint, block_size, mask_token_id, dtype=torch_dtype(plan.precision))
     manifest = plan.manifest(dataclasses.asdict(cfg))
+    direct = _use_direct(builder, cfg, plan, model.adapter, log)
 
     with staged_artifact(output, force) as (tmp, weights):
         opsets: dict[str, int] = {}
         for kind, spec in manifest.graphs.items():
             t0 = time.perf_counter()
-            lowered, how = _traced_and_lowered(model, plan, kind, spec, source, weights)
+            if direct:
+                lowered, how = _built(plan, kind, spec, manifest.dims, cfg, source, weights), "built directly"
+            else:
+                lowered, how = _traced_and_lowered(model, plan, kind, spec, source, weights)
+                how = f"traced and lowered ({how})"
             weights.externalize_proto(lowered)
             onnx.save_model(lowered, str(tmp / spec.file))
             opsets.update({imp.domain or "ai.onnx": imp.version for imp in lowered.opset_import})
             spec.bytes = (tmp / spec.file).stat().st_size
-            log(f"{kind}: traced and lowered for {target} in {time.perf_counter() - t0:.1f}s ({how})")
+            log(f"{kind}: {how} for {target} in {time.perf_counter() - t0:.1f}s")
         weights.close()
         for key, name in (("file", "tokenizer.json"), ("chat_template", CHAT_TEMPLATE_FILE)):
             src = confined(checkpoint, name, f"{checkpoint}: tokenizer", root=checkpoint_root(checkpoint))
@@ -325,7 +368,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
                 manifest.tokenizer[key] = name
         manifest.versions = {
             "tidar_export": tidar_export.__version__,
-            "exporter": "torch.onnx.export(dynamo=True)",
+            "exporter": "tidar_export.export.direct" if direct else "torch.onnx.export(dynamo=True)",
             "torch": torch.__version__.split("+")[0],
             "onnx": onnx.__version__,
             "onnx_ir": ir.__version__,
