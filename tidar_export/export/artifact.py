@@ -56,21 +56,37 @@ class WeightFile:
         self._f = open(path, "wb")
         self._offsets: dict[tuple, tuple[int, int]] = {}
         self._sources: dict[tuple, tuple[int, int]] = {}  # source_key of a streamed tensor -> (offset, length)
+        self._digest = hashlib.blake2b(digest_size=16)  # of every byte written: the manifest's digest
         self.size = 0
 
-    def add(self, dtype: int, shape: tuple[int, ...], data: np.ndarray) -> tuple[int, int]:
-        """Append the bytes of `data` unless already present; returns (offset, length)."""
+    def add(self, dtype: int, shape: tuple[int, ...], data: np.ndarray, source_key=None) -> tuple[int, int]:
+        """Append the bytes of `data` unless already present; returns (offset, length).
+
+        source_key: where a checkpoint tensor comes from; a tensor of 1 MiB or more with one is
+        known by it instead of a digest of its bytes (hashing every large weight twice, here and
+        for the manifest, cost seconds of an export)."""
         buf = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        key = (dtype, tuple(shape), hashlib.blake2b(buf, digest_size=20).digest())
+        large = buf.nbytes >= 1 << 20
+        content = ("source", source_key) if large and source_key is not None else \
+            hashlib.blake2b(buf, digest_size=20).digest()
+        key = (dtype, tuple(shape), content)
         if key not in self._offsets:
-            align = self.ALIGN_LARGE if buf.nbytes >= 1 << 20 else self.ALIGN
+            align = self.ALIGN_LARGE if large else self.ALIGN
             offset = -(-self.size // align) * align
             if offset > self.size:
-                self._f.write(b"\0" * (offset - self.size))
-            self._f.write(buf)
+                self._write(b"\0" * (offset - self.size))
+            self._write(buf)
             self.size = offset + buf.nbytes
             self._offsets[key] = (offset, buf.nbytes)
         return self._offsets[key]
+
+    def _write(self, data) -> None:
+        self._f.write(data)
+        self._digest.update(data)
+
+    def hexdigest(self) -> str:
+        """BLAKE2b-128 of the file as written so far (what `manifest.file_digest` reads back)."""
+        return self._digest.hexdigest()
 
     def externalize_ir(self, model) -> None:
         """Move every large initializer of an onnx_ir Model into the file (before lowering).
@@ -89,7 +105,7 @@ class WeightFile:
             if key is not None and key in self._sources:
                 offset, length = self._sources[key]
             else:
-                offset, length = self.add(t.dtype.value, tuple(t.shape.numpy()), t.numpy())
+                offset, length = self.add(t.dtype.value, tuple(t.shape.numpy()), t.numpy(), key)
                 if key is not None:
                     self._sources[key] = (offset, length)
             value.const_value = ir.ExternalTensor(str(self.path), offset, length, t.dtype, shape=t.shape,
@@ -393,7 +409,7 @@ def staged_artifact(output: str | os.PathLike, force: bool = False) -> Iterator[
     try:
         weights = WeightFile(tmp / WEIGHTS_FILE)
         yield tmp, weights
-        seal(tmp)
+        seal(tmp, weights.hexdigest())
         fileio.publish_dir(tmp, output, "artifact", force)
     except BaseException:
         if weights is not None:
@@ -402,9 +418,10 @@ def staged_artifact(output: str | os.PathLike, force: bool = False) -> Iterator[
         raise
 
 
-def seal(folder: Path) -> None:
+def seal(folder: Path, weights_digest: str | None = None) -> None:
     """Record the BLAKE2b digests of the graphs, weights, tokenizer and chat template (and the tokenizer's vocabulary size) in the manifest of a finished
-    artifact folder, and read it back through the full validation (`load_manifest`)."""
+    artifact folder, and read it back through the full validation (`load_manifest`).
+    weights_digest: the weights file's digest where the writer knows it (else it is read)."""
     from tidar_runtime.manifest import TOKENIZER_DIGESTS, Manifest, file_digest, load_manifest, read_json, sample_digest
 
     m = Manifest.from_dict(read_json(folder / MANIFEST_FILE))
@@ -412,7 +429,7 @@ def seal(folder: Path) -> None:
         g.digest = file_digest(folder / g.file)
     if m.weights:
         w = folder / m.weights["file"]
-        m.weights.update(bytes=w.stat().st_size, blake2b=file_digest(w), sample_blake2b=sample_digest(w))
+        m.weights.update(bytes=w.stat().st_size, blake2b=weights_digest or file_digest(w), sample_blake2b=sample_digest(w))
     for key, digest in TOKENIZER_DIGESTS.items():  # tokenizer.json, chat_template.jinja
         if m.tokenizer.get(key):
             m.tokenizer[digest] = file_digest(folder / m.tokenizer[key])

@@ -136,10 +136,18 @@ class DecoderLayer(nn.Module):
         return x, k, v
 
 
+def _embedding(vocab: int, width: int) -> nn.Embedding:
+    """nn.Embedding; on the meta device (the exporter's weightless model) without its random
+    init: a meta tensor holds no values, and that init imports torch._dynamo (2 s measured)."""
+    if torch.empty(0).device.type == "meta":
+        return nn.Embedding(vocab, width, _weight=torch.empty(vocab, width))
+    return nn.Embedding(vocab, width)
+
+
 class Backbone(nn.Module):
     def __init__(self, cfg: TiDARConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = _embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
