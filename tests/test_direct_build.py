@@ -4,7 +4,8 @@ Each supported config is exported twice from one tiny checkpoint, with builder="
 builder="direct"; the graphs must have the same bindings and give the same outputs in ONNX
 Runtime on the same inputs, and a greedy decode over either artifact gives the same tokens.
 - llama: tied embeddings, no biases, the AR step as GroupQueryAttention (head size 16)
-- qwen2: untied, q/k/v biases, the AR step with the step's Attention op (ar_step="attention")
+- qwen2: untied, q/k/v biases, a draft adapter (low-rank updates and the embedding offset on the
+  mask rows of layer 1), the AR step with the step's Attention op (ar_step="attention")
 What the builder does not cover is traced instead (the qwen3 case).
 """
 
@@ -13,20 +14,24 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from tests.conftest import random_model
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
 from tidar_export.export.artifact import export_artifact
+from tidar_export.model.adapter import AdapterConfig, attach
 from tidar_export.model.checkpoint import save_checkpoint
 from tidar_runtime import generate_ar_batch, generate_tidar_batch
 from tidar_runtime.backends.ort import OrtBackend
 from tidar_runtime.manifest import load_manifest
 
 MAX_SEQ_LEN, MAX_BATCH = 48, 2
-CONFIGS = {
-    "llama": ({"arch": "llama", "attention_bias": False, "tie_word_embeddings": True, "num_layers": 3}, {}),
-    "qwen2": ({"arch": "qwen2", "attention_bias": True, "num_layers": 3}, {"ar_step": "attention"}),
+CONFIGS = {  # name: (model config, draft adapter or None, export options)
+    "llama": ({"arch": "llama", "attention_bias": False, "tie_word_embeddings": True, "num_layers": 3}, None, {}),
+    "qwen2": ({"arch": "qwen2", "attention_bias": True, "num_layers": 3},
+              AdapterConfig(rank=2, layers=(1,), projections=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")),
+              {"ar_step": "attention"}),
 }
 PROMPTS = [[5, 17, 42, 9, 100, 7], list(range(30, 41))]
 
@@ -38,9 +43,14 @@ def exported(tmp_path_factory):
 
     def get(name):
         if name not in made:
-            overrides, options = CONFIGS[name]
+            overrides, adapter, options = CONFIGS[name]
             root = tmp_path_factory.mktemp(f"direct-{name}")
-            ckpt = save_checkpoint(random_model(seed=5, block_size=2, **overrides), root / "ckpt")
+            model = random_model(seed=5, block_size=2, **overrides)
+            if adapter is not None:
+                with torch.no_grad():
+                    for p in attach(model, adapter).parameters():
+                        p.normal_(std=0.3)  # a fresh adapter's updates are zero
+            ckpt = save_checkpoint(model, root / "ckpt")
             arts = [export_artifact(ckpt, root / builder, max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH,
                                     builder=builder, **options) for builder in ("trace", "direct")]
             made[name] = (ckpt, *arts)

@@ -292,7 +292,7 @@ def _lower(traced, plan, kind: str, weights: WeightFile):
     return tidar_graphs.lower(ir.serde.serialize_model(traced), plan.target, kind, plan.ar_step)
 
 
-def _use_direct(builder: str, cfg, plan, adapter, log) -> bool:
+def _use_direct(builder: str, cfg, plan, log) -> bool:
     """Whether to build the graphs directly (`export_artifact`'s builder option)."""
     from tidar_export.errors import TiDARError
     from tidar_export.export.direct import unsupported
@@ -301,7 +301,7 @@ def _use_direct(builder: str, cfg, plan, adapter, log) -> bool:
         raise TiDARError(f"unknown builder {builder!r}: choose one of {', '.join(BUILDERS)}")
     if builder == "trace":
         return False
-    why = unsupported(cfg, plan, adapter)
+    why = unsupported(cfg, plan)
     if why is not None and builder == "direct":
         raise TiDARError(f"--builder direct does not cover this export: {why}")
     if why is not None:
@@ -309,13 +309,13 @@ def _use_direct(builder: str, cfg, plan, adapter, log) -> bool:
     return why is None
 
 
-def _built(plan, kind: str, spec, dims: dict, cfg, source, weights: WeightFile):
+def _built(plan, kind: str, spec, dims: dict, model, source, weights: WeightFile):
     """Graph `kind` built directly (tidar_export.export.direct), its weights in `weights` (a ModelProto)."""
     import onnx_ir as ir
 
     from tidar_export.export.direct import build_graph
 
-    graph = build_graph(kind, cfg, plan, spec, dims, source)
+    graph = build_graph(kind, model.cfg, plan, spec, dims, source, model.adapter)
     weights.externalize_ir(graph)
     return ir.serde.serialize_model(graph)
 
@@ -360,14 +360,14 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     plan = make_plan(cfg, block_size, proposals, target, precision, max_seq_len, max_batch, ar_step)  # before loading
     model, source = open_streamed(checkpoint, block_size, mask_token_id, dtype=torch_dtype(plan.precision))
     manifest = plan.manifest(dataclasses.asdict(cfg))
-    direct = _use_direct(builder, cfg, plan, model.adapter, log)
+    direct = _use_direct(builder, cfg, plan, log)
 
     with staged_artifact(output, force) as (tmp, weights):
         opsets: dict[str, int] = {}
         for kind, spec in manifest.graphs.items():
             t0 = time.perf_counter()
             if direct:
-                lowered, how = _built(plan, kind, spec, manifest.dims, cfg, source, weights), "built directly"
+                lowered, how = _built(plan, kind, spec, manifest.dims, model, source, weights), "built directly"
             else:
                 lowered, how = _traced_and_lowered(model, plan, kind, spec, source, weights)
                 how = f"traced and lowered ({how})"

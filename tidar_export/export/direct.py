@@ -34,32 +34,31 @@ _DTYPES = {"int64": ir.DataType.INT64, "int32": ir.DataType.INT32, "float32": ir
            "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
 
-def unsupported(cfg, plan, adapter=None) -> str | None:
-    """Why this builder cannot make the graphs of `plan` for a model of config `cfg` (with the
-    draft adapter `adapter`, or None); None when it can."""
+def unsupported(cfg, plan) -> str | None:
+    """Why this builder cannot make the graphs of `plan` for a model of config `cfg`; None when it can."""
     if plan.target != "ort":
         return f"target {plan.target} (the direct builder makes ort graphs)"
     if plan.precision != "fp32":
         return f"precision {plan.precision} (the direct builder makes fp32 graphs)"
     if cfg.qk_norm:
         return "q/k normalization (qwen3)"
-    if adapter is not None:
-        return "a draft adapter"
     return None
 
 
-def build_graph(kind: str, cfg, plan, spec, dims: dict, source) -> ir.Model:
+def build_graph(kind: str, cfg, plan, spec, dims: dict, source, adapter=None) -> ir.Model:
     """Graph `kind` of `plan` (the manifest's graph entry `spec`, its `dims`), its weights lazy
-    reads of `source` (checkpoint.StreamedWeights)."""
+    reads of `source` (checkpoint.StreamedWeights); `adapter`: the model's draft adapter or None."""
     form = "prefill" if kind == "prefill" else "gqa" if plan.kv_update_of(kind) == "inplace" else "slice"
     b = _Builder(kind, cfg, spec, dims, source)
     if form == "prefill":
         ids, rows = b.prefill_inputs(plan.block_size)
+        draft_rows = plan.block_size  # the b mask rows after the prompt
     else:
-        ids, rows = b.cached_inputs(kind, plan, form)
+        ids, rows, draft_rows = b.cached_inputs(kind, plan, form)
     x = b.op("Gather", [b.weight(b.embedding_name), ids], "/model/embed_tokens/Gather", axis=0)
     for i in range(cfg.num_layers):
-        x = b.layer(i, x, form)
+        ad = adapter.for_layer(i) if adapter is not None and draft_rows > 0 else None
+        x = b.layer(i, x, form, _Adapted(b, ad, i, draft_rows) if ad is not None else None)
     b.head(x, rows)
     return b.model(form)
 
@@ -176,9 +175,10 @@ class _Builder:
                        "/Add_1")
         return ids, rows
 
-    def cached_inputs(self, kind: str, plan, form: str) -> tuple[ir.Value, ir.Value]:
-        """The ids of a pass over the cache (the given ids, then mask tokens), and its positions,
-        mask or GroupQueryAttention lengths, and output rows (tidar_export.model.masks)."""
+    def cached_inputs(self, kind: str, plan, form: str) -> tuple[ir.Value, ir.Value, int]:
+        """The ids of a pass over the cache (the given ids, then mask tokens), its positions, mask
+        or GroupQueryAttention lengths, output rows (tidar_export.model.masks), and the number
+        of its trailing mask rows (where a draft adapter acts)."""
         from tidar_export.model import masks
 
         in_step, offsets, out_rows = masks.step_pass(plan.block_size, plan.proposals) if kind == "step" \
@@ -195,7 +195,7 @@ class _Builder:
         rows = self.const("out_rows", out_rows.numpy().astype(i64))
         if form == "gqa":
             self.lengths = self._gqa_lengths(cache_len, S)
-            return ids, rows
+            return ids, rows, q - width
         committed = self.op("Unsqueeze", [cache_len, self.const("axis_1", np.array([1], i64))], "/Unsqueeze")  # [B, 1]
         positions = self.op("Add", [committed, self.const("offsets", offsets.numpy().astype(i64)[None])], "/Add")
         self.rotary = self._cos_sin(positions)
@@ -209,7 +209,7 @@ class _Builder:
                                      self.const("axis_3", np.array([3], i64))], "/used_cache/mask")
         step = self.const("in_step", np.broadcast_to(in_step.numpy(), (B, 1, q, q)).copy())
         self.mask = self.op("Concat", [in_cache, step], "/Concat_1", axis=-1)
-        return ids, rows
+        return ids, rows, q - width
 
     def _cos_sin(self, positions: ir.Value) -> tuple[ir.Value, ir.Value]:
         """cos and sin [B, T, hd/2] of the rotary angles positions * inv_freq, in float32."""
@@ -235,30 +235,36 @@ class _Builder:
 
     # ----------------------------------------------------------------------- the model
 
-    def layer(self, i: int, x: ir.Value, form: str) -> ir.Value:
-        """Decoder layer i: x + attention(norm(x)), then + mlp(norm(.)); its K/V to present.i.*."""
+    def layer(self, i: int, x: ir.Value, form: str, ad: "_Adapted | None" = None) -> ir.Value:
+        """Decoder layer i: x + attention(norm(x)), then + mlp(norm(.)); its K/V to present.i.*.
+        ad: the layer's draft adapter (its updates on the mask rows), or None."""
         module, scope = f"model.layers.{i}", f"/model/layers.{i}"
+        adapt = ad.update if ad is not None else (lambda name, x, y: y)
+        if ad is not None:
+            x = ad.offset(x)
         h = self.rms_norm(x, f"{module}.input_layernorm")
         attn = f"{module}.self_attn"
         qkv = self.linear(h, f"{attn}.qkv_proj", [f"{attn}.{p}_proj" for p in "qkv"])
-        if form == "gqa":
+        if form == "gqa":  # no adapter: the AR step has no mask rows
             a = self._group_query_attention(i, qkv, scope)
         else:
-            a = self._attention(i, qkv, scope, form)
-        x = self.op("Add", [x, self.linear(a, f"{attn}.o_proj")], f"{scope}/Add")
+            a = self._attention(i, qkv, scope, form, lambda name, y: adapt(name, h, y))
+        x = self.op("Add", [x, adapt("o_proj", a, self.linear(a, f"{attn}.o_proj"))], f"{scope}/Add")
         h = self.rms_norm(x, f"{module}.post_attention_layernorm")
-        gate = self.linear(h, f"{module}.mlp.gate_proj")
+        gate = adapt("gate_proj", h, self.linear(h, f"{module}.mlp.gate_proj"))
         silu = self.op("Mul", [gate, self.op("Sigmoid", [gate], f"{scope}/mlp/Sigmoid")], f"{scope}/mlp/Mul")
-        m = self.op("Mul", [silu, self.linear(h, f"{module}.mlp.up_proj")], f"{scope}/mlp/Mul_1")
-        return self.op("Add", [x, self.linear(m, f"{module}.mlp.down_proj")], f"{scope}/Add_1")
+        m = self.op("Mul", [silu, adapt("up_proj", h, self.linear(h, f"{module}.mlp.up_proj"))], f"{scope}/mlp/Mul_1")
+        return self.op("Add", [x, adapt("down_proj", m, self.linear(m, f"{module}.mlp.down_proj"))], f"{scope}/Add_1")
 
-    def _attention(self, i: int, qkv: ir.Value, scope: str, form: str) -> ir.Value:
+    def _attention(self, i: int, qkv: ir.Value, scope: str, form: str, adapt) -> ir.Value:
         """Opset-23 Attention of the rotated q over this pass's K/V (after the used cache slots
-        in a "slice" graph); the new K/V are the graph's present.i.* outputs."""
+        in a "slice" graph); the new K/V are the graph's present.i.* outputs. adapt(name, y):
+        projection `name`'s output y with the draft adapter's update."""
         cfg, i64, s = self.cfg, np.int64, f"{scope}/self_attn"
         H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, k, v = self.ops("Split", [qkv, self.const("qkv_split", np.array([H * hd, KV * hd, KV * hd], i64))],
                            f"{s}/qkv_proj/Split", [None] * 3, axis=-1)
+        q, k, v = (adapt(f"{name}_proj", y) for name, y in zip("qkv", (q, k, v)))
         heads = {"q": self.const("q_heads", np.array([0, -1, H, hd], i64)),
                  "kv": self.const("kv_heads", np.array([0, -1, KV, hd], i64))}
 
@@ -316,6 +322,52 @@ class _Builder:
         model = ir.Model(graph, ir_version=_ir_version(opsets), producer_name="tidar_export.direct")
         model.metadata_props["tidar_graphs.target"] = "ort"
         return model
+
+
+class _Adapted:
+    """A draft adapter's layer in a graph under construction: its low-rank updates and offset on
+    the last `rows` rows (dim 1), as tidar_export.model.adapter computes them in the traced graphs:
+    Concat(y[:, :-n], y[:, -n:] + (x[:, -n:] @ A^T) @ (scale * B^T))."""
+
+    def __init__(self, builder: _Builder, layer_adapter, i: int, rows: int):
+        self.b, self.ad, self.i, self.rows = builder, layer_adapter, i, rows
+
+    def _tensor(self, name: str, t) -> ir.Value:
+        return self.b.const(f"adapter.layers.{self.i}.{name}", t.detach().contiguous().numpy())
+
+    def _tail(self, y: ir.Value, fn, scope: str) -> ir.Value:
+        """y with fn applied to its last `rows` rows (adapter.on_tail)."""
+        b, i64 = self.b, np.int64
+        start, axis = b.const("draft_rows_start", np.array([-self.rows], i64)), b.const("axis_1", np.array([1], i64))
+        head = b.op("Slice", [y, b.const("zero_1d", np.array([0], i64)), start, axis], f"{scope}/Slice")
+        tail = b.op("Slice", [y, start, b.const("int64_max", np.array([np.iinfo(i64).max], i64)), axis],
+                    f"{scope}/Slice_1")
+        return b.op("Concat", [head, fn(tail)], f"{scope}/Concat", axis=1)
+
+    def update(self, name: str, x: ir.Value, y: ir.Value) -> ir.Value:
+        """y = projection `name` of x, plus its update on the mask rows (adapter.LayerAdapter.update)."""
+        lr = getattr(self.ad, name, None)
+        if lr is None:
+            return y
+        b, scope = self.b, f"/adapter/layers.{self.i}/{name}"
+        a = self._tensor(f"{name}.lora_A.T", lr.lora_A.t())
+        bt = self._tensor(f"{name}.lora_B.T.scaled", lr.lora_B.t() * lr.scale)
+
+        def add(tail):
+            x_tail = b.op("Slice", [x, b.const("draft_rows_start", None), b.const("int64_max", None),
+                                    b.const("axis_1", None)], f"{scope}/Slice_x")
+            low = b.op("MatMul", [b.op("MatMul", [x_tail, a], f"{scope}/MatMul"), bt], f"{scope}/MatMul_1")
+            return b.op("Add", [tail, low], f"{scope}/Add")
+
+        return self._tail(y, add, scope)
+
+    def offset(self, x: ir.Value) -> ir.Value:
+        """x plus the adapter's learned offset on the mask rows (its first layer only)."""
+        if self.ad.embed_offset is None:
+            return x
+        offset = self._tensor("embed_offset", self.ad.embed_offset)
+        scope = f"/adapter/layers.{self.i}/embed_offset"
+        return self._tail(x, lambda tail: self.b.op("Add", [tail, offset], f"{scope}/Add"), scope)
 
 
 def _binding(spec, dims: dict) -> ir.Value:
