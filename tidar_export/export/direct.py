@@ -30,6 +30,7 @@ from tidar_runtime.contract import CACHE_LEN, prefill_out_rows
 
 OPSET = 23  # the ort target's default-domain opset (tidar_graphs.get_target("ort").opset)
 MS_DOMAIN = "com.microsoft"
+PRECISIONS = ("fp32", "fp16")  # bf16: ONNX Runtime's CPU provider cannot run it, so nothing here could check it
 _DTYPES = {"int64": ir.DataType.INT64, "int32": ir.DataType.INT32, "float32": ir.DataType.FLOAT,
            "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
@@ -38,8 +39,8 @@ def unsupported(cfg, plan) -> str | None:
     """Why this builder cannot make the graphs of `plan` for a model of config `cfg`; None when it can."""
     if plan.target != "ort":
         return f"target {plan.target} (the direct builder makes ort graphs)"
-    if plan.precision != "fp32":
-        return f"precision {plan.precision} (the direct builder makes fp32 graphs)"
+    if plan.precision not in PRECISIONS:
+        return f"precision {plan.precision} (the direct builder makes {' and '.join(PRECISIONS)} graphs)"
     if cfg.qk_norm:
         return "q/k normalization (qwen3)"
     return None
@@ -49,7 +50,7 @@ def build_graph(kind: str, cfg, plan, spec, dims: dict, source, adapter=None) ->
     """Graph `kind` of `plan` (the manifest's graph entry `spec`, its `dims`), its weights lazy
     reads of `source` (checkpoint.StreamedWeights); `adapter`: the model's draft adapter or None."""
     form = "prefill" if kind == "prefill" else "gqa" if plan.kv_update_of(kind) == "inplace" else "slice"
-    b = _Builder(kind, cfg, spec, dims, source)
+    b = _Builder(kind, cfg, spec, dims, source, plan.kv_dtype)
     if form == "prefill":
         ids, rows = b.prefill_inputs(plan.block_size)
         draft_rows = plan.block_size  # the b mask rows after the prompt
@@ -89,8 +90,9 @@ class _Weight(ir.LazyTensor):
 class _Builder:
     """One graph under construction: its bindings, nodes (an onnx_ir tape) and initializers."""
 
-    def __init__(self, kind: str, cfg, spec, dims: dict, source):
+    def __init__(self, kind: str, cfg, spec, dims: dict, source, dtype: str):
         self.kind, self.cfg, self.source = kind, cfg, source
+        self.dtype = dtype  # of the weights, activations and cache ("float32", "float16")
         self.tape = ir.tape.Tape()
         self.inputs = [_binding(s, dims) for s in spec.inputs]
         self.outputs = [_binding(s, dims) for s in spec.outputs]
@@ -119,6 +121,20 @@ class _Builder:
         """A constant initializer (made once per name)."""
         if name not in self.initializers:
             tensor = ir.tensor(np.asarray(array), name=name)
+            self._register(ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor))
+        return self.initializers[name]
+
+    def float_const(self, name: str, t) -> ir.Value:
+        """A constant of the graph's float dtype from `t` (a torch tensor or a float32 array),
+        converted as torch converts it."""
+        import torch
+
+        from tidar_export.export.artifact import _ir_tensor
+
+        if name not in self.initializers:
+            t = torch.from_numpy(t) if isinstance(t, np.ndarray) else t.detach()
+            tensor = _ir_tensor(t.to(getattr(torch, self.dtype)).contiguous())
+            tensor.name = name
             self._register(ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor))
         return self.initializers[name]
 
@@ -216,7 +232,11 @@ class _Builder:
         angles = self.op("Mul", [self.op("Unsqueeze", [self.op("Cast", [positions], "/Cast", to=ir.DataType.FLOAT),
                                                         self.const("axis_2", np.array([2], np.int64))], "/Unsqueeze_3"),
                                  self.const("inv_freq", self._inv_freq())], "/Mul")
-        return self.op("Cos", [angles], "/Cos"), self.op("Sin", [angles], "/Sin")
+        cos, sin = self.op("Cos", [angles], "/Cos"), self.op("Sin", [angles], "/Sin")
+        if self.dtype == "float32":
+            return cos, sin
+        to = _DTYPES[self.dtype]
+        return self.op("Cast", [cos], "/Cast_cos", to=to), self.op("Cast", [sin], "/Cast_sin", to=to)
 
     def _inv_freq(self) -> np.ndarray:
         from tidar_export.model.transformer import inverse_frequencies
@@ -230,8 +250,8 @@ class _Builder:
         longest = self.op("ReduceMax", [seqlens], "/gqa/ReduceMax", keepdims=0)
         total = self.op("Add", [longest, self.const("gqa_one", np.array(1, np.int32))], "/gqa/total_sequence_length")
         angles = np.arange(slots, dtype=np.float32)[:, None] * self._inv_freq()[None, :]
-        return [seqlens, total, self.const("gqa_cos_cache", np.cos(angles).astype(np.float32)),
-                self.const("gqa_sin_cache", np.sin(angles).astype(np.float32))]
+        return [seqlens, total, self.float_const("gqa_cos_cache", np.cos(angles).astype(np.float32)),
+                self.float_const("gqa_sin_cache", np.sin(angles).astype(np.float32))]
 
     # ----------------------------------------------------------------------- the model
 
@@ -311,7 +331,11 @@ class _Builder:
                         perm=[1, 0])
         else:
             w = self.weight("lm_head.weight.T", ["lm_head.weight"], True)
-        logits = self.op("MatMul", [h, w], "/lm_head/MatMul", output=self.output["logits"])
+        if self.dtype == "float32":
+            logits = self.op("MatMul", [h, w], "/lm_head/MatMul", output=self.output["logits"])
+        else:  # float32 logits, whatever the model's dtype
+            logits = self.op("Cast", [self.op("MatMul", [h, w], "/lm_head/MatMul")], "/Cast_logits",
+                             output=self.output["logits"], to=ir.DataType.FLOAT)
         self.op("ArgMax", [logits], "/ArgMax", output=self.output["token_ids"], axis=-1, keepdims=0,
                 select_last_index=0)
 
@@ -333,7 +357,7 @@ class _Adapted:
         self.b, self.ad, self.i, self.rows = builder, layer_adapter, i, rows
 
     def _tensor(self, name: str, t) -> ir.Value:
-        return self.b.const(f"adapter.layers.{self.i}.{name}", t.detach().contiguous().numpy())
+        return self.b.float_const(f"adapter.layers.{self.i}.{name}", t)
 
     def _tail(self, y: ir.Value, fn, scope: str) -> ir.Value:
         """y with fn applied to its last `rows` rows (adapter.on_tail)."""
