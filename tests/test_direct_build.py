@@ -6,10 +6,12 @@ Runtime on the same inputs, and a greedy decode over either artifact gives the s
 - llama: tied embeddings, no biases, the AR step as GroupQueryAttention (head size 16)
 - qwen2: fp16, untied, q/k/v biases, a draft adapter (low-rank updates and the embedding offset
   on the mask rows of layer 1), the AR step with the step's Attention op (ar_step="attention")
-What the builder does not cover is traced instead (the qwen3 case).
+- qwen3: q/k norm, the AR step as GroupQueryAttention on q, k and v apart
+What the builder does not cover is traced instead (the bf16 case).
 """
 
 import json
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -32,6 +34,7 @@ CONFIGS = {  # name: (model config, draft adapter or None, export options)
     "qwen2": ({"arch": "qwen2", "attention_bias": True, "num_layers": 3},
               AdapterConfig(rank=2, layers=(1,), projections=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")),
               {"ar_step": "attention", "precision": "fp16"}),
+    "qwen3": ({"arch": "qwen3", "qk_norm": True, "attention_bias": False, "num_layers": 3}, None, {}),
 }
 PROMPTS = [[5, 17, 42, 9, 100, 7], list(range(30, 41))]
 
@@ -127,15 +130,15 @@ def test_direct_artifact_passes_check(exported, capsys):
 
 
 def test_uncovered_export_is_traced(tmp_path, capsys):
-    """q/k norm (qwen3) is not built directly: "auto" traces it and says why; "direct" refuses."""
-    ckpt = save_checkpoint(random_model(seed=1, arch="qwen3", qk_norm=True, attention_bias=False, num_layers=1,
-                                        block_size=2), tmp_path / "ckpt")
-    with pytest.raises(TiDARError, match="direct does not cover this export: q/k normalization"):
-        export_artifact(ckpt, tmp_path / "refused", max_seq_len=MAX_SEQ_LEN, builder="direct")
+    """bf16 is not built directly: "auto" traces it and says why; "direct" refuses."""
+    ckpt = save_checkpoint(random_model(seed=1, num_layers=1, block_size=2), tmp_path / "ckpt")
+    why = "precision bf16 (the direct builder makes fp32 and fp16 graphs)"
+    with pytest.raises(TiDARError, match=re.escape(f"direct does not cover this export: {why}")):
+        export_artifact(ckpt, tmp_path / "refused", max_seq_len=MAX_SEQ_LEN, precision="bf16", builder="direct")
     assert not (tmp_path / "refused").exists()
     lines = []
-    art = export_artifact(ckpt, tmp_path / "art", max_seq_len=MAX_SEQ_LEN, log=lines.append)
-    assert lines[0] == "tracing the graphs: the direct builder does not cover q/k normalization (qwen3)"
+    art = export_artifact(ckpt, tmp_path / "art", max_seq_len=MAX_SEQ_LEN, precision="bf16", log=lines.append)
+    assert lines[0] == f"tracing the graphs: the direct builder does not cover {why}"
     assert load_manifest(art).versions["exporter"] == "torch.onnx.export(dynamo=True)"
     assert all("traced and lowered" in line for line in lines[1:4]), lines
 

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
                         "artifacts to be quantized to int8/fp8, so that TiDAR == AR holds)")
     p.add_argument("--builder", choices=BUILDERS, default="auto",
                    help="how the graphs are made: direct (written node by node, seconds; the ort target "
-                        "in fp32 or fp16, without q/k norm), trace (torch.onnx, then the "
+                        "in fp32 or fp16), trace (torch.onnx, then the "
                         "lowering passes), auto (default: direct where it covers the export, else trace)")
     add_force_flag(p)
     p.set_defaults(func=cmd_export)

@@ -41,8 +41,6 @@ def unsupported(cfg, plan) -> str | None:
         return f"target {plan.target} (the direct builder makes ort graphs)"
     if plan.precision not in PRECISIONS:
         return f"precision {plan.precision} (the direct builder makes {' and '.join(PRECISIONS)} graphs)"
-    if cfg.qk_norm:
-        return "q/k normalization (qwen3)"
     return None
 
 
@@ -276,28 +274,39 @@ class _Builder:
         m = self.op("Mul", [silu, adapt("up_proj", h, self.linear(h, f"{module}.mlp.up_proj"))], f"{scope}/mlp/Mul_1")
         return self.op("Add", [x, adapt("down_proj", m, self.linear(m, f"{module}.mlp.down_proj"))], f"{scope}/Add_1")
 
-    def _attention(self, i: int, qkv: ir.Value, scope: str, form: str, adapt) -> ir.Value:
-        """Opset-23 Attention of the rotated q over this pass's K/V (after the used cache slots
-        in a "slice" graph); the new K/V are the graph's present.i.* outputs. adapt(name, y):
-        projection `name`'s output y with the draft adapter's update."""
+    def _heads(self, i: int, qkv: ir.Value, scope: str, adapt=None) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """q and k [B, T, N, hd] (each head normalized where the model has q/k norm) and v
+        [B, T, KV * hd] from the packed projection; adapt(name, y): projection `name`'s output y
+        with the draft adapter's update."""
         cfg, i64, s = self.cfg, np.int64, f"{scope}/self_attn"
         H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, k, v = self.ops("Split", [qkv, self.const("qkv_split", np.array([H * hd, KV * hd, KV * hd], i64))],
                            f"{s}/qkv_proj/Split", [None] * 3, axis=-1)
-        q, k, v = (adapt(f"{name}_proj", y) for name, y in zip("qkv", (q, k, v)))
-        heads = {"q": self.const("q_heads", np.array([0, -1, H, hd], i64)),
-                 "kv": self.const("kv_heads", np.array([0, -1, KV, hd], i64))}
+        if adapt is not None:
+            q, k, v = (adapt(f"{name}_proj", y) for name, y in zip("qkv", (q, k, v)))
+        q = self.op("Reshape", [q, self.const("q_heads", np.array([0, -1, H, hd], i64))], f"{s}/Reshape_0")
+        k = self.op("Reshape", [k, self.const("kv_heads", np.array([0, -1, KV, hd], i64))], f"{s}/Reshape_1")
+        if cfg.qk_norm:
+            q, k = (self.rms_norm(x, f"model.layers.{i}.self_attn.{name}_norm") for name, x in (("q", q), ("k", k)))
+        return q, k, v
 
-        def heads_first(x, shape, n, output=None):  # [B, T, N * hd] -> [B, N, T, hd]
-            return self.op("Transpose", [self.op("Reshape", [x, shape], f"{s}/Reshape_{n}")], f"{s}/Transpose_{n}",
-                           output=output, perm=[0, 2, 1, 3])
+    def _attention(self, i: int, qkv: ir.Value, scope: str, form: str, adapt) -> ir.Value:
+        """Opset-23 Attention of the rotated q over this pass's K/V (after the used cache slots
+        in a "slice" graph); the new K/V are the graph's present.i.* outputs. adapt: as `_heads`."""
+        cfg, i64, s = self.cfg, np.int64, f"{scope}/self_attn"
+        H, hd = cfg.num_heads, cfg.head_dim
+        q, k, v = self._heads(i, qkv, scope, adapt)
+        v = self.op("Reshape", [v, self.const("kv_heads", None)], f"{s}/Reshape_2")
+
+        def heads_first(x, n, output=None):  # [B, T, N, hd] -> [B, N, T, hd]
+            return self.op("Transpose", [x], f"{s}/Transpose_{n}", output=output, perm=[0, 2, 1, 3])
 
         cos, sin = self.rotary
         present_k, present_v = self.output[f"present.{i}.key"], self.output[f"present.{i}.value"]
-        q = self.op("RotaryEmbedding", [heads_first(q, heads["q"], 0), cos, sin], f"{s}/RotaryEmbedding", interleaved=0)
-        k = self.op("RotaryEmbedding", [heads_first(k, heads["kv"], 1), cos, sin], f"{s}/RotaryEmbedding_1",
+        q = self.op("RotaryEmbedding", [heads_first(q, 0), cos, sin], f"{s}/RotaryEmbedding", interleaved=0)
+        k = self.op("RotaryEmbedding", [heads_first(k, 1), cos, sin], f"{s}/RotaryEmbedding_1",
                     output=present_k, interleaved=0)
-        v = heads_first(v, heads["kv"], 2, output=present_v)
+        v = heads_first(v, 2, output=present_v)
         if form == "slice":
             past = [self.input[f"past_key_values.{i}.{t}"] for t in ("key", "value")]
             used = [self.op("Slice", [p, self.const("zero_1d", None), self.used, self.const("axis_2", None)],
@@ -309,12 +318,19 @@ class _Builder:
         return self.op("Reshape", [out, self.const("flat_heads", np.array([0, -1, H * hd], i64))], f"{s}/Reshape_3")
 
     def _group_query_attention(self, i: int, qkv: ir.Value, scope: str) -> ir.Value:
-        """ONNX Runtime's GroupQueryAttention on the packed q/k/v, rotating q and k itself and
-        writing the new K/V into the cache it shares with present.i.* (graphs/contrib.py)."""
+        """ONNX Runtime's GroupQueryAttention on the packed q/k/v (or, with q/k norm, q, k and v
+        apart, q and k normalized per head), rotating q and k itself and writing the new K/V into
+        the cache it shares with present.i.* (graphs/contrib.py)."""
         cfg = self.cfg
         past = [self.input[f"past_key_values.{i}.{t}"] for t in ("key", "value")]
         present = [self.output[f"present.{i}.{t}"] for t in ("key", "value")]
-        out, _, _ = self.ops("GroupQueryAttention", [qkv, None, None, *past, *self.lengths],
+        qkv = [qkv, None, None]
+        if cfg.qk_norm:
+            q, k, v = self._heads(i, qkv[0], scope)
+            flat = self.const("flat_heads_3d", np.array([0, 0, -1], np.int64))
+            qkv = [self.op("Reshape", [x, flat], f"{scope}/self_attn/{name}_norm/Reshape")
+                   for name, x in (("q", q), ("k", k))] + [v]
+        out, _, _ = self.ops("GroupQueryAttention", [*qkv, *past, *self.lengths],
                              f"{scope}/self_attn/GroupQueryAttention", [None, *present], domain=MS_DOMAIN,
                              num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1,
                              rotary_interleaved=0, scale=_scale(cfg.head_dim))
