@@ -116,10 +116,9 @@ class _Builder:
         return self.tape.op_multi_out(op_type, inputs, attrs or None, domain=domain, name=name, outputs=outs)
 
     def const(self, name: str, array) -> ir.Value:
-        """A constant initializer (made once per name)."""
+        """A constant initializer, made once per name (`array` None: the one made before)."""
         if name not in self.initializers:
-            tensor = ir.tensor(np.asarray(array), name=name)
-            self._register(ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor))
+            self._register(name, ir.tensor(np.asarray(array), name=name))
         return self.initializers[name]
 
     def float_const(self, name: str, t) -> ir.Value:
@@ -133,20 +132,19 @@ class _Builder:
             t = torch.from_numpy(t) if isinstance(t, np.ndarray) else t.detach()
             tensor = _ir_tensor(t.to(getattr(torch, self.dtype)).contiguous())
             tensor.name = name
-            self._register(ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor))
+            self._register(name, tensor)
         return self.initializers[name]
 
     def weight(self, name: str, parts: list[str] | None = None, transposed: bool = False) -> ir.Value:
         """The initializer `name`: checkpoint tensors `parts` (default: [name]), lazily read."""
         if name not in self.initializers:
-            tensor = _Weight(self.source, parts or [name], transposed, name)
-            self._register(ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor))
+            self._register(name, _Weight(self.source, parts or [name], transposed, name))
         return self.initializers[name]
 
     def linear(self, x: ir.Value, module: str, parts: list[str] | None = None) -> ir.Value:
         """x @ W^T (+ bias) of the checkpoint module `module` (`parts`: modules fused into it)."""
         parts = parts or [module]
-        scope = "/" + module.replace(".", "/").replace("layers/", "layers.")
+        scope = _scope(module)
         y = self.op("MatMul", [x, self.weight(f"{module}.weight.T", [f"{p}.weight" for p in parts], True)],
                     f"{scope}/MatMul")
         if f"{parts[0]}.bias" in self.source:
@@ -154,12 +152,13 @@ class _Builder:
         return y
 
     def rms_norm(self, x: ir.Value, module: str) -> ir.Value:
-        scope = "/" + module.replace(".", "/").replace("layers/", "layers.")
-        return self.op("RMSNormalization", [x, self.weight(f"{module}.weight")], f"{scope}/RMSNormalization",
+        """Opset-23 RMSNormalization over the last axis with the weight of norm `module`."""
+        return self.op("RMSNormalization", [x, self.weight(f"{module}.weight")], f"{_scope(module)}/RMSNormalization",
                        axis=-1, epsilon=float(self.cfg.rms_norm_eps), stash_type=1)
 
-    def _register(self, value: ir.Value) -> None:
-        self.initializers[value.name] = value
+    def _register(self, name: str, tensor: ir.TensorProtocol) -> None:
+        self.initializers[name] = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
+                                           const_value=tensor)
 
     # ----------------------------------------------------------------------- graph inputs
 
@@ -417,6 +416,11 @@ def _binding(spec, dims: dict) -> ir.Value:
         value = want if isinstance(want, int) else dims[want]
         shape.append(ir.SymbolicDim(want) if value is None else value)
     return ir.Value(name=spec.name, shape=ir.Shape(shape), type=ir.TensorType(_DTYPES[spec.dtype]))
+
+
+def _scope(module: str) -> str:
+    """The node scope of a checkpoint module, as the tracer names it ("model.layers.0.mlp" -> "/model/layers.0/mlp")."""
+    return "/" + module.replace(".", "/").replace("layers/", "layers.")
 
 
 def _scale(head_dim: int) -> float:
