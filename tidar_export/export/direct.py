@@ -108,11 +108,13 @@ class _Builder:
     def op(self, op_type: str, inputs, name: str, output: str | ir.Value | None = None, domain: str = "", **attrs):
         """Append one node; its output is named `output` (a name, or a binding's Value) or after the node."""
         out = output if isinstance(output, ir.Value) else ir.Value(name=output or f"{name}_output_0")
+        _typed([out], op_type, inputs, attrs)
         return self.tape.op(op_type, inputs, attrs or None, domain=domain, name=name, output=out)
 
     def ops(self, op_type: str, inputs, name: str, outputs: list, domain: str = "", **attrs):
         """Append one node of several outputs (names or bindings' Values, as `op`)."""
         outs = [o if isinstance(o, ir.Value) else ir.Value(name=o or f"{name}_output_{i}") for i, o in enumerate(outputs)]
+        _typed(outs, op_type, inputs, attrs)
         return self.tape.op_multi_out(op_type, inputs, attrs or None, domain=domain, name=name, outputs=outs)
 
     def const(self, name: str, array) -> ir.Value:
@@ -407,6 +409,26 @@ class _Adapted:
         offset = self._tensor("embed_offset", self.ad.embed_offset)
         scope = f"/adapter/layers.{self.i}/embed_offset"
         return self._tail(x, lambda tail: self.b.op("Add", [tail, offset], f"{scope}/Add"), scope)
+
+
+_BOOL_OPS = ("Less", "LessOrEqual", "GreaterOrEqual", "Or")
+
+
+def _typed(outputs: list[ir.Value], op_type: str, inputs, attrs: dict) -> None:
+    """Give a node's untyped outputs their element type (the graph then records every value's
+    type, as a traced graph does, for tools that read it: `tidar-export compare --localize`).
+    Every node here yields its first input's type, except these."""
+    if op_type in ("Shape", "ArgMax"):
+        dtype = ir.DataType.INT64
+    elif op_type == "Cast":
+        dtype = ir.DataType(attrs["to"])
+    elif op_type in _BOOL_OPS:
+        dtype = ir.DataType.BOOL
+    else:
+        dtype = inputs[0].dtype
+    for out in outputs:
+        if out.dtype is None:
+            out.dtype = dtype
 
 
 def _binding(spec, dims: dict) -> ir.Value:
