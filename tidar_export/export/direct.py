@@ -372,17 +372,26 @@ class _Adapted:
 
     def __init__(self, builder: _Builder, layer_adapter, i: int, rows: int):
         self.b, self.ad, self.i, self.rows = builder, layer_adapter, i, rows
+        self._last: dict[int, ir.Value] = {}  # id(value) -> its last `rows` rows (one Slice per value)
 
     def _tensor(self, name: str, t) -> ir.Value:
         return self.b.float_const(f"adapter.layers.{self.i}.{name}", t)
 
+    def _last_rows(self, y: ir.Value, name: str) -> ir.Value:
+        """y[:, -rows:], sliced once per value."""
+        if id(y) not in self._last:
+            b, i64 = self.b, np.int64
+            self._last[id(y)] = b.op("Slice", [y, b.const("draft_rows_start", np.array([-self.rows], i64)),
+                                               b.const("int64_max", np.array([np.iinfo(i64).max], i64)),
+                                               b.const("axis_1", np.array([1], i64))], name)
+        return self._last[id(y)]
+
     def _tail(self, y: ir.Value, fn, scope: str) -> ir.Value:
         """y with fn applied to its last `rows` rows (adapter.on_tail)."""
-        b, i64 = self.b, np.int64
-        start, axis = b.const("draft_rows_start", np.array([-self.rows], i64)), b.const("axis_1", np.array([1], i64))
-        head = b.op("Slice", [y, b.const("zero_1d", np.array([0], i64)), start, axis], f"{scope}/Slice")
-        tail = b.op("Slice", [y, start, b.const("int64_max", np.array([np.iinfo(i64).max], i64)), axis],
-                    f"{scope}/Slice_1")
+        b = self.b
+        tail = self._last_rows(y, f"{scope}/Slice_1")
+        head = b.op("Slice", [y, b.const("zero_1d", np.array([0], np.int64)), b.const("draft_rows_start", None),
+                              b.const("axis_1", None)], f"{scope}/Slice")
         return b.op("Concat", [head, fn(tail)], f"{scope}/Concat", axis=1)
 
     def update(self, name: str, x: ir.Value, y: ir.Value) -> ir.Value:
@@ -395,8 +404,7 @@ class _Adapted:
         bt = self._tensor(f"{name}.lora_B.T.scaled", lr.lora_B.t() * lr.scale)
 
         def add(tail):
-            x_tail = b.op("Slice", [x, b.const("draft_rows_start", None), b.const("int64_max", None),
-                                    b.const("axis_1", None)], f"{scope}/Slice_x")
+            x_tail = self._last_rows(x, f"{scope}/Slice_x")
             low = b.op("MatMul", [b.op("MatMul", [x_tail, a], f"{scope}/MatMul"), bt], f"{scope}/MatMul_1")
             return b.op("Add", [tail, low], f"{scope}/Add")
 
