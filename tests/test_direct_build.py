@@ -7,7 +7,8 @@ Runtime on the same inputs, and a greedy decode over either artifact gives the s
 - qwen2: fp16, untied, q/k/v biases, a draft adapter (low-rank updates and the embedding offset
   on the mask rows of layer 1), the AR step with the step's Attention op (ar_step="attention")
 - qwen3: q/k norm, the AR step as GroupQueryAttention on q, k and v apart
-What the builder does not cover is traced instead (the bf16 case).
+bf16, which ONNX Runtime's CPU provider cannot run, is compared by structure and weights.
+What the builder does not cover is traced instead (the TensorRT targets).
 """
 
 import json
@@ -129,15 +130,40 @@ def test_direct_artifact_passes_check(exported, capsys):
     assert manifest.versions["exporter"] == "tidar_export.export.direct"
 
 
+def test_bf16_graphs_have_the_traced_structure_and_weights(tmp_path):
+    """bf16 graphs (ONNX Runtime's CPU provider has no bf16 kernels, so no outputs to compare):
+    the traced graphs' bindings, compute operators, casts, and weights byte for byte."""
+    import onnx
+
+    ckpt = save_checkpoint(random_model(seed=2, arch="llama", attention_bias=False, num_layers=1, block_size=2),
+                           tmp_path / "ckpt")
+    arts = [export_artifact(ckpt, tmp_path / builder, max_seq_len=MAX_SEQ_LEN, precision="bf16", builder=builder)
+            for builder in ("trace", "direct")]
+    compute = {"MatMul", "Gather", "RMSNormalization", "RotaryEmbedding", "Attention", "GroupQueryAttention",
+               "Sigmoid", "Mul", "Add", "Split", "ArgMax", "Cos", "Sin"}
+    for kind in ("prefill", "step", "ar_step"):
+        traced, direct = (onnx.load(str(a / f"{kind}.onnx")) for a in arts)  # with the weights
+        for ends in ("input", "output"):
+            want = [(v.name, v.type.SerializeToString()) for v in getattr(traced.graph, ends)]
+            assert [(v.name, v.type.SerializeToString()) for v in getattr(direct.graph, ends)] == want, (kind, ends)
+        ops = [sorted((n.op_type, [a.i for a in n.attribute if a.name == "to"]) for n in m.graph.node
+                      if n.op_type in compute or n.op_type == "Cast") for m in (traced, direct)]
+        assert ops[0] == ops[1], kind
+        # every bf16 tensor: weights and tables (the traced graphs share equal ones: compared as sets)
+        weights = [{(t.data_type, tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes()) for t in m.graph.initializer
+                    if t.data_type == onnx.TensorProto.BFLOAT16} for m in (traced, direct)]
+        assert weights[0] == weights[1], kind
+
+
 def test_uncovered_export_is_traced(tmp_path, capsys):
-    """bf16 is not built directly: "auto" traces it and says why; "direct" refuses."""
+    """A TensorRT target is not built directly: "auto" traces it and says why; "direct" refuses."""
     ckpt = save_checkpoint(random_model(seed=1, num_layers=1, block_size=2), tmp_path / "ckpt")
-    why = "precision bf16 (the direct builder makes fp32 and fp16 graphs)"
+    why = "target trt-10.3 (the direct builder makes ort graphs)"
     with pytest.raises(TiDARError, match=re.escape(f"direct does not cover this export: {why}")):
-        export_artifact(ckpt, tmp_path / "refused", max_seq_len=MAX_SEQ_LEN, precision="bf16", builder="direct")
+        export_artifact(ckpt, tmp_path / "refused", max_seq_len=MAX_SEQ_LEN, target="trt-10.3", builder="direct")
     assert not (tmp_path / "refused").exists()
     lines = []
-    art = export_artifact(ckpt, tmp_path / "art", max_seq_len=MAX_SEQ_LEN, precision="bf16", log=lines.append)
+    art = export_artifact(ckpt, tmp_path / "art", max_seq_len=MAX_SEQ_LEN, target="trt-10.3", log=lines.append)
     assert lines[0] == f"tracing the graphs: the direct builder does not cover {why}"
     assert load_manifest(art).versions["exporter"] == "torch.onnx.export(dynamo=True)"
     assert all("traced and lowered" in line for line in lines[1:4]), lines

@@ -36,8 +36,8 @@ def register(subparsers) -> None:
                         "head size a multiple of 16) or with the step's Attention op (attention: for "
                         "artifacts to be quantized to int8/fp8, so that TiDAR == AR holds)")
     p.add_argument("--builder", choices=BUILDERS, default="auto",
-                   help="how the graphs are made: direct (written node by node, seconds; the ort target "
-                        "in fp32 or fp16), trace (torch.onnx, then the "
-                        "lowering passes), auto (default: direct where it covers the export, else trace)")
+                   help="how the graphs are made: direct (written node by node, seconds; the ort target), "
+                        "trace (torch.onnx, then the lowering passes), auto (default: direct where it covers "
+                        "the export, else trace)")
     add_force_flag(p)
     p.set_defaults(func=cmd_export)

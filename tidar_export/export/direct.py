@@ -30,7 +30,7 @@ from tidar_runtime.contract import CACHE_LEN, prefill_out_rows
 
 OPSET = 23  # the ort target's default-domain opset (tidar_graphs.get_target("ort").opset)
 MS_DOMAIN = "com.microsoft"
-PRECISIONS = ("fp32", "fp16")  # bf16: ONNX Runtime's CPU provider cannot run it, so nothing here could check it
+PRECISIONS = ("fp32", "fp16", "bf16")
 _DTYPES = {"int64": ir.DataType.INT64, "int32": ir.DataType.INT32, "float32": ir.DataType.FLOAT,
            "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
