@@ -2,7 +2,8 @@
 
     manifest.json   prefill.onnx   step.onnx   ar_step.onnx   weights.bin   [tokenizer.json]   [chat_template.jinja]
 
-The three graphs are traced by tidar_export.export.tracing and lowered for the target by
+The three graphs are built directly for the ort target (tidar_export.export.direct; the
+`builder` option), else traced by tidar_export.export.tracing and lowered for the target by
 `tidar_graphs.lower`, each from the model's first two layers, whose last layer is then repeated
 for the others (tidar_export.export.layers; a graph it does not recognise is traced whole). Weights: every initializer of at least EXTERNAL_MIN_BYTES goes to
 weights.bin, once per distinct content (the three graphs point at the same offsets), so models
