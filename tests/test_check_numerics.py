@@ -33,7 +33,8 @@ def loud(tmp_path_factory):
     with torch.no_grad():
         model.model.norm.weight.mul_(3e3)
     ckpt = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "loud")
-    art = export_artifact(ckpt, tmp_path_factory.mktemp("art") / "art", max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH)
+    art = export_artifact(ckpt, tmp_path_factory.mktemp("art") / "art", max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH,
+                          builder="trace")  # traced: test_repeated_layers_equal_the_whole_trace compares traces
     return ckpt, art
 
 
@@ -74,7 +75,7 @@ def test_repeated_layers_equal_the_whole_trace(loud, tmp_path, monkeypatch):
         raise layers.CannotRepeat("test: trace the whole model")
 
     monkeypatch.setattr(layers, "repeat_last_layer", refuse)
-    whole = export_artifact(ckpt, tmp_path / "whole", max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH)
+    whole = export_artifact(ckpt, tmp_path / "whole", max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH, builder="trace")
     manifest = load_manifest(art)
     rng = np.random.default_rng(0)
     import onnxruntime as ort

@@ -344,7 +344,7 @@ def test_failure_mid_export_keeps_the_old_artifact_and_no_temp(artifacts, checkp
 
     monkeypatch.setattr(tidar_graphs, "lower", failing_lower)
     with pytest.raises(RuntimeError, match="lowering failed"):
-        export_artifact(checkpoint, out, max_seq_len=MAX_SEQ_LEN)
+        export_artifact(checkpoint, out, max_seq_len=MAX_SEQ_LEN, builder="trace")
     assert sorted(p.name for p in out.iterdir()) == before
     assert _leftovers(tmp_path, "art") == ["art"]  # no ".art.*" temp directory left
     assert (out / WEIGHTS_FILE).read_bytes() == (artifacts("ort") / WEIGHTS_FILE).read_bytes()

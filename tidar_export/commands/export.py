@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tidar_export.export.artifact import export_artifact, print_written
+from tidar_export.export.artifact import BUILDERS, export_artifact, print_written
 
 
 def cmd_export(args) -> int:
@@ -12,7 +12,7 @@ def cmd_export(args) -> int:
     out = export_artifact(args.checkpoint, args.output, block_size=args.block_size, proposals=args.proposals,
                           target=args.target, precision=args.dtype, max_seq_len=args.max_seq_len,
                           max_batch=args.max_batch, mask_token_id=args.mask_token_id, ar_step=args.ar_step,
-                          log=print, force=args.force)
+                          builder=args.builder, log=print, force=args.force)
     print_written(args.target, out, t0)
     return 0
 
@@ -35,5 +35,9 @@ def register(subparsers) -> None:
                    help="ort target: the AR step as ONNX Runtime's GroupQueryAttention (gqa, default; "
                         "head size a multiple of 16) or with the step's Attention op (attention: for "
                         "artifacts to be quantized to int8/fp8, so that TiDAR == AR holds)")
+    p.add_argument("--builder", choices=BUILDERS, default="auto",
+                   help="how the graphs are made: direct (written node by node, seconds; the ort target), "
+                        "trace (torch.onnx, then the lowering passes), auto (default: direct where it covers "
+                        "the export, else trace)")
     add_force_flag(p)
     p.set_defaults(func=cmd_export)

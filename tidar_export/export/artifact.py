@@ -2,7 +2,8 @@
 
     manifest.json   prefill.onnx   step.onnx   ar_step.onnx   weights.bin   [tokenizer.json]   [chat_template.jinja]
 
-The three graphs are traced by tidar_export.export.tracing and lowered for the target by
+The three graphs are built directly for the ort target (tidar_export.export.direct; the
+`builder` option), else traced by tidar_export.export.tracing and lowered for the target by
 `tidar_graphs.lower`, each from the model's first two layers, whose last layer is then repeated
 for the others (tidar_export.export.layers; a graph it does not recognise is traced whole). Weights: every initializer of at least EXTERNAL_MIN_BYTES goes to
 weights.bin, once per distinct content (the three graphs point at the same offsets), so models
@@ -33,6 +34,7 @@ from tidar_runtime.contract import MANIFEST_FILE
 from tidar_runtime.paths import checkpoint_root, confined
 
 WEIGHTS_FILE = "weights.bin"
+BUILDERS = ("auto", "direct", "trace")  # how export_artifact makes the graphs (its `builder`)
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph (shapes, axes, small masks)
 
 
@@ -55,21 +57,37 @@ class WeightFile:
         self._f = open(path, "wb")
         self._offsets: dict[tuple, tuple[int, int]] = {}
         self._sources: dict[tuple, tuple[int, int]] = {}  # source_key of a streamed tensor -> (offset, length)
+        self._digest = hashlib.blake2b(digest_size=16)  # of every byte written: the manifest's digest
         self.size = 0
 
-    def add(self, dtype: int, shape: tuple[int, ...], data: np.ndarray) -> tuple[int, int]:
-        """Append the bytes of `data` unless already present; returns (offset, length)."""
+    def add(self, dtype: int, shape: tuple[int, ...], data: np.ndarray, source_key=None) -> tuple[int, int]:
+        """Append the bytes of `data` unless already present; returns (offset, length).
+
+        source_key: where a checkpoint tensor comes from; a tensor of 1 MiB or more with one is
+        known by it instead of a digest of its bytes (hashing every large weight twice, here and
+        for the manifest, cost seconds of an export)."""
         buf = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        key = (dtype, tuple(shape), hashlib.blake2b(buf, digest_size=20).digest())
+        large = buf.nbytes >= 1 << 20
+        content = ("source", source_key) if large and source_key is not None else \
+            hashlib.blake2b(buf, digest_size=20).digest()
+        key = (dtype, tuple(shape), content)
         if key not in self._offsets:
-            align = self.ALIGN_LARGE if buf.nbytes >= 1 << 20 else self.ALIGN
+            align = self.ALIGN_LARGE if large else self.ALIGN
             offset = -(-self.size // align) * align
             if offset > self.size:
-                self._f.write(b"\0" * (offset - self.size))
-            self._f.write(buf)
+                self._write(b"\0" * (offset - self.size))
+            self._write(buf)
             self.size = offset + buf.nbytes
             self._offsets[key] = (offset, buf.nbytes)
         return self._offsets[key]
+
+    def _write(self, data) -> None:
+        self._f.write(data)
+        self._digest.update(data)
+
+    def hexdigest(self) -> str:
+        """BLAKE2b-128 of the file as written so far (what `manifest.file_digest` reads back)."""
+        return self._digest.hexdigest()
 
     def externalize_ir(self, model) -> None:
         """Move every large initializer of an onnx_ir Model into the file (before lowering).
@@ -88,7 +106,7 @@ class WeightFile:
             if key is not None and key in self._sources:
                 offset, length = self._sources[key]
             else:
-                offset, length = self.add(t.dtype.value, tuple(t.shape.numpy()), t.numpy())
+                offset, length = self.add(t.dtype.value, tuple(t.shape.numpy()), t.numpy(), key)
                 if key is not None:
                     self._sources[key] = (offset, length)
             value.const_value = ir.ExternalTensor(str(self.path), offset, length, t.dtype, shape=t.shape,
@@ -182,15 +200,6 @@ def _streamed_weights(source, weights: WeightFile, target: str):
         recipe = recipes.get(value.name)
         return None if recipe is None else relayered(recipe, k)
 
-    def _ir_tensor(t: torch.Tensor, transposed: bool):
-        if transposed:
-            t = t.t().contiguous()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return ir.Tensor(t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), dtype=ir.DataType.BFLOAT16)
-        return ir.Tensor(t.numpy())
-
     def prepare(model) -> None:
         g = model.graph
         for node in list(g):
@@ -224,6 +233,20 @@ def _streamed_weights(source, weights: WeightFile, target: str):
 
     prepare.layer_weight = layer_weight
     return prepare
+
+
+def _ir_tensor(t, transposed: bool = False):
+    """An onnx_ir tensor of the torch tensor `t` (transposed first where asked; bf16 through ml_dtypes)."""
+    import onnx_ir as ir
+    import torch
+
+    if transposed:
+        t = t.t().contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return ir.Tensor(t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), dtype=ir.DataType.BFLOAT16)
+    return ir.Tensor(t.numpy())
 
 
 def _traced_and_lowered(model, plan, kind: str, spec, source, weights: WeightFile):
@@ -270,6 +293,34 @@ def _lower(traced, plan, kind: str, weights: WeightFile):
     return tidar_graphs.lower(ir.serde.serialize_model(traced), plan.target, kind, plan.ar_step)
 
 
+def _use_direct(builder: str, cfg, plan, log) -> bool:
+    """Whether to build the graphs directly (`export_artifact`'s builder option)."""
+    from tidar_export.errors import TiDARError
+    from tidar_export.export.direct import unsupported
+
+    if builder not in BUILDERS:
+        raise TiDARError(f"unknown builder {builder!r}: choose one of {', '.join(BUILDERS)}")
+    if builder == "trace":
+        return False
+    why = unsupported(cfg, plan)
+    if why is not None and builder == "direct":
+        raise TiDARError(f"--builder direct does not cover this export: {why}")
+    if why is not None:
+        log(f"tracing the graphs: the direct builder does not cover {why}")
+    return why is None
+
+
+def _built(plan, kind: str, spec, dims: dict, model, source, weights: WeightFile):
+    """Graph `kind` built directly (tidar_export.export.direct), its weights in `weights` (a ModelProto)."""
+    import onnx_ir as ir
+
+    from tidar_export.export.direct import build_graph
+
+    graph = build_graph(kind, model.cfg, plan, spec, dims, source, model.adapter)
+    weights.externalize_ir(graph)
+    return ir.serde.serialize_model(graph)
+
+
 # --------------------------------------------------------------------------- artifact
 
 
@@ -282,11 +333,15 @@ def prepare_output(output: str | os.PathLike, force: bool = False, inputs=()) ->
 def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *, block_size: int | None = None,
                     proposals: Sequence[int] | None = None, target: str = "ort", precision: str = "fp32",
                     max_seq_len: int | None = None, max_batch: int = 1, mask_token_id: int | None = None,
-                    ar_step: str = "gqa", log=None, force: bool = False) -> Path:
+                    ar_step: str = "gqa", builder: str = "auto", log=None, force: bool = False) -> Path:
     """Export a checkpoint folder to an artifact directory (atomically: temp dir, then rename).
 
     An existing artifact directory at `output` is replaced; any other non-empty folder is refused
     unless `force` (fileio.prepare_output).
+
+    builder (BUILDERS): "direct" writes the graphs node by node (tidar_export.export.direct),
+    "trace" traces and lowers them, "auto" builds directly where the direct builder covers the
+    export and traces otherwise (one log line says why).
     """
     import dataclasses
 
@@ -306,17 +361,22 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     plan = make_plan(cfg, block_size, proposals, target, precision, max_seq_len, max_batch, ar_step)  # before loading
     model, source = open_streamed(checkpoint, block_size, mask_token_id, dtype=torch_dtype(plan.precision))
     manifest = plan.manifest(dataclasses.asdict(cfg))
+    direct = _use_direct(builder, cfg, plan, log)
 
     with staged_artifact(output, force) as (tmp, weights):
         opsets: dict[str, int] = {}
         for kind, spec in manifest.graphs.items():
             t0 = time.perf_counter()
-            lowered, how = _traced_and_lowered(model, plan, kind, spec, source, weights)
+            if direct:
+                lowered, how = _built(plan, kind, spec, manifest.dims, model, source, weights), "built directly"
+            else:
+                lowered, how = _traced_and_lowered(model, plan, kind, spec, source, weights)
+                how = f"traced and lowered ({how})"
             weights.externalize_proto(lowered)
             onnx.save_model(lowered, str(tmp / spec.file))
             opsets.update({imp.domain or "ai.onnx": imp.version for imp in lowered.opset_import})
             spec.bytes = (tmp / spec.file).stat().st_size
-            log(f"{kind}: traced and lowered for {target} in {time.perf_counter() - t0:.1f}s ({how})")
+            log(f"{kind}: {how} for {target} in {time.perf_counter() - t0:.1f}s")
         weights.close()
         for key, name in (("file", "tokenizer.json"), ("chat_template", CHAT_TEMPLATE_FILE)):
             src = confined(checkpoint, name, f"{checkpoint}: tokenizer", root=checkpoint_root(checkpoint))
@@ -325,7 +385,7 @@ def export_artifact(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
                 manifest.tokenizer[key] = name
         manifest.versions = {
             "tidar_export": tidar_export.__version__,
-            "exporter": "torch.onnx.export(dynamo=True)",
+            "exporter": "tidar_export.export.direct" if direct else "torch.onnx.export(dynamo=True)",
             "torch": torch.__version__.split("+")[0],
             "onnx": onnx.__version__,
             "onnx_ir": ir.__version__,
@@ -350,7 +410,7 @@ def staged_artifact(output: str | os.PathLike, force: bool = False) -> Iterator[
     try:
         weights = WeightFile(tmp / WEIGHTS_FILE)
         yield tmp, weights
-        seal(tmp)
+        seal(tmp, weights.hexdigest())
         fileio.publish_dir(tmp, output, "artifact", force)
     except BaseException:
         if weights is not None:
@@ -359,9 +419,10 @@ def staged_artifact(output: str | os.PathLike, force: bool = False) -> Iterator[
         raise
 
 
-def seal(folder: Path) -> None:
+def seal(folder: Path, weights_digest: str | None = None) -> None:
     """Record the BLAKE2b digests of the graphs, weights, tokenizer and chat template (and the tokenizer's vocabulary size) in the manifest of a finished
-    artifact folder, and read it back through the full validation (`load_manifest`)."""
+    artifact folder, and read it back through the full validation (`load_manifest`).
+    weights_digest: the weights file's digest where the writer knows it (else it is read)."""
     from tidar_runtime.manifest import TOKENIZER_DIGESTS, Manifest, file_digest, load_manifest, read_json, sample_digest
 
     m = Manifest.from_dict(read_json(folder / MANIFEST_FILE))
@@ -369,7 +430,7 @@ def seal(folder: Path) -> None:
         g.digest = file_digest(folder / g.file)
     if m.weights:
         w = folder / m.weights["file"]
-        m.weights.update(bytes=w.stat().st_size, blake2b=file_digest(w), sample_blake2b=sample_digest(w))
+        m.weights.update(bytes=w.stat().st_size, blake2b=weights_digest or file_digest(w), sample_blake2b=sample_digest(w))
     for key, digest in TOKENIZER_DIGESTS.items():  # tokenizer.json, chat_template.jinja
         if m.tokenizer.get(key):
             m.tokenizer[digest] = file_digest(folder / m.tokenizer[key])

@@ -41,9 +41,14 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def inverse_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """RoPE's float32 inverse frequencies [head_dim / 2] (the graph builders use the same values)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+
+
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin [B, 1, T, head_dim] for the half-split ("rotate_half") RoPE layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
+    inv_freq = inverse_frequencies(head_dim, theta, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, hd]
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
@@ -131,10 +136,18 @@ class DecoderLayer(nn.Module):
         return x, k, v
 
 
+def _embedding(vocab: int, width: int) -> nn.Embedding:
+    """nn.Embedding; on the meta device (the exporter's weightless model) without its random
+    init: a meta tensor holds no values, and that init imports torch._dynamo (2 s measured)."""
+    if torch.empty(0).device.type == "meta":
+        return nn.Embedding(vocab, width, _weight=torch.empty(vocab, width))
+    return nn.Embedding(vocab, width)
+
+
 class Backbone(nn.Module):
     def __init__(self, cfg: TiDARConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = _embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
