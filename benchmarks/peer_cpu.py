@@ -9,11 +9,13 @@ What it does:
 1. Builds the peer's model from the same checkpoint (once, into DIR/peer):
    `python -m onnxruntime_genai.models.builder -i CKPT -o DIR/peer -p fp32 -e cpu`
    (`--peer-precision int4`: `-p int4` into DIR/peer-int4, to set against an int4 artifact of ours
-   given with `--artifact`).
+   given with `--artifact`; the flag may be given more than once, and the first precision is
+   the reference of every ratio).
    onnxruntime-genai is optional (`pip install onnxruntime-genai==0.18.0`); without it the
    script says so in one line and exits 1.
 2. Exports our artifact from the same checkpoint into DIR/ours (`tidar-export export`) unless
-   `--artifact` names one or more (the first gives our AR; every one gives a TiDAR setting).
+   `--artifact` names one or more (the first of each precision gives our AR at that precision;
+   every one gives a TiDAR setting).
 3. Decodes the same prompts greedily with the peer's AR, our AR and our TiDAR decode, all on
    the CPU provider with the same intra-op thread count, interleaved: for each repeat and
    prompt the modes run in a rotating order, so that load changes on a shared machine hit
@@ -29,8 +31,9 @@ equals it, and the mean share of each output before the first differing token.
 Tokens/s (per repeat, median and spread over repeats) is the runtime's definition
 (tidar_runtime.stats): the tokens after the first over the decode time, the prefill pass
 excluded. For the peer the prefill is `append_tokens` (which runs the prompt's forward), and
-the decode time is that of the `generate_next_token` calls. Also reported: the ratios to the
-peer's AR of the same repeat, T/NFE, and whether the greedy outputs of all modes are equal.
+the decode time is that of the `generate_next_token` calls. Also reported: the ratios to each
+peer mode (every onnxruntime-genai build, llama.cpp) of the same repeat, T/NFE, and whether the
+greedy outputs of all modes are equal.
 Nothing here is a test: the figures depend on the machine and its load.
 """
 
@@ -142,8 +145,9 @@ def main() -> int:
     p.add_argument("--checkpoint", help="checkpoint folder (default: the embedded demo model)")
     p.add_argument("--artifact", action="append", default=[],
                    help="our artifact(s) from that checkpoint (default: export one into WORKDIR/ours)")
-    p.add_argument("--peer-precision", default="fp32", choices=["fp32", "int4"],
-                   help="the peer's build (-p of its builder); set an int4 artifact of ours against int4")
+    p.add_argument("--peer-precision", action="append", choices=["fp32", "int4"],
+                   help="the peer's build (-p of its builder), repeatable (default fp32); the first is the "
+                        "reference of the ratios; set an int4 artifact of ours against int4")
     p.add_argument("--gguf", help="also decode this GGUF file with llama.cpp (llama-cpp-python)")
     p.add_argument("--ar-only", action="store_true", help="leave out our TiDAR decode")
     add_decode_flags(p)
@@ -163,8 +167,10 @@ def main() -> int:
     ckpt = Path(args.checkpoint or demo_model_path())
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    peer_dir = work / ("peer" if args.peer_precision == "fp32" else f"peer-{args.peer_precision}")
-    build_peer(ckpt, peer_dir, args.peer_precision)
+    precisions = list(dict.fromkeys(args.peer_precision or ["fp32"]))
+    peer_dirs = {pr: work / ("peer" if pr == "fp32" else f"peer-{pr}") for pr in precisions}
+    for pr, peer_dir in peer_dirs.items():
+        build_peer(ckpt, peer_dir, pr)
     arts = [Path(a) for a in args.artifact]
     if not arts:
         arts = [work / "ours"]
@@ -178,7 +184,6 @@ def main() -> int:
     tok = artifact_tokenizer(arts[0], first.manifest)
     prompts, source = default_prompts(tok, first.vocab_size, first.mask_token_id, args.num_prompts,
                                       args.prompt_len, args.max_new_tokens)
-    peer = Peer(og, peer_dir, args.threads, first.mask_token_id)
 
     def ours(fn, be):
         def run(prompt, n):
@@ -186,8 +191,17 @@ def main() -> int:
             return res.tokens, res.stats.prefill_s, sum(res.stats.step_s), res.stats
         return run
 
-    modes = {"peer_ar": lambda prompt, n: peer.decode(prompt, n) + (None,), "ar": ours(generate_ar_batch, first)}
-    labels = {"peer_ar": f"onnxruntime-genai AR ({args.peer_precision})", "ar": f"ours AR ({first.manifest.precision})"}
+    modes, labels = {}, {}
+    for pr, peer_dir in peer_dirs.items():
+        key = "peer_ar" if pr == precisions[0] else f"peer_ar_{pr}"  # the reference keeps its old key
+        modes[key] = lambda prompt, n, peer=Peer(og, peer_dir, args.threads, first.mask_token_id): \
+            peer.decode(prompt, n) + (None,)
+        labels[key] = f"onnxruntime-genai AR ({pr})"
+    for be in backends:  # our AR: the first artifact of each precision
+        key = "ar" if be is first else f"ar_{be.manifest.precision}"
+        if key not in modes and not any(labels[k] == f"ours AR ({be.manifest.precision})" for k in labels):
+            modes[key] = ours(generate_ar_batch, be)
+            labels[key] = f"ours AR ({be.manifest.precision})"
     if args.gguf:
         try:
             llama = LlamaCpp(Path(args.gguf), args.threads, args.prompt_len + args.max_new_tokens + 8)
@@ -198,9 +212,10 @@ def main() -> int:
     for a, be in zip(arts, backends):
         if args.ar_only:
             break
-        key = f"tidar_b{be.block_size}_" + "-".join(map(str, be.proposals))
+        key = f"tidar_{be.manifest.precision}_b{be.block_size}_" + "-".join(map(str, be.proposals))
         modes[key] = ours(generate_tidar_batch, be)
-        labels[key] = f"ours TiDAR b={be.block_size} proposals={{{','.join(map(str, be.proposals))}}}"
+        labels[key] = (f"ours TiDAR ({be.manifest.precision}) b={be.block_size} "
+                       f"proposals={{{','.join(map(str, be.proposals))}}}")
     names = list(modes)
 
     for name in names:  # warm-up
@@ -236,13 +251,15 @@ def main() -> int:
         "modes": {},
         "all_equal": all(tokens[n] == ref for n in names),
     }
+    peers = [n for n in names if n.startswith("peer_ar") or n == "llama_cpp"]
     for name in names:
-        ratio = [r / b if b else 0.0 for r, b in zip(rates[name], rates["peer_ar"])]
+        ratios = {peer: spread([r / b if b else 0.0 for r, b in zip(rates[name], rates[peer])]) for peer in peers}
         acc = accepted[name]
         result["modes"][name] = {
             "label": labels[name],
             "tokens_per_s": spread(rates[name]),
-            "ratio_to_peer_ar": spread(ratio),
+            "ratio_to_peer_ar": ratios["peer_ar"],
+            "ratio_to": ratios,  # the same repeat's rate of every peer mode (median [min, max] over repeats)
             "tokens_per_forward": round(sum(acc) / len(acc), 3) if acc else 1.0,
             "equal_to_peer": tokens[name] == ref,
             "agreement_with_peer": agreement(tokens[name], ref),
@@ -251,13 +268,15 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     print(text)
-    print("\n| mode | tokens/s median [min, max] | ratio to peer AR median [min, max] | T/NFE | greedy = peer (outputs, prefix) |")
-    print("|---|---|---|---|---|")
+    heads = "".join(f" / {labels[p]} |" for p in peers)
+    print(f"\n| mode | tokens/s median [min, max] |{heads} T/NFE | greedy = {labels['peer_ar']} (outputs, prefix) |")
+    print("|---|---|" + "---|" * len(peers) + "---|---|")
     for name in names:
         m = result["modes"][name]
-        t, r = m["tokens_per_s"], m["ratio_to_peer_ar"]
-        print(f"| {m['label']} | {t['median']:.1f} [{t['min']:.1f}, {t['max']:.1f}] | "
-              f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] | {m['tokens_per_forward']:.2f} | "
+        t = m["tokens_per_s"]
+        cols = "".join(f" {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] |" for r in m["ratio_to"].values())
+        print(f"| {m['label']} | {t['median']:.1f} [{t['min']:.1f}, {t['max']:.1f}] |{cols} "
+              f"{m['tokens_per_forward']:.2f} | "
               f"{m['agreement_with_peer']['equal_outputs']:.2f}, {m['agreement_with_peer']['mean_prefix']:.2f} |")
     return 0
 
