@@ -3,9 +3,13 @@
 Each supported config is exported twice from one tiny checkpoint, with builder="trace" and
 builder="direct"; the graphs must have the same bindings and give the same outputs in ONNX
 Runtime on the same inputs, and a greedy decode over either artifact gives the same tokens.
-- llama: tied embeddings, no biases, the AR step as GroupQueryAttention (head size 16)
-- qwen2: fp16, untied, q/k/v biases, a draft adapter (low-rank updates and the embedding offset
-  on the mask rows of layer 1), the AR step with the step's Attention op (ar_step="attention")
+- llama: tied embeddings, no biases, the AR step as GroupQueryAttention (head size 16), a draft
+  adapter (low-rank updates of q, v, o, gate and down and the embedding offset on the mask rows
+  of layer 1; k not adapted: a zero block of the packed q/k/v update)
+- qwen2: fp16, untied, q/k/v biases, the AR step with the step's Attention op (ar_step="attention").
+  Not with the adapter: ONNX Runtime runs fp16 on the CPU through inserted casts, and the two
+  graphs' adapter nodes round in other places (logits 0.13 / 0.18 from fp32 with updates of
+  std 0.3), too far apart for the fp16 tolerance here; fp32 is where the two are compared
 - qwen3: q/k norm, the AR step as GroupQueryAttention on q, k and v apart
 bf16, which ONNX Runtime's CPU provider cannot run, is compared by structure and weights.
 What the builder does not cover is traced instead (the TensorRT targets).
@@ -31,9 +35,10 @@ from tidar_runtime.manifest import load_manifest
 
 MAX_SEQ_LEN, MAX_BATCH = 48, 2
 CONFIGS = {  # name: (model config, draft adapter or None, export options)
-    "llama": ({"arch": "llama", "attention_bias": False, "tie_word_embeddings": True, "num_layers": 3}, None, {}),
-    "qwen2": ({"arch": "qwen2", "attention_bias": True, "num_layers": 3},
+    "llama": ({"arch": "llama", "attention_bias": False, "tie_word_embeddings": True, "num_layers": 3},
               AdapterConfig(rank=2, layers=(1,), projections=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")),
+              {}),
+    "qwen2": ({"arch": "qwen2", "attention_bias": True, "num_layers": 3}, None,
               {"ar_step": "attention", "precision": "fp16"}),
     "qwen3": ({"arch": "qwen3", "qk_norm": True, "attention_bias": False, "num_layers": 3}, None, {}),
 }
