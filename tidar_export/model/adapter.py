@@ -10,8 +10,8 @@ only changes which drafts are proposed (and so how many are accepted).
 
 Which rows are mask rows is static per graph kind: they are always the trailing rows of a
 pass (the prefill's b masks, the step's proposal blocks, the second half of a training
-sequence), so the forward takes their count `draft_rows` and the exported graphs get a slice
-and two small MatMuls per adapted projection on those rows; the AR step has none.
+sequence), so the forward takes their count `draft_rows` and the exported graphs get two
+small MatMuls per adapted projection acting on those rows only; the AR step has none.
 
 On disk an adapter is two files beside a checkpoint's config.json (or in a folder of their
 own): `adapter.json` (its `AdapterConfig`) and `adapter.safetensors` (its tensors, named
