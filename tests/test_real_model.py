@@ -93,3 +93,33 @@ def test_chat_turn_equals_transformers_and_ends(model):
     assert "Paris" in chat.tokenizer.decode(result.tokens)
     source = json.loads((art.parent / "ckpt" / "gguf_source.json").read_text())
     assert source["tensor_types"]["model.layers.0.self_attn.q_proj.weight"] == "Q4_1"
+
+
+def test_shipped_adapter_drafts_and_keeps_the_greedy_output(model, tmp_path):
+    """The repository's draft adapter for this model, at its shipped decode setting: TiDAR's
+    greedy output equals the base model's (transformers') token for token, and the drafts are
+    accepted (more than one token per forward on code prompts; 1.0 without the adapter)."""
+    import shutil
+
+    from tidar_export.bench.adapter_demo import model_spec
+    from tidar_export.bench.demo import demo_setting
+
+    art, hf, hf_tok = model
+    spec = model_spec("smollm2")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(art.parent / "ckpt", ckpt)
+    for name in ("adapter.json", "adapter.safetensors"):
+        shutil.copyfile(spec.adapter_dir / name, ckpt / name)
+    setting = demo_setting(spec.adapter_dir)
+    assert cli.main(["export", str(ckpt), "-o", str(tmp_path / "art"), "--max-seq-len", "256",
+                     "--block-size", str(setting["block_size"]),
+                     "--proposals", ",".join(map(str, setting["proposals"]))]) == 0
+    backend = OrtBackend(tmp_path / "art")
+    assert load_manifest(tmp_path / "art").adapter["params"] > 0
+    tok, forwards, tokens = folder_tokenizer(tmp_path / "art"), 0, 0
+    for prompt in ["def fibonacci(n):", "import os\nimport sys\n\n\ndef main():"]:
+        ids = tok.encode(prompt).ids
+        res = generate_tidar(backend, ids, 32, SamplingParams())
+        assert res.tokens == hf_greedy(hf, ids, 32), prompt
+        forwards, tokens = forwards + len(res.stats.accepted), tokens + sum(res.stats.accepted)
+    assert tokens / forwards > 1.1, (tokens, forwards)
