@@ -427,7 +427,7 @@ class _Adapted:
                 a[:, j * r:(j + 1) * r] = lr.lora_A.detach().float().t()
                 bt[j * r:(j + 1) * r, col:col + width] = lr.lora_B.detach().float().t() * lr.scale
             col += width
-        scope = "_".join(n.removesuffix("_proj") for n in names) + "_proj"
+        scope = "".join(n.removesuffix("_proj") for n in names) + "_proj"  # "qkv_proj", as the packed base
         return self.b.op("Add", [y, self._low_rank(x, a, bt, scope)], f"/adapter/layers.{self.i}/{scope}/Add")
 
     def offset(self, x: ir.Value) -> ir.Value:
