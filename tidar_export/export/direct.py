@@ -416,9 +416,8 @@ class _Adapted:
         if all(lr is None for lr in lrs):
             return y
         cfg = self.b.cfg
-        r = next(lr for lr in lrs if lr is not None).lora_A.shape[0]
-        outs = {"q_proj": cfg.num_heads * cfg.head_dim}.get  # k/v: the KV heads
-        widths = [outs(n) or cfg.num_kv_heads * cfg.head_dim for n in names]
+        r = next(lr for lr in lrs if lr is not None).lora_A.shape[0]  # the adapter's rank
+        widths = [(cfg.num_heads if n == "q_proj" else cfg.num_kv_heads) * cfg.head_dim for n in names]
         a = torch.zeros(cfg.hidden_size, r * len(names))
         bt = torch.zeros(r * len(names), sum(widths))
         col = 0
