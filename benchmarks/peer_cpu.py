@@ -197,11 +197,13 @@ def main() -> int:
         modes[key] = lambda prompt, n, peer=Peer(og, peer_dir, args.threads, first.mask_token_id): \
             peer.decode(prompt, n) + (None,)
         labels[key] = f"onnxruntime-genai AR ({pr})"
-    for be in backends:  # our AR: the first artifact of each precision
-        key = "ar" if be is first else f"ar_{be.manifest.precision}"
-        if key not in modes and not any(labels[k] == f"ours AR ({be.manifest.precision})" for k in labels):
-            modes[key] = ours(generate_ar_batch, be)
-            labels[key] = f"ours AR ({be.manifest.precision})"
+    ar_of = {}  # our AR: the first artifact of each precision
+    for be in backends:
+        ar_of.setdefault(be.manifest.precision, be)
+    for precision, be in ar_of.items():
+        key = "ar" if be is first else f"ar_{precision}"
+        modes[key] = ours(generate_ar_batch, be)
+        labels[key] = f"ours AR ({precision})"
     if args.gguf:
         try:
             llama = LlamaCpp(Path(args.gguf), args.threads, args.prompt_len + args.max_new_tokens + 8)
