@@ -16,7 +16,7 @@ from tidar_export.export.artifact import export_artifact
 from tidar_export.quantize import quantized_nodes
 from tidar_export.export.check import check_artifact
 from tidar_export.model import masks
-from tidar_export.model.adapter import AdapterConfig, attach, parse_layers, read_adapter
+from tidar_export.model.adapter import PROJECTIONS, AdapterConfig, attach, parse_layers, parse_projections, read_adapter
 from tidar_export.model.checkpoint import load_checkpoint, save_checkpoint
 from tidar_export.model.reference import TorchBackend
 from tidar_runtime import generate_ar_batch, generate_tidar_batch
@@ -27,9 +27,9 @@ MAX_SEQ_LEN = 96
 PROMPTS = [[5, 17, 42, 9, 100, 7], list(range(30, 45))]
 
 
-def with_random_adapter(model, seed: int = 1, layers=(1,), rank: int = 2):
+def with_random_adapter(model, seed: int = 1, layers=(1,), rank: int = 2, projections=PROJECTIONS):
     """`model` with an adapter whose updates are all nonzero (B is zero at a fresh init)."""
-    attach(model, AdapterConfig(rank=rank, layers=tuple(layers)))
+    attach(model, AdapterConfig(rank=rank, layers=tuple(layers), projections=tuple(projections)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.adapter.parameters():
@@ -164,7 +164,31 @@ def test_demo_unknown_model_is_a_one_line_error(capsys):
     assert err.startswith("error: unknown --model 'nope'") and "\n" not in err
 
 
+@pytest.mark.parametrize("projections", [(), ("q_proj", "o_proj", "up_proj")], ids=["offset-only", "subset"])
+def test_projection_subsets_act_on_mask_rows_and_export(tmp_path, projections):
+    from tokenizers import Tokenizer, models
+
+    base = random_model(seed=6)
+    adapted = with_random_adapter(random_model(seed=6), layers=(), projections=projections)
+    assert sorted(n for n, _ in adapted.adapter.layers["1"].named_children()) == sorted(projections)
+    ids, pos, mask, k, v, L = step_inputs(base)
+    want, _, _ = base(ids, pos, mask, k, v, L, kv_update="slice", draft_rows=4)
+    got, _, _ = adapted(ids, pos, mask, k, v, L, kv_update="slice", draft_rows=4)
+    assert torch.equal(got[:, :4], want[:, :4]) and not torch.allclose(got[:, 4:], want[:, 4:], atol=1e-3)
+    folder = save_checkpoint(adapted, tmp_path / "ckpt")
+    Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
+    assert read_adapter(folder)[0].projections == tuple(projections)
+    art = export_artifact(folder, tmp_path / "art", target="ort", max_seq_len=MAX_SEQ_LEN, max_batch=2)
+    check_artifact(art, folder).raise_for_failures()  # the graphs' outputs == torch's, adapter included
+
+
 def test_adapter_config_errors():
+    assert parse_projections("all") == PROJECTIONS and parse_projections("none") == ()
+    assert parse_projections("up,q,v_proj") == ("q_proj", "v_proj", "up_proj")  # in the model's order
+    with pytest.raises(TiDARError, match="adapter-projections"):
+        parse_projections("q,attn")
+    with pytest.raises(TiDARError, match="embedding offset alone"):
+        AdapterConfig(projections=(), embed_offset=False)
     assert parse_layers("top2", 5) == (3, 4) and parse_layers("0-2,4") == (0, 1, 2, 4) and parse_layers("all") == ()
     with pytest.raises(TiDARError, match="adapter-layers"):
         parse_layers("x")

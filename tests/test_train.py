@@ -15,8 +15,9 @@ from tidar_export.train import data
 from tidar_export.model.checkpoint import load_checkpoint
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
+from tidar_export.train.evaluate import agreement
 from tidar_export.train.trainer import (TrainSettings, ar_batch, losses, make_rollout_pool, rollout_batch, self_targets,
-                                 tidar_batch, train)
+                                 soft_targets, tidar_batch, train)
 
 from .mask_rules import train_mask_entry
 
@@ -114,6 +115,24 @@ def test_self_target_is_the_ar_argmax_of_the_previous_position(tiny_model):
     assert not want.requires_grad  # a label (detached): no gradient flows through the AR rows' argmax
 
 
+def test_soft_target_is_the_ar_distribution_of_the_previous_position(tiny_model):
+    torch.manual_seed(2)
+    S, b = 8, 4
+    x = torch.randint(2, tiny_model.cfg.vocab_size, (2, S + 1))
+    total, ce_ar, ce_diff = losses(tiny_model, x, "tidar", b, draft_target="soft")
+    ids, pos, mask, labels = tidar_batch(x, b, tiny_model.cfg.mask_token_id)
+    logits, _, _ = tiny_model(ids, pos, mask)
+    want = soft_targets(logits[:, :S], x)
+    assert want.shape == (2, S, tiny_model.cfg.vocab_size) and not want.requires_grad
+    torch.testing.assert_close(want[:, 1:], logits[:, : S - 1].softmax(-1))  # slot j: the AR row j-1's softmax
+    assert torch.equal(want[:, 0].argmax(-1), x[:, 0]) and torch.equal(want[:, 0].sum(-1), torch.ones(2))
+    assert torch.equal(want.argmax(-1)[:, 1:], self_targets(logits[:, :S], x)[:, 1:])  # its argmax: the self label
+    # the loss: cross-entropy against those probabilities, i.e. KL(p_AR || q_slot) plus the AR rows' entropy
+    q = logits[:, S:].log_softmax(-1)
+    torch.testing.assert_close(ce_diff, -(want * q).sum(-1).mean())
+    torch.testing.assert_close(total, (ce_ar + ce_diff) / 2)
+
+
 def test_ar_term_skips_generated_labels(tiny_model):
     torch.manual_seed(2)
     S, b = 8, 4
@@ -161,7 +180,7 @@ def test_rollout_training_resumes_bit_for_bit(corpus, tmp_path):
     train(s, tmp_path / "b", stop_at=3, log_every=1, progress=False, log=_quiet)
     assert "rollout.windows" in load_file(str(tmp_path / "b" / "train_state.safetensors"))
     resumed = train(s, tmp_path / "b", resume=True, log_every=1, progress=False, log=_quiet)
-    strip = lambda h: [{k: v for k, v in r.items() if k not in ("tok_s", "elapsed_s")} for r in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("tok_s", "elapsed_s", "cpu_s")} for r in h]  # noqa: E731
     assert strip(resumed["history"]) == strip(straight["history"])
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -208,7 +227,7 @@ def test_resume_equals_straight_training(corpus, tmp_path):
     assert half["step"] == 3
     resumed = train(s, tmp_path / "b", resume=True, log_every=1, progress=False, log=_quiet)
     assert resumed["step"] == straight["step"] == 6
-    strip = lambda h: [{k: v for k, v in r.items() if k not in ("tok_s", "elapsed_s")} for r in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("tok_s", "elapsed_s", "cpu_s")} for r in h]  # noqa: E731
     assert strip(resumed["history"]) == strip(straight["history"])
     for name in ("model.safetensors", "train_state.safetensors"):
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
@@ -261,6 +280,38 @@ def test_eval_command_reports_its_fields(corpus, tmp_path, capsys):
         assert len(r["acceptance_by_slot"]) == int(b) - 1 and r["acceptance_by_slot"][0] is not None
 
 
+def test_eval_reference_agreement(corpus, tmp_path, capsys):
+    a = train(_settings(corpus, steps=6), tmp_path / "a", progress=False, log=_quiet)
+    train(_settings(corpus, steps=6, seed=1), tmp_path / "b", progress=False, log=_quiet)
+    common = ["--corpus", str(corpus), "--block-sizes", "2", "--num-prompts", "2", "--prompt-len", "8",
+              "--max-new-tokens", "10", "--seq-len", "16", "--max-eval-tokens", "32"]
+    assert main(["eval", str(tmp_path / "a"), "--reference", str(tmp_path / "a"), *common]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["reference"] == "a" and a["step"] == 6
+    assert same["decode"]["reference"] == {"prompts_equal": 2, "prompts": 2, "token_agreement": 1.0}
+    assert main(["eval", str(tmp_path / "a"), "--reference", str(tmp_path / "b"), *common]) == 0
+    other = json.loads(capsys.readouterr().out)["decode"]["reference"]
+    assert other["prompts"] == 2 and other["token_agreement"] < 1.0  # another seed: other greedy text
+
+
+def test_agreement_counts_the_prefix_before_the_first_divergence():
+    got = agreement([[1, 2, 3, 4], [5, 6], [7]], [[1, 2, 9, 4], [5, 6], [8, 9]])
+    assert got == {"prompts_equal": 1, "prompts": 3, "token_agreement": round(4 / 8, 4)}
+
+
+def test_cpu_budget_stops_saves_and_resumes(corpus, tmp_path):
+    s = _settings(corpus, steps=1000)
+    first = train(s, tmp_path / "run", log_every=1000, save_every=1000, progress=False, log=_quiet, cpu_budget=0.5)
+    assert 0 < first["step"] < 1000 and first["cpu_s"] >= 0.5
+    saved = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert saved["step"] == first["step"] and saved["cpu_s"] == first["cpu_s"]
+    assert saved["history"][-1]["step"] == first["step"]  # the stop writes its log record
+    again = train(s, tmp_path / "run", resume=True, progress=False, log=_quiet, cpu_budget=0.5)
+    assert again["step"] == first["step"]  # the budget counts over resumes: nothing left
+    more = train(s, tmp_path / "run", resume=True, progress=False, log=_quiet, cpu_budget=1.0)
+    assert first["step"] < more["step"] < 1000 and more["cpu_s"] >= 1.0
+
+
 def test_acceptance_by_slot_from_the_histogram():
     from tidar_export.train.evaluate import acceptance_by_slot
 
@@ -292,6 +343,10 @@ def test_user_errors_are_one_line(corpus, tmp_path, capsys):
     assert "--resume" in _error_line(capsys, ["train", "-o", str(tmp_path / "run"), "--corpus", str(corpus)] + tiny)
     assert "differs from the saved run" in _error_line(
         capsys, ["train", "-o", str(tmp_path / "run"), "--resume", "--lr", "0.5"])
+    assert "--cpu-budget must be > 0" in _error_line(
+        capsys, ["train", "-o", str(tmp_path / "run"), "--resume", "--cpu-budget", "0"])
+    assert "missing" in _error_line(
+        capsys, ["eval", str(tmp_path / "run"), "--corpus", str(corpus), "--reference", str(tmp_path / "missing")])
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.py").write_text("")

@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--num-prompts", type=int, default=20, help="held-out prompts decoded per block size (default: 20)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens decoded per prompt (default: 128)")
+    p.add_argument("--reference", metavar="CKPT",
+                   help="also decode this checkpoint greedily (the model a full-weight run started from) and "
+                        "report how far the checkpoint's greedy outputs agree with it")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("-o", "--output", help="also write the report to this JSON file")
     p.set_defaults(func=cmd_eval)
@@ -37,7 +40,7 @@ def cmd_eval(args) -> int:
         torch.set_num_threads(args.threads)
     report = evaluate(args.checkpoint, args.corpus, args.pattern, args.seq_len, args.max_eval_tokens,
                       tuple(args.block_sizes), args.num_prompts, args.prompt_len, args.max_new_tokens,
-                      parse_sparse(args.sparse))
+                      parse_sparse(args.sparse), args.reference)
     text = json.dumps(report, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")

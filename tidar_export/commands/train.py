@@ -33,7 +33,7 @@ _FLAGS = {  # TrainSettings field -> (flag, type, help)
     "grad_clip": ("--grad-clip", float, "gradient-norm clip (0 disables)"),
     "seed": ("--seed", int, "seed of the init and the batch sampler"),
     "init_from": ("--init-from", str, "continue from this (imported AR) checkpoint folder instead of scratch"),
-    "draft_target": ("--draft-target", str, "what the mask slots learn: data | self | rollout (docs/TRAINING.md)"),
+    "draft_target": ("--draft-target", str, "what the mask slots learn: data | self | soft | rollout (docs/TRAINING.md)"),
     "rollout_frac": ("--rollout-frac", float, "rollout: share of each batch's rows taken from the rollout pool"),
     "rollout_every": ("--rollout-every", int, "rollout: steps between regenerations of the pool"),
     "rollout_pool": ("--rollout-pool", int, "rollout: rows in the pool"),
@@ -42,6 +42,8 @@ _FLAGS = {  # TrainSettings field -> (flag, type, help)
     "adapter_rank": ("--adapter-rank", int, "train a draft adapter of this rank on the frozen --init-from model "
                                             "(0: the full-weight recipe)"),
     "adapter_layers": ("--adapter-layers", str, "adapted layers: all | topN | A-B | i,j,k"),
+    "adapter_projections": ("--adapter-projections", str, "adapted projections: all | none (the mask-row "
+                                                          "offset alone) | a list of q,k,v,o,gate,up,down"),
     "adapter_alpha": ("--adapter-alpha", float, "adapter updates are scaled by alpha / rank (0: alpha = rank)"),
 }
 # Every TrainSettings field has a flag here (tests/test_docs_commands.py checks it, and that every
@@ -66,6 +68,9 @@ def register(subparsers) -> None:
     p.add_argument("--mask-token-id", type=int, help="mask token id for --init-from (default: the checkpoint's)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
     p.add_argument("--stop-at", type=int, help="save and stop at this step (continue later with --resume)")
+    p.add_argument("--cpu-budget", type=float, metavar="SECONDS",
+                   help="save and stop once the steps have used this much CPU time, all threads, counted over "
+                        "resumes (runs of different cost compared at equal CPU time)")
     p.add_argument("--save-every", type=int, default=500, help="steps between saves")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -97,10 +102,14 @@ def cmd_train(args) -> int:
         raise TiDARError(f"invalid training settings ({e})") from None
     if args.save_every < 1 or args.log_every < 1:
         raise TiDARError("--save-every and --log-every must be >= 1")
+    if args.cpu_budget is not None and not args.cpu_budget > 0:
+        raise TiDARError(f"--cpu-budget must be > 0 seconds, got {args.cpu_budget}")
     final = train(s, args.output, resume=args.resume, tokenizer=args.tokenizer, mask_token_id=args.mask_token_id,
                   stop_at=args.stop_at, save_every=args.save_every, log_every=args.log_every,
-                  progress=not args.no_progress, log=lambda m: print(m, flush=True), force=args.force)
+                  progress=not args.no_progress, log=lambda m: print(m, flush=True), force=args.force,
+                  cpu_budget=args.cpu_budget)
     last = final["history"][-1] if final["history"] else {}
     print(json.dumps({"output": str(args.output), "step": final["step"], "elapsed_s": final["elapsed_s"],
+                      "cpu_s": final["cpu_s"],
                       "tokens_seen": final["tokens_seen"], "last": last}), flush=True)
     return 0

@@ -55,9 +55,11 @@ class AdapterConfig:
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise TiDARError(f"adapter alpha must be a positive number, got {self.alpha!r}")
         bad = [p for p in self.projections if p not in PROJECTIONS]
-        if bad or not self.projections:
-            raise TiDARError(f"adapter projections must be a non-empty subset of {', '.join(PROJECTIONS)}, "
+        if bad:
+            raise TiDARError(f"adapter projections must be a subset of {', '.join(PROJECTIONS)}, "
                              f"got {list(self.projections)}")
+        if not self.projections and not self.embed_offset:
+            raise TiDARError("an adapter without projections is its embedding offset alone: it needs embed_offset")
         if any(type(i) is not int or i < 0 for i in self.layers):
             raise TiDARError(f"adapter layers must be layer indices >= 0, got {list(self.layers)}")
         if self.format != ADAPTER_FORMAT:
@@ -93,6 +95,21 @@ class AdapterConfig:
                     raise TiDARError(f"adapter config: {key} must be a list")
                 d[key] = tuple(d[key])
         return cls(**d)
+
+
+def parse_projections(text: str) -> tuple[str, ...]:
+    """'all' -> every projection; 'none' -> () (the embedding offset alone); 'q,k,v,o' or 'q_proj,up_proj' -> those."""
+    text = text.strip()
+    if text == "all":
+        return PROJECTIONS
+    if text == "none":
+        return ()
+    names = tuple(p if p.endswith("_proj") else f"{p}_proj" for p in (t.strip() for t in text.split(",")))
+    bad = [n for n in names if n not in PROJECTIONS]
+    if bad or not names:
+        raise TiDARError(f"--adapter-projections: expected 'all', 'none' or a list of q,k,v,o,gate,up,down, "
+                         f"got {text!r}")
+    return tuple(p for p in PROJECTIONS if p in names)
 
 
 def parse_layers(text: str, num_layers: int | None = None) -> tuple[int, ...]:

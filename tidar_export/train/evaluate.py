@@ -91,27 +91,58 @@ def acceptance_by_slot(hist, block_size: int) -> list[float | None]:
     return [round(n_ge(t + 1) / n_ge(t), 4) if n_ge(t) else None for t in range(1, block_size)]
 
 
-def decode_metrics(model, prompts, block_sizes, max_new: int, stop, sparse=()) -> dict:
-    """Greedy AR, then TiDAR at each b (dense proposals) and each sparse (b, proposals) of `sparse`:
-    T/NFE, histogram, TiDAR == AR per prompt. Reported under "b" (dense) and "b:r,r" (sparse)."""
-    from collections import Counter
-
+def greedy_ar(model, prompts, max_new: int, stop, max_len: int) -> tuple[list[list[int]], float]:
+    """Each prompt's greedy AR continuation (torch reference loop) and the seconds they took."""
     from tidar_export.model.reference import TorchBackend
-    from tidar_runtime import SamplingParams, generate_ar, generate_tidar
+    from tidar_runtime import SamplingParams, generate_ar
 
-    greedy = SamplingParams()
-    P = max(len(p) for p in prompts)
-    settings = [(b, None) for b in block_sizes] + [(b, tuple(rs)) for b, rs in sparse]
-    widest = max(b * (b + 1) for b, _ in settings) if settings else 1
-    max_len = P + max_new + widest + 1
-    ar_out, ar_time = [], 0.0
+    out, took = [], 0.0
     backend = TorchBackend(model, max_len, block_size=1)  # one cache, reused: each prefill starts at slot 0
     for p in prompts:
         t0 = time.perf_counter()
-        ar_out.append(generate_ar(backend, p, max_new, greedy, stop).tokens)
-        ar_time += time.perf_counter() - t0
+        out.append(generate_ar(backend, p, max_new, SamplingParams(), stop).tokens)
+        took += time.perf_counter() - t0
+    return out, took
+
+
+def agreement(outputs: list[list[int]], reference: list[list[int]]) -> dict:
+    """How far greedy outputs follow a reference model's: identical prompts, and the share of the
+    reference's tokens reproduced before each prompt's first divergence."""
+    same = 0
+    for a, r in zip(outputs, reference):
+        n = 0
+        while n < min(len(a), len(r)) and a[n] == r[n]:
+            n += 1
+        same += n
+    total = sum(len(r) for r in reference)
+    return {"prompts_equal": sum(a == r for a, r in zip(outputs, reference)), "prompts": len(reference),
+            "token_agreement": round(same / max(1, total), 4)}
+
+
+def decode_max_len(prompts, block_sizes, max_new: int, sparse=()) -> int:
+    """KV-cache length that fits the longest prompt, its continuation and the widest TiDAR step."""
+    widths = [b * (b + 1) for b in block_sizes] + [b * (b + 1) for b, _ in sparse]
+    return max(len(p) for p in prompts) + max_new + max(widths, default=1) + 1
+
+
+def decode_metrics(model, prompts, block_sizes, max_new: int, stop, sparse=(), reference_out=None) -> dict:
+    """Greedy AR, then TiDAR at each b (dense proposals) and each sparse (b, proposals) of `sparse`:
+    T/NFE, histogram, TiDAR == AR per prompt. Reported under "b" (dense) and "b:r,r" (sparse).
+    reference_out: another model's greedy outputs on the same prompts; the AR outputs' `agreement`
+    with them is reported under "reference"."""
+    from collections import Counter
+
+    from tidar_export.model.reference import TorchBackend
+    from tidar_runtime import SamplingParams, generate_tidar
+
+    greedy = SamplingParams()
+    settings = [(b, None) for b in block_sizes] + [(b, tuple(rs)) for b, rs in sparse]
+    max_len = decode_max_len(prompts, block_sizes, max_new, sparse)
+    ar_out, ar_time = greedy_ar(model, prompts, max_new, stop, max_len)
     n_ar = sum(len(t) for t in ar_out)
     report = {"ar": {"tokens": n_ar, "tokens_per_s_cpu": round(n_ar / ar_time, 1)}, "tidar": {}}
+    if reference_out is not None:
+        report["reference"] = agreement(ar_out, reference_out)
     for b, rs in settings:
         tokens, accepted, hist, mismatched, t_all = 0, [], Counter(), [], 0.0
         backend = TorchBackend(model, max_len, block_size=b, proposals=rs)
@@ -139,7 +170,9 @@ def decode_metrics(model, prompts, block_sizes, max_new: int, stop, sparse=()) -
 
 def evaluate(checkpoint: str, corpus: str = "stdlib", pattern: str = "*.py", seq_len: int | None = None,
              max_eval_tokens: int = 65536, block_sizes=(4, 8, 16), num_prompts: int = 20,
-             prompt_len: int = 64, max_new_tokens: int = 128, sparse=()) -> dict:
+             prompt_len: int = 64, max_new_tokens: int = 128, sparse=(), reference: str | None = None) -> dict:
+    """The eval report of a checkpoint. reference: another checkpoint (the model a full-weight run
+    started from) whose greedy outputs the checkpoint's are compared with (`agreement`)."""
     from tidar_export.model.checkpoint import load_checkpoint
 
     ckpt = Path(checkpoint)
@@ -164,8 +197,17 @@ def evaluate(checkpoint: str, corpus: str = "stdlib", pattern: str = "*.py", seq
     report |= lm_metrics(model, stream, S, max_eval_tokens)
     prompts = prompts_from(stream, num_prompts, prompt_len, max_new_tokens)
     stop = cfg.eos_ids
+    reference_out = None
+    if reference is not None:
+        ref = load_checkpoint(reference)
+        if (ref.cfg.vocab_size, ref.cfg.eos_ids) != (cfg.vocab_size, cfg.eos_ids):
+            raise TiDARError(f"--reference {reference}: another vocabulary or stop tokens than {ckpt}")
+        max_len = decode_max_len(prompts, list(block_sizes), max_new_tokens, sparse)
+        reference_out, _ = greedy_ar(ref, prompts, max_new_tokens, stop, max_len)
+        report["reference"] = Path(reference).name
+        del ref
     report["decode"] = {"prompts": num_prompts, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
                         "greedy": True} | decode_metrics(model, prompts, list(block_sizes), max_new_tokens, stop,
-                                                                       sparse)
+                                                                       sparse, reference_out)
     report["eval_s"] = round(time.perf_counter() - t0, 1)
     return report

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
 MODES = ("tidar", "ar")
-DRAFT_TARGETS = ("data", "self", "rollout")
+DRAFT_TARGETS = ("data", "self", "soft", "rollout")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ class TrainSettings:
     seed: int = 0  # model init and the per-step batch sampler
     init_from: str | None = None  # continue from this (imported AR) checkpoint instead of scratch
     # what the mask slots learn (TiDAR mode): "data" (x_j), "self" (the AR head's own argmax at
-    # j-1 from the same forward, detached) or "rollout" ("self" on a batch whose first
+    # j-1 from the same forward, detached), "soft" (that row's whole distribution: cross-entropy
+    # against the detached softmax, i.e. KL up to a constant) or "rollout" ("self" on a batch whose first
     # rollout_frac rows continue a real prefix with the model's own greedy tokens)
     draft_target: str = "data"
     rollout_frac: float = 0.5  # share of each batch's rows taken from the rollout pool
@@ -89,6 +90,7 @@ class TrainSettings:
     # low-rank updates that act on the mask rows only (its greedy output stays the base model's)
     adapter_rank: int = 0  # 0: the full-weight recipe
     adapter_layers: str = "all"  # "all", "topN", "A-B" or "i,j,k"
+    adapter_projections: str = "all"  # "all", "none" (the embedding offset alone) or "q,k,v,o,gate,up,down"
     adapter_alpha: float = 0.0  # updates scaled by alpha / rank; 0 means alpha = rank (scale 1)
     adapter_embed: bool = True  # also learn an offset added to the mask rows at the first adapted layer
 
@@ -119,15 +121,21 @@ class TrainSettings:
         if self.adapter_rank and (self.init_from is None or self.mode != "tidar"):
             raise TiDARError("--adapter-rank trains a draft adapter for an existing model: it needs --init-from "
                              "CHECKPOINT and --mode tidar")
+        if self.adapter_rank:
+            from tidar_export.model.adapter import parse_projections
+
+            if not parse_projections(self.adapter_projections) and not self.adapter_embed:
+                raise TiDARError("--adapter-projections none leaves the mask-row offset alone: drop --no-adapter-embed")
 
     def adapter_config(self, num_layers: int):
         """The AdapterConfig of an adapter run (None for the full-weight recipe)."""
-        from tidar_export.model.adapter import AdapterConfig, parse_layers
+        from tidar_export.model.adapter import AdapterConfig, parse_layers, parse_projections
 
         if not self.adapter_rank:
             return None
         return AdapterConfig(rank=self.adapter_rank, layers=parse_layers(self.adapter_layers, num_layers),
-                             alpha=self.adapter_alpha or float(self.adapter_rank), embed_offset=self.adapter_embed)
+                             alpha=self.adapter_alpha or float(self.adapter_rank), embed_offset=self.adapter_embed,
+                             projections=parse_projections(self.adapter_projections))
 
     def rollout_rows(self) -> int:
         """Rows of each batch that come from the rollout pool (0 unless draft_target is rollout)."""
@@ -193,12 +201,37 @@ def self_targets(clean_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[:, :1], ar_argmax[:, :-1]], dim=1)
 
 
+def soft_targets(clean_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mask-slot targets [B, S, V] of the "soft" target: slot j learns softmax(AR logits at j-1), detached.
+
+    The distribution whose argmax is the `self` label, so the loss (cross-entropy against it, KL
+    up to the constant entropy) also teaches the runner-up tokens. Slot 0 keeps x_0, one-hot.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        probs = clean_logits.float().softmax(-1)
+        first = F.one_hot(x[:, :1], probs.shape[-1]).to(probs.dtype)
+        return torch.cat([first, probs[:, :-1]], dim=1)
+
+
+def diffusion_targets(draft_target: str, clean_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What the mask slots learn: labels [B, S] (data, self, rollout) or probabilities [B, S, V] (soft)."""
+    if draft_target == "data":
+        return x[:, :-1]
+    if draft_target == "soft":
+        return soft_targets(clean_logits, x)
+    return self_targets(clean_logits, x)
+
+
 def losses(model: TiDARModel, x: torch.Tensor, mode: str, block_size: int, ar_weight: float = 1.0,
            draft_target: str = "data", real_len: torch.Tensor | None = None):
     """(total, ce_ar, ce_diff) for windows x [B, S+1]; ce_diff is None in AR mode.
 
-    draft_target: "data" (mask slot j learns x_j) or "self"/"rollout" (it learns the AR head's
-    argmax at j-1 of the same forward, `self_targets`). real_len [B]: number of real (corpus)
+    draft_target: "data" (mask slot j learns x_j), "self"/"rollout" (it learns the AR head's
+    argmax at j-1 of the same forward, `self_targets`) or "soft" (that row's distribution,
+    `soft_targets`). real_len [B]: number of real (corpus)
     tokens at the start of each window, the rest being generated (rollout rows); the AR term
     skips the labels that are generated tokens. None: all real.
     """
@@ -218,9 +251,9 @@ def losses(model: TiDARModel, x: torch.Tensor, mode: str, block_size: int, ar_we
         generated = torch.arange(1, S + 1)[None] >= real_len[:, None]  # label i is token x_{i+1}
         ar_labels = ar_labels.masked_fill(generated, -100)
     if draft_target != "data":
-        diff_labels = self_targets(logits[:, :S], x)
+        diff_labels = diffusion_targets(draft_target, logits[:, :S], x)
     ce_ar = F.cross_entropy(logits[:, :S].flatten(0, 1).float(), ar_labels.flatten(), ignore_index=-100)
-    ce_diff = F.cross_entropy(logits[:, S:].flatten(0, 1).float(), diff_labels.flatten())
+    ce_diff = F.cross_entropy(logits[:, S:].flatten(0, 1).float(), diff_labels.flatten(0, 1))
     total = (ar_weight * ce_ar + ce_diff) / (1 + ar_weight)
     return total, ce_ar, ce_diff
 
@@ -247,7 +280,7 @@ def adapter_losses(model: TiDARModel, x: torch.Tensor, block_size: int, draft_ta
         h, keys, values = model.hidden(clean, pos, masks.causal_mask(S))
         clean_logits = model.lm_head(h)
         ce_ar = F.cross_entropy(clean_logits.flatten(0, 1).float(), x[:, 1:].flatten())
-        labels = clean if draft_target == "data" else self_targets(clean_logits, x)
+        labels = diffusion_targets(draft_target, clean_logits, x)
         del clean_logits, h
     keep = torch.arange(S) % block_size != 0  # the draft slots 1..b-1 of every block
     allow = masks.train_mask(S, block_size)[S:][None, None]  # [1, 1, S, 2S]: mask rows over [clean | mask]
@@ -256,7 +289,7 @@ def adapter_losses(model: TiDARModel, x: torch.Tensor, block_size: int, draft_ta
     for i, layer in enumerate(model.model.layers):
         hid, _, _ = layer(hid, cos, sin, allow, keys[i], values[i], None, "slice", model.adapter.for_layer(i), S)
     logits = model.lm_head(model.model.norm(hid[:, keep]))
-    ce_diff = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, keep].flatten())
+    ce_diff = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, keep].flatten(0, 1))
     return ce_diff, ce_ar, ce_diff
 
 
@@ -411,8 +444,13 @@ def _fresh_model(s: TrainSettings, tok, tokenizer_vocab: int) -> TiDARModel:
 
 def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tokenizer: str | None = None,
           mask_token_id: int | None = None, stop_at: int | None = None, save_every: int = 500,
-          log_every: int = 50, progress: bool = True, log=print, force: bool = False) -> dict:
-    """Run (or resume) a training run into the folder `out`; returns the final state dict."""
+          log_every: int = 50, progress: bool = True, log=print, force: bool = False,
+          cpu_budget: float | None = None) -> dict:
+    """Run (or resume) a training run into the folder `out`; returns the final state dict.
+
+    cpu_budget: save and stop once the steps have used this many seconds of CPU time (all
+    threads, counted over resumes), so that runs of different cost compare at equal CPU time.
+    """
     import torch
     from tidar_export.model.checkpoint import load_checkpoint
 
@@ -494,12 +532,13 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
         if resume:
             load_optimizer_tensors(opt, tensors, state["optimizer_steps"])
             history, elapsed, tokens_seen = state["history"], state["elapsed_s"], state["tokens_seen"]
+            cpu = state.get("cpu_s", 0.0)
         else:
-            history, elapsed, tokens_seen = [], 0.0, 0
+            history, elapsed, tokens_seen, cpu = [], 0.0, 0, 0.0
 
         def snapshot() -> dict:
             return {"step": step, "settings": dataclasses.asdict(s), "tokens_seen": tokens_seen,
-                    "elapsed_s": round(elapsed, 2), "history": history,
+                    "elapsed_s": round(elapsed, 2), "cpu_s": round(cpu, 2), "history": history,
                     "corpus": corpus.describe() | {"root": "stdlib" if s.corpus == "stdlib" else s.corpus,
                                                    "train_tokens": int(stream.numel())},
                     "model_params": cfg.num_params(), "torch": torch.__version__,
@@ -530,8 +569,8 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
 
         base = s.init_from if acfg is not None else None
         t_log = time.perf_counter()
-        while step < end:
-            t0 = time.perf_counter()
+        while step < end and (cpu_budget is None or cpu < cpu_budget):
+            t0, c0 = time.perf_counter(), time.process_time()
             lr = s.lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -553,6 +592,8 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
             step += 1
             tokens_seen += x.shape[0] * s.seq_len
             elapsed += time.perf_counter() - t0
+            cpu += time.process_time() - c0
+            over = cpu_budget is not None and cpu >= cpu_budget
             acc["loss"] += total.item()
             acc["ar"] += ce_ar.item()
             acc["diff"] += ce_diff.item() if ce_diff is not None else 0.0
@@ -560,12 +601,12 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"loss {total.item():.3f}")
-            if step % log_every == 0 or step == end:
+            if step % log_every == 0 or step == end or over:
                 n, dt = acc["n"], time.perf_counter() - t_log
                 rec = {"step": step, "loss": round(acc["loss"] / n, 4), "ce_ar": round(acc["ar"] / n, 4),
                        "ce_diff": round(acc["diff"] / n, 4) if s.mode == "tidar" else None,
                        "lr": float(f"{lr:.3e}"), "tok_s": round(n * s.batch_size * s.seq_len / dt),
-                       "elapsed_s": round(elapsed, 1)}
+                       "elapsed_s": round(elapsed, 1), "cpu_s": round(cpu, 1)}
                 history.append(rec)
                 eta = (end - step) * dt / n
                 diff_txt = f" diff {rec['ce_diff']:.3f}" if s.mode == "tidar" else ""
@@ -573,7 +614,7 @@ def train(s: TrainSettings, out: str | os.PathLike, *, resume: bool = False, tok
                     f"lr {lr:.2e} {rec['tok_s']:,} tok/s elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}")
                 acc = {"loss": 0.0, "ar": 0.0, "diff": 0.0, "n": 0}
                 t_log = time.perf_counter()
-            if step % save_every == 0 or step == end:
+            if step % save_every == 0 or step == end or over:
                 model.eval()
                 save_run(out, model, opt, snapshot(), tok_dir, extra(), base)
                 model.train()
