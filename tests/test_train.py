@@ -96,13 +96,20 @@ def _ce(logits, labels):
         labels.shape)
 
 
+def _tidar_forward(model, rows: int, seed: int, S: int, b: int = 4, **loss_kw):
+    """Random windows x [rows, S+1], `losses` on them in TiDAR mode, and the labels and logits
+    of the same forward recomputed here: (x, (total, ce_ar, ce_diff), labels, logits)."""
+    torch.manual_seed(seed)
+    x = torch.randint(2, model.cfg.vocab_size, (rows, S + 1))
+    out = losses(model, x, "tidar", b, **loss_kw)
+    ids, pos, mask, labels = tidar_batch(x, b, model.cfg.mask_token_id)
+    logits, _, _ = model(ids, pos, mask)
+    return x, out, labels, logits
+
+
 def test_self_target_is_the_ar_argmax_of_the_previous_position(tiny_model):
-    torch.manual_seed(1)
-    S, b = 8, 4
-    x = torch.randint(2, tiny_model.cfg.vocab_size, (3, S + 1))
-    total, ce_ar, ce_diff = losses(tiny_model, x, "tidar", b, draft_target="self")
-    ids, pos, mask, labels = tidar_batch(x, b, tiny_model.cfg.mask_token_id)
-    logits, _, _ = tiny_model(ids, pos, mask)
+    S = 8
+    x, (total, ce_ar, ce_diff), labels, logits = _tidar_forward(tiny_model, 3, 1, S, draft_target="self")
     want = self_targets(logits[:, :S], x)
     for row in range(3):  # slot j learns argmax(AR logits at j-1); slot 0 keeps x_0
         assert want[row, 0] == x[row, 0]
@@ -116,12 +123,8 @@ def test_self_target_is_the_ar_argmax_of_the_previous_position(tiny_model):
 
 
 def test_soft_target_is_the_ar_distribution_of_the_previous_position(tiny_model):
-    torch.manual_seed(2)
-    S, b = 8, 4
-    x = torch.randint(2, tiny_model.cfg.vocab_size, (2, S + 1))
-    total, ce_ar, ce_diff = losses(tiny_model, x, "tidar", b, draft_target="soft")
-    ids, pos, mask, labels = tidar_batch(x, b, tiny_model.cfg.mask_token_id)
-    logits, _, _ = tiny_model(ids, pos, mask)
+    S = 8
+    x, (total, ce_ar, ce_diff), _, logits = _tidar_forward(tiny_model, 2, 2, S, draft_target="soft")
     want = soft_targets(logits[:, :S], x)
     assert want.shape == (2, S, tiny_model.cfg.vocab_size) and not want.requires_grad
     torch.testing.assert_close(want[:, 1:], logits[:, : S - 1].softmax(-1))  # slot j: the AR row j-1's softmax
@@ -134,13 +137,10 @@ def test_soft_target_is_the_ar_distribution_of_the_previous_position(tiny_model)
 
 
 def test_ar_term_skips_generated_labels(tiny_model):
-    torch.manual_seed(2)
-    S, b = 8, 4
-    x = torch.randint(2, tiny_model.cfg.vocab_size, (2, S + 1))
+    S = 8
     real_len = torch.tensor([3, S + 1])  # row 0: x_0..x_2 real, x_3.. generated; row 1 all real
-    _, ce_ar, ce_diff = losses(tiny_model, x, "tidar", b, draft_target="rollout", real_len=real_len)
-    ids, pos, mask, labels = tidar_batch(x, b, tiny_model.cfg.mask_token_id)
-    logits, _, _ = tiny_model(ids, pos, mask)
+    x, (_, ce_ar, ce_diff), labels, logits = _tidar_forward(tiny_model, 2, 2, S, draft_target="rollout",
+                                                            real_len=real_len)
     ce = _ce(logits[:, :S], labels[:, :S])  # AR label i is x_{i+1}: real iff i + 1 < real_len
     kept = torch.cat([ce[0, :2], ce[1]])
     torch.testing.assert_close(ce_ar, kept.mean())
