@@ -189,6 +189,12 @@ def test_adapter_config_errors():
         parse_projections("q,attn")
     with pytest.raises(TiDARError, match="embedding offset alone"):
         AdapterConfig(projections=(), embed_offset=False)
+    from tidar_export.train.trainer import TrainSettings
+
+    with pytest.raises(TiDARError, match="embedding offset alone"):  # the settings check it before any file is read
+        TrainSettings(init_from="ckpt", adapter_rank=4, adapter_projections="none", adapter_embed=False)
+    with pytest.raises(TiDARError, match="adapter-projections"):
+        TrainSettings(init_from="ckpt", adapter_rank=4, adapter_projections="attn")
     assert parse_layers("top2", 5) == (3, 4) and parse_layers("0-2,4") == (0, 1, 2, 4) and parse_layers("all") == ()
     with pytest.raises(TiDARError, match="adapter-layers"):
         parse_layers("x")

@@ -59,7 +59,8 @@ class AdapterConfig:
             raise TiDARError(f"adapter projections must be a subset of {', '.join(PROJECTIONS)}, "
                              f"got {list(self.projections)}")
         if not self.projections and not self.embed_offset:
-            raise TiDARError("an adapter without projections is its embedding offset alone: it needs embed_offset")
+            raise TiDARError("an adapter without projections is its embedding offset alone: it needs embed_offset "
+                             "(--adapter-projections none without --no-adapter-embed)")
         if any(type(i) is not int or i < 0 for i in self.layers):
             raise TiDARError(f"adapter layers must be layer indices >= 0, got {list(self.layers)}")
         if self.format != ADAPTER_FORMAT:

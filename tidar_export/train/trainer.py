@@ -121,19 +121,17 @@ class TrainSettings:
         if self.adapter_rank and (self.init_from is None or self.mode != "tidar"):
             raise TiDARError("--adapter-rank trains a draft adapter for an existing model: it needs --init-from "
                              "CHECKPOINT and --mode tidar")
-        if self.adapter_rank:
-            from tidar_export.model.adapter import parse_projections
+        self.adapter_config(None)  # its fields checked now, before any file is read (the layers need the model)
 
-            if not parse_projections(self.adapter_projections) and not self.adapter_embed:
-                raise TiDARError("--adapter-projections none leaves the mask-row offset alone: drop --no-adapter-embed")
-
-    def adapter_config(self, num_layers: int):
-        """The AdapterConfig of an adapter run (None for the full-weight recipe)."""
+    def adapter_config(self, num_layers: int | None):
+        """The AdapterConfig of an adapter run (None for the full-weight recipe). num_layers None:
+        the layers are left unparsed (all), for checking the other fields before the model is loaded."""
         from tidar_export.model.adapter import AdapterConfig, parse_layers, parse_projections
 
         if not self.adapter_rank:
             return None
-        return AdapterConfig(rank=self.adapter_rank, layers=parse_layers(self.adapter_layers, num_layers),
+        layers = () if num_layers is None else parse_layers(self.adapter_layers, num_layers)
+        return AdapterConfig(rank=self.adapter_rank, layers=layers,
                              alpha=self.adapter_alpha or float(self.adapter_rank), embed_offset=self.adapter_embed,
                              projections=parse_projections(self.adapter_projections))
 
@@ -246,12 +244,11 @@ def losses(model: TiDARModel, x: torch.Tensor, mode: str, block_size: int, ar_we
         return ce, ce, None
     ids, pos, mask, labels = tidar_batch(x, block_size, model.cfg.mask_token_id)
     logits, _, _ = model(ids, pos, mask)  # [B, 2S, V]
-    ar_labels, diff_labels = labels[:, :S], labels[:, S:]
+    ar_labels = labels[:, :S]
     if real_len is not None:
         generated = torch.arange(1, S + 1)[None] >= real_len[:, None]  # label i is token x_{i+1}
         ar_labels = ar_labels.masked_fill(generated, -100)
-    if draft_target != "data":
-        diff_labels = diffusion_targets(draft_target, logits[:, :S], x)
+    diff_labels = diffusion_targets(draft_target, logits[:, :S], x)
     ce_ar = F.cross_entropy(logits[:, :S].flatten(0, 1).float(), ar_labels.flatten(), ignore_index=-100)
     ce_diff = F.cross_entropy(logits[:, S:].flatten(0, 1).float(), diff_labels.flatten(0, 1))
     total = (ar_weight * ce_ar + ce_diff) / (1 + ar_weight)
