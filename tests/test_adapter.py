@@ -99,7 +99,7 @@ def test_adapter_files_round_trip(checkpoints):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if not k.startswith("adapter."))
 
 
-@pytest.mark.parametrize("target", ["ort", "trt-10.15"])  # "slice" and "inplace" cache writes; dense and sparse
+@pytest.mark.parametrize("target", ["ort", "trt-10.3", "trt-10.15"])  # "slice" and "inplace" cache writes; dense and sparse
 def test_exported_adapter_matches_torch_and_keeps_ar_step(checkpoints, tmp_path, target):
     base, adapted = checkpoints
     opts = {"proposals": [1, 3]} if target != "ort" else {}
