@@ -126,10 +126,11 @@ class TrainSettings:
     def adapter_config(self, num_layers: int | None):
         """The AdapterConfig of an adapter run (None for the full-weight recipe). num_layers None:
         the layers are left unparsed (all), for checking the other fields before the model is loaded."""
-        from tidar_export.model.adapter import AdapterConfig, parse_layers, parse_projections
-
         if not self.adapter_rank:
             return None
+        # imported here: the CLI builds a default TrainSettings in installs without torch
+        from tidar_export.model.adapter import AdapterConfig, parse_layers, parse_projections
+
         layers = () if num_layers is None else parse_layers(self.adapter_layers, num_layers)
         return AdapterConfig(rank=self.adapter_rank, layers=layers,
                              alpha=self.adapter_alpha or float(self.adapter_rank), embed_offset=self.adapter_embed,
