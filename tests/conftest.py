@@ -18,6 +18,18 @@ def random_model(seed: int = 0, **overrides) -> TiDARModel:
     return model.eval()
 
 
+def with_random_adapter(model: TiDARModel, seed: int = 1, layers=(1,), rank: int = 2, projections=None) -> TiDARModel:
+    """`model` with a draft adapter whose updates are all nonzero (B is zero at a fresh init)."""
+    from tidar_export.model.adapter import PROJECTIONS, AdapterConfig, attach
+
+    attach(model, AdapterConfig(rank=rank, layers=tuple(layers), projections=PROJECTIONS if projections is None else tuple(projections)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> TiDARModel:
     return random_model()

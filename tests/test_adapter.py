@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from tests.conftest import random_model
+from tests.conftest import random_model, with_random_adapter
 from tidar_export.cli import main
 from tidar_export.errors import TiDARError
 from tidar_export.export.artifact import export_artifact
@@ -25,16 +25,6 @@ from tidar_runtime.manifest import load_manifest
 
 MAX_SEQ_LEN = 96
 PROMPTS = [[5, 17, 42, 9, 100, 7], list(range(30, 45))]
-
-
-def with_random_adapter(model, seed: int = 1, layers=(1,), rank: int = 2, projections=PROJECTIONS):
-    """`model` with an adapter whose updates are all nonzero (B is zero at a fresh init)."""
-    attach(model, AdapterConfig(rank=rank, layers=tuple(layers), projections=tuple(projections)))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.adapter.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
 
 
 def step_inputs(model, b=4):

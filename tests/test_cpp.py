@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import random_model
+from tests.conftest import random_model, with_random_adapter
 from tidar_export.bench.demo import demo_model_path
 from tidar_export.cli import main
 from tidar_export.export.artifact import export_artifact
@@ -120,6 +120,29 @@ def test_batch_of_three_equals_the_python_batch(tiny, params):
         assert [c["finish_reason"] for c in cpp] == [r.finish_reason for r in py]
         assert [c["accepted_histogram"] for c in cpp] == [summarize(r)["accepted_histogram"] for r in py]
         assert cpp[2]["finish_reason"] == "cache_full"
+
+
+def test_an_adapter_artifact_decodes_as_python_and_keeps_the_base_greedy_output(tmp_path):
+    """A draft adapter lives inside the prefill and step graphs (the AR step graph has none): the C++
+    tool decodes an adapter artifact as the Python runtime does, greedy and sampled, and its greedy
+    TiDAR output is the base model's greedy AR output, token for token."""
+    base_ckpt = save_checkpoint(random_model(seed=5), tmp_path / "base")
+    base = export_artifact(base_ckpt, tmp_path / "base-art", block_size=3, max_seq_len=64, max_batch=2)
+    ckpt = save_checkpoint(with_random_adapter(random_model(seed=5), layers=(0, 1)), tmp_path / "adapted")
+    art = export_artifact(ckpt, tmp_path / "art", block_size=3, max_seq_len=64, max_batch=2)
+    assert json.loads((art / "manifest.json").read_text())["adapter"]["layers"] == [0, 1]
+    prompts = [[5, 17, 42, 9], list(range(30, 45))]
+    for sampling in ([], ["--temperature", 0.8, "--top-k", 20, "--seed", 7]):
+        for prompt in prompts:
+            args = ["--max-new-tokens", 24, *sampling]
+            [cpp] = _cpp(art, *args, prompts=[prompt])
+            _same(cpp, _python_cli(art, *args, prompt=prompt))
+    adapted = _cpp(art, "--max-new-tokens", 24, prompts=prompts)
+    plain = _cpp(base, "--max-new-tokens", 24, prompts=prompts)
+    ar = _cpp(base, "--mode", "ar", "--max-new-tokens", 24, prompts=prompts)
+    assert [r["token_ids"] for r in adapted] == [r["token_ids"] for r in ar]
+    assert all(r["new_tokens"] == 24 for r in adapted)
+    assert [r["accepted_histogram"] for r in adapted] != [r["accepted_histogram"] for r in plain]  # other drafts
 
 
 def _copy(art, tmp_path) -> Path:
