@@ -22,7 +22,8 @@ def with_random_adapter(model: TiDARModel, seed: int = 1, layers=(1,), rank: int
     """`model` with a draft adapter whose updates are all nonzero (B is zero at a fresh init)."""
     from tidar_export.model.adapter import PROJECTIONS, AdapterConfig, attach
 
-    attach(model, AdapterConfig(rank=rank, layers=tuple(layers), projections=PROJECTIONS if projections is None else tuple(projections)))
+    projections = PROJECTIONS if projections is None else tuple(projections)
+    attach(model, AdapterConfig(rank=rank, layers=tuple(layers), projections=projections))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.adapter.parameters():
